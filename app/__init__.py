@@ -1,0 +1,1 @@
+"""chatkit-pg: a PostgreSQL backend for OpenAI ChatKit."""

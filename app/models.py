@@ -1,0 +1,116 @@
+"""The PostgreSQL schema, as SQLModel tables.
+
+Every table leads its keys with ``user_id`` so that one user's rows sit together in each index
+and the tables can later be distributed by that column (Citus). The full ChatKit model is kept
+as JSONB in ``data``; the other columns exist only for filtering, ordering and constraints.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+SQLModel.metadata.naming_convention = NAMING_CONVENTION
+metadata = SQLModel.metadata
+
+
+def _seq() -> Column[int]:
+    """Monotonic tie-breaker for rows with equal ``created_at``."""
+    return Column(BigInteger, Identity(always=False), nullable=False)
+
+
+def _ts(*, default_now: bool = False) -> Column[datetime]:
+    return Column(
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=text("now()") if default_now else None,
+    )
+
+
+class ThreadRow(SQLModel, table=True):
+    __tablename__ = "chatkit_threads"
+    __table_args__ = (Index(None, "user_id", "created_at", "seq"),)
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    seq: int = Field(sa_column=_seq())
+    created_at: datetime = Field(sa_column=_ts())
+    updated_at: datetime = Field(sa_column=_ts(default_now=True))
+    title: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    data: str = Field(sa_column=Column(JSONB, nullable=False))
+
+
+class ItemRow(SQLModel, table=True):
+    __tablename__ = "chatkit_items"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["user_id", "thread_id"],
+            ["chatkit_threads.user_id", "chatkit_threads.id"],
+            ondelete="CASCADE",
+        ),
+        Index(None, "user_id", "thread_id", "created_at", "seq"),
+    )
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    thread_id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    seq: int = Field(sa_column=_seq())
+    created_at: datetime = Field(sa_column=_ts())
+    type: str = Field(sa_column=Column(Text, nullable=False))
+    data: str = Field(sa_column=Column(JSONB, nullable=False))
+
+
+class AttachmentRow(SQLModel, table=True):
+    __tablename__ = "chatkit_attachments"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["user_id", "thread_id"],
+            ["chatkit_threads.user_id", "chatkit_threads.id"],
+            ondelete="CASCADE",
+        ),
+        Index(None, "user_id", "thread_id"),
+    )
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    thread_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(sa_column=_ts(default_now=True))
+    data: str = Field(sa_column=Column(JSONB, nullable=False))
+
+
+class FeedbackRow(SQLModel, table=True):
+    __tablename__ = "chatkit_feedback"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["user_id", "thread_id", "item_id"],
+            ["chatkit_items.user_id", "chatkit_items.thread_id", "chatkit_items.id"],
+            ondelete="CASCADE",
+        ),
+        CheckConstraint("kind IN ('positive', 'negative')", name="kind"),
+    )
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    thread_id: str = Field(sa_column=Column(Text, primary_key=True))
+    item_id: str = Field(sa_column=Column(Text, primary_key=True))
+    kind: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=_ts(default_now=True))

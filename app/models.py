@@ -12,6 +12,8 @@ from datetime import datetime
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Integer,
+    LargeBinary,
     Column,
     DateTime,
     ForeignKeyConstraint,
@@ -89,6 +91,8 @@ class AttachmentRow(SQLModel, table=True):
             ondelete="CASCADE",
         ),
         Index(None, "user_id", "thread_id"),
+        CheckConstraint("status IN ('pending', 'uploading', 'ready')", name="status"),
+        CheckConstraint("size_bytes >= 0", name="size_bytes"),
     )
 
     user_id: str = Field(sa_column=Column(Text, primary_key=True))
@@ -96,6 +100,40 @@ class AttachmentRow(SQLModel, table=True):
     thread_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(sa_column=_ts(default_now=True))
     data: str = Field(sa_column=Column(JSONB, nullable=False))
+    # Upload state (app.attachments): 'pending' until bytes arrive, 'uploading' while one
+    # request streams them in, 'ready' once complete. Only 'ready' files are ever served.
+    status: str = Field(
+        default="pending",
+        sa_column=Column(Text, nullable=False, server_default=text("'pending'")),
+    )
+    size_bytes: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    mime_type: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    uploaded_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class AttachmentBlobRow(SQLModel, table=True):
+    """An attachment's bytes, in fixed-size chunks numbered from 0, apart from its metadata row.
+
+    Uploads insert chunk by chunk and downloads read short ranges of chunks, so neither holds a
+    whole file in memory. Deleting the attachment (or its thread) deletes its chunks.
+    """
+
+    __tablename__ = "chatkit_attachment_blobs"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["user_id", "attachment_id"],
+            ["chatkit_attachments.user_id", "chatkit_attachments.id"],
+            ondelete="CASCADE",
+        ),
+        CheckConstraint("chunk_no >= 0", name="chunk_no"),
+    )
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    attachment_id: str = Field(sa_column=Column(Text, primary_key=True))
+    chunk_no: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class FeedbackRow(SQLModel, table=True):

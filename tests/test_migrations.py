@@ -16,7 +16,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from app.models import metadata
 from tests.pgharness import PgServer, alembic_config, downgrade, migrate
 
-TABLES = {"chatkit_threads", "chatkit_items", "chatkit_attachments", "chatkit_feedback"}
+TABLES = {
+    "chatkit_threads",
+    "chatkit_items",
+    "chatkit_attachments",
+    "chatkit_attachment_blobs",
+    "chatkit_feedback",
+}
 
 
 @pytest.fixture

@@ -11,9 +11,11 @@ class AppError(Exception):
     code = "internal_error"
     public_message = "Internal server error."
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
         super().__init__(message or self.public_message)
         self.message = message or self.public_message
+        # Where in the request the problem is (a path of field names), never a value.
+        self.field = field
 
 
 class InvalidInputError(AppError):
@@ -35,3 +37,52 @@ class ServiceUnavailableError(AppError):
     status_code = 503
     code = "unavailable"
     public_message = "The service is temporarily unavailable. Please retry."
+
+
+class AuthenticationError(AppError):
+    """Missing, malformed, expired or untrusted bearer token (RFC 6750)."""
+
+    status_code = 401
+    code = "unauthorized"
+    public_message = "A valid bearer token is required."
+
+    def __init__(self, message: str | None = None, *, bearer_error: str | None = None) -> None:
+        super().__init__(message)
+        # "invalid_token" when a token was sent; None when there was none at all.
+        self.bearer_error = bearer_error
+
+    @property
+    def www_authenticate(self) -> str:
+        if self.bearer_error is None:
+            return 'Bearer realm="chatkit"'
+        description = self.message.replace('"', "'")
+        return (
+            f'Bearer realm="chatkit", error="{self.bearer_error}", '
+            f'error_description="{description}"'
+        )
+
+
+class NotFound(AppError):
+    """Missing, or another user's: the two are never told apart."""
+
+    status_code = 404
+    code = "not_found"
+    public_message = "Not found."
+
+
+class PayloadTooLargeError(AppError):
+    status_code = 413
+    code = "payload_too_large"
+    public_message = "The request body is too large."
+
+
+class UnsupportedError(AppError):
+    """A valid request for a feature this deployment does not offer."""
+
+    status_code = 400
+    code = "unsupported"
+    public_message = "This operation is not supported by this server."
+
+
+class ConfigurationError(Exception):
+    """The service cannot start with the settings it was given; the message says what to fix."""

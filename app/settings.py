@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -22,6 +24,26 @@ DEFAULT_ALLOWED_MIME_TYPES = (
     "text/markdown",
     "text/csv",
     "application/json",
+)
+
+
+def _split_list(value: Any) -> Any:
+    """Comma-separated environment values become lists; JSON lists are accepted too."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+DEFAULT_INSTRUCTIONS = (
+    "You are a helpful assistant inside a chat application. Answer clearly and concisely, "
+    "use Markdown when it helps, and say so when you do not know something."
 )
 
 
@@ -61,12 +83,128 @@ class Settings(BaseSettings):
     db_lock_timeout_ms: int = Field(default=5_000, ge=0, description="0 disables it.")
     db_connect_timeout: float = Field(default=5.0, gt=0)
 
+    # --- HTTP server -------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Interface uvicorn binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port uvicorn listens on.")
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes.")
+    chatkit_path: str = Field(default="/chatkit", description="Path of the ChatKit endpoint.")
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest accepted request body (bytes)."
+    )
+    sse_heartbeat_seconds: float = Field(
+        default=15.0, gt=0, description="Idle seconds before an SSE comment keeps a stream open."
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list, description="Browser origins allowed to call the API."
+    )
+    log_level: str = Field(default="INFO", description="Python log level of the JSON logs.")
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, description="Seconds shutdown waits for saves of cancelled streams."
+    )
+
+    # --- authentication ----------------------------------------------------
+    production: bool = Field(
+        default=False, description="Refuse to start without a real JWT configuration."
+    )
+    jwt_secret: SecretStr | None = Field(
+        default=None, description="Shared secret for HS256 tokens (shared-secret mode)."
+    )
+    jwt_jwks_url: str | None = Field(
+        default=None, description="JWKS URL of the token issuer (JWKS mode)."
+    )
+    jwt_algorithms: CommaList = Field(
+        default_factory=list,
+        description="Accepted JWT algorithms; default HS256, or EdDSA,RS256,ES256 with JWKS.",
+    )
+    jwt_issuer: str | None = Field(default=None, description="Required exact `iss`, if set.")
+    jwt_audience: str | None = Field(default=None, description="Required exact `aud`, if set.")
+    jwt_user_claim: str = Field(default="sub", description="Claim holding the user id.")
+    jwt_leeway_seconds: int = Field(
+        default=30, ge=0, le=600, description="Clock skew allowed on exp/nbf/iat."
+    )
+    jwt_jwks_cache_seconds: float = Field(
+        default=3600.0, gt=0, description="How long fetched JWKS keys are trusted."
+    )
+    jwt_jwks_min_refetch_seconds: float = Field(
+        default=30.0, ge=0, description="At most one JWKS refetch per this many seconds."
+    )
+    jwt_jwks_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    # --- the agent ---------------------------------------------------------
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="OpenAI key (Responses API), or the key of OPENAI_BASE_URL."
+    )
+    openai_base_url: str | None = Field(
+        default=None, description="Any OpenAI-compatible server (Chat Completions API)."
+    )
+    openai_timeout_seconds: float = Field(default=120.0, gt=0)
+    model_name: str | None = Field(
+        default=None, description="Model name; required with OPENAI_BASE_URL."
+    )
+    agent_instructions: str = Field(
+        default=DEFAULT_INSTRUCTIONS, description="System prompt of the agent."
+    )
+    agent_instructions_file: Path | None = Field(
+        default=None, description="File holding the system prompt (wins over the text)."
+    )
+    agent_max_turns: int = Field(default=10, ge=1, le=100, description="Model calls per reply.")
+    history_items: int = Field(
+        default=40, ge=1, le=500, description="Most recent thread items sent to the model."
+    )
+    thread_titles: Literal["model", "first_message", "off"] = Field(
+        default="model", description="How untitled threads get a title after the first reply."
+    )
+    mcp_server_urls: CommaList = Field(
+        default_factory=list, description="Streamable-HTTP MCP servers whose tools the agent uses."
+    )
+    mcp_timeout_seconds: float = Field(default=10.0, gt=0)
+    offline_word_delay_seconds: float = Field(
+        default=0.03, ge=0, description="Pause between words of the offline demo model."
+    )
+    agents_tracing: bool = Field(
+        default=False, description="Export Agents SDK traces to OpenAI (they hold message text)."
+    )
+
     @field_validator("database_url")
     @classmethod
     def _normalise_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         return normalise_database_url(value)
+
+    @field_validator("cors_origins", "jwt_algorithms", "mcp_server_urls", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("jwt_jwks_url", "jwt_issuer", "jwt_audience", "openai_base_url", "model_name")
+    @classmethod
+    def _blank_text_is_unset(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    @field_validator("jwt_secret", "openai_api_key")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        return value
+
+    @field_validator("chatkit_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise ValueError("CHATKIT_PATH must look like /chatkit")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
     # --- attachments and data lifecycle (issue 5) -----------------------------------------
     public_base_url: str = Field(

@@ -51,3 +51,49 @@ async def store(engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         await raw.execute(f"TRUNCATE {TABLES} CASCADE")
+
+
+# --- the application (server issue) --------------------------------------------------------
+
+from collections.abc import Awaitable, Callable  # noqa: E402
+from contextlib import AsyncExitStack  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
+
+from app.main import create_app  # noqa: E402
+from tests.chatkit_client import JWT_TEST_SECRET, ChatKitClient  # noqa: E402
+
+MakeClient = Callable[..., Awaitable[ChatKitClient]]
+
+
+@pytest.fixture
+def app_settings(test_settings: Settings) -> Settings:
+    """Settings for an app under test: a known HS256 secret, no delays, derived titles."""
+    return test_settings.model_copy(
+        update={
+            "jwt_secret": SecretStr(JWT_TEST_SECRET),
+            "offline_word_delay_seconds": 0.0,
+            "thread_titles": "first_message",
+        }
+    )
+
+
+@pytest.fixture
+async def make_client(store: PostgresStore, app_settings: Settings) -> AsyncIterator[MakeClient]:
+    """``await make_client(model=..., **settings)``: a started app (lifespan run) behind an
+    httpx client over ASGI. Apps stop, then the ``store`` fixture empties the tables."""
+    async with AsyncExitStack() as stack:
+
+        async def factory(model: Any = None, **overrides: Any) -> ChatKitClient:
+            settings = app_settings.model_copy(update=overrides)
+            app = create_app(settings, model=model)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30)
+            )
+            return ChatKitClient(app, http, settings)
+
+        yield factory

@@ -1,0 +1,143 @@
+"""``POST /chatkit``: authenticate, read and check the body, then hand it to the ChatKit server.
+
+Order matters: the token is checked before a byte of the body is read; the body is bounded;
+the request is parsed and checked (ownership of every thread and item it names) before any
+response starts, so that all client mistakes are plain 4xx JSON answers and only failures of
+the reply itself arrive as ChatKit ``error`` events inside the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from chatkit.server import StreamingResult
+from chatkit.types import ChatKitReq
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .context import RequestContext
+from .errors import InvalidInputError, PayloadTooLargeError
+from .middleware import RequestInfo, request_info
+from .observability import Stopwatch, op_var, thread_id_var, user_id_var
+from .runtime import Runtime
+from .sanitize import body_has_unstorable_text
+from .sse import EventPump, SSEResponse
+from .stream_events import error_chunk
+
+log = logging.getLogger(__name__)
+
+CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8}){0,3}")
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,40}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes whether or not Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidInputError("Invalid Content-Length header.") from None
+        if size > limit:
+            raise PayloadTooLargeError(f"The request body may not exceed {limit} bytes.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"The request body may not exceed {limit} bytes.")
+    return bytes(body)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str | None:
+    """A validation error's location, keeping only names that are ours (never client data)."""
+    parts = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif _FIELD_NAME.fullmatch(part) and not part.startswith(("function-", "tagged-")):
+            parts.append(part)
+        else:
+            parts.append("*")
+    return ".".join(parts) or None
+
+
+def parse_request(body: bytes) -> ChatKitReq:
+    try:
+        return CHATKIT_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        first = errors[0] if errors else None
+        kind = first["type"] if first else ""
+        if kind in ("json_invalid", "json_type"):
+            raise InvalidInputError("The request body is not valid JSON.") from None
+        if kind == "union_tag_invalid":
+            raise InvalidInputError("Unknown request type.", field="type") from None
+        if kind == "union_tag_not_found":
+            raise InvalidInputError("The request has no type.", field="type") from None
+        if kind == "model_attributes_type" and first is not None and not first["loc"]:
+            raise InvalidInputError("The request body must be a JSON object.") from None
+        field = _field_path(tuple(first["loc"])) if first else None
+        raise InvalidInputError("Invalid request.", field=field) from None
+
+
+def locale_from(accept_language: str | None) -> str | None:
+    """The first language tag of ``Accept-Language`` (ignoring weights), if well formed."""
+    if not accept_language:
+        return None
+    first = accept_language.split(",", 1)[0].split(";", 1)[0].strip()
+    if first == "*" or not _LANGUAGE_TAG.fullmatch(first):
+        return None
+    return first
+
+
+async def chatkit_endpoint(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    settings = runtime.settings
+    info = request_info(request.scope) or RequestInfo(request_id="")
+
+    user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
+    user_id_var.set(user_id)
+
+    body = await read_body(request, settings.max_body_bytes)
+    chatkit_request = parse_request(body)
+    info.op = chatkit_request.type
+    op_var.set(chatkit_request.type)
+    thread_id = getattr(chatkit_request.params, "thread_id", None)
+    if isinstance(thread_id, str):
+        thread_id_var.set(thread_id)
+    if body_has_unstorable_text(body):
+        raise InvalidInputError("Text may not contain NUL characters or unpaired surrogates.")
+
+    context = RequestContext(
+        user_id=user_id,
+        locale=locale_from(request.headers.get("accept-language")),
+        request_id=info.request_id,
+    )
+    server = runtime.server
+    await server.precheck(chatkit_request, context)
+    result = await server.process(body, context)
+
+    if not isinstance(result, StreamingResult):
+        return Response(result.json, media_type="application/json")
+
+    info.streaming = True
+    metrics = runtime.metrics
+    op = chatkit_request.type
+    watch = Stopwatch()
+    metrics.active_streams.inc()
+
+    def on_close(outcome: str) -> None:
+        metrics.active_streams.dec()
+        metrics.stream_seconds.labels(op, outcome).observe(watch.seconds)
+        log.info("stream closed", extra={"outcome": outcome, "duration_ms": watch.ms})
+
+    pump = EventPump(
+        result,
+        tasks=runtime.tasks,
+        heartbeat_seconds=settings.sse_heartbeat_seconds,
+        error_chunk=error_chunk,
+    )
+    return SSEResponse(pump, on_close=on_close)

@@ -1,0 +1,208 @@
+"""The FastAPI application: ``create_app`` builds it, ``lifespan`` owns every resource.
+
+Nothing connects at import time. The engine, the store, the model client, MCP sessions and
+the ChatKit server are created when the app starts and closed when it stops. Errors are mapped
+to HTTP here, in one place: client mistakes are 4xx JSON with a safe message; anything else is
+a generic 500 whose details only go to the log, under the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from agents import Model
+from chatkit.store import NotFoundError, Store
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .agent import (
+    build_agent,
+    build_title_agent,
+    choose_model,
+    connect_mcp_servers,
+    load_instructions,
+)
+from .auth import TokenVerifier, check_auth_settings
+from .background import TaskRegistry
+from .context import RequestContext
+from .db import aresolve_database_url, create_engine
+from .endpoint import chatkit_endpoint
+from .errors import AppError, AuthenticationError
+from .metered_store import MeteredStore
+from .middleware import RequestContextMiddleware, request_info
+from .observability import Metrics, configure_logging
+from .ops import alembic_heads
+from .ops import router as ops_router
+from .runtime import Runtime
+from .server import ChatKitPgServer, ServerOptions
+from .settings import Settings, get_settings
+from .store import PostgresStore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    model: Model | None = None,
+    store: Store[RequestContext] | None = None,
+) -> FastAPI:
+    """The ASGI app. ``model`` replaces the configured model (tests, embedding apps) and
+    ``store`` the Postgres store (benchmarks); both are optional."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    check_auth_settings(settings)  # fail before serving, with a message saying what to set
+
+    app = FastAPI(
+        title="chatkit-pg",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    metrics = Metrics()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.model_override = model
+    app.state.store_override = store
+
+    install_error_handlers(app)
+    app.include_router(ops_router)
+    app.add_api_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID"],
+            max_age=600,
+        )
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, chatkit_path=settings.chatkit_path
+    )
+    return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    async with AsyncExitStack() as stack:
+        verifier = TokenVerifier.from_settings(settings)
+        stack.push_async_callback(verifier.aclose)
+
+        engine = create_engine(await aresolve_database_url(settings), settings)
+        stack.push_async_callback(engine.dispose)
+        inner: Store[RequestContext] = app.state.store_override or PostgresStore(engine)
+        store = MeteredStore(inner, metrics.store_seconds)
+
+        model = choose_model(settings, app.state.model_override)
+        stack.push_async_callback(model.aclose)
+        mcp_servers = await connect_mcp_servers(settings, stack)
+        agent = build_agent(load_instructions(settings), model.model, mcp_servers)
+
+        tasks = TaskRegistry()
+        server = ChatKitPgServer(
+            store,
+            agent,
+            options=ServerOptions(
+                history_items=settings.history_items,
+                max_turns=settings.agent_max_turns,
+                thread_titles=settings.thread_titles,
+                tracing=settings.agents_tracing,
+            ),
+            title_agent=None if model.is_offline else build_title_agent(model.model),
+            tasks=tasks,
+        )
+        app.state.runtime = Runtime(
+            settings=settings,
+            metrics=metrics,
+            engine=engine,
+            store=store,
+            server=server,
+            verifier=verifier,
+            tasks=tasks,
+            model=model,
+            alembic_heads=await asyncio.to_thread(alembic_heads),
+        )
+        log.info(
+            "chatkit-pg ready",
+            extra={"model": f"{model.provider}:{model.name}", "kind": verifier.mode},
+        )
+        try:
+            yield
+        finally:
+            # Saves of cancelled replies must finish before the pool goes away.
+            await tasks.drain(settings.shutdown_grace_seconds)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    info = request_info(request.scope)
+    error: dict[str, str] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    if info is not None:
+        error["request_id"] = info.request_id
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def app_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AppError)
+        if exc.status_code >= 500:
+            log.error("request failed: %s", type(exc).__name__, exc_info=exc)
+            return error_response(request, exc.status_code, exc.code, type(exc).public_message)
+        headers = None
+        if isinstance(exc, AuthenticationError):
+            headers = {"WWW-Authenticate": exc.www_authenticate}
+        return error_response(
+            request, exc.status_code, exc.code, exc.message, field=exc.field, headers=headers
+        )
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, 404, "not_found", "Not found.")
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: "Not found.", 405: "Method not allowed."}.get(
+            exc.status_code, "HTTP error."
+        )
+        return error_response(
+            request,
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            message,
+            headers=dict(exc.headers) if exc.headers else None,
+        )
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, 400, "invalid_request", "Invalid request.")
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return error_response(request, 500, "internal_error", "Internal server error.")
+
+    app.add_exception_handler(AppError, app_error)
+    app.add_exception_handler(NotFoundError, not_found)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,149 @@
+"""JSON logs that carry the request's ids (never message text) and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+user_id_var: ContextVar[str | None] = ContextVar("user_id", default=None)
+thread_id_var: ContextVar[str | None] = ContextVar("thread_id", default=None)
+op_var: ContextVar[str | None] = ContextVar("op", default=None)
+
+_CONTEXT_VARS = {
+    "request_id": request_id_var,
+    "user_id": user_id_var,
+    "thread_id": thread_id_var,
+    "op": op_var,
+}
+
+# Extra fields a log call may attach with ``extra={...}``; anything else is dropped so that
+# no call site can leak message text into the logs by accident.
+EXTRA_FIELDS = (
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "outcome",
+    "events",
+    "client",
+    "reason",
+    "url",
+    "kind",
+    "model",
+    "count",
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request ids, allowed extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name, var in _CONTEXT_VARS.items():
+            value = getattr(record, name, None) or var.get()
+            if value:
+                entry[name] = value
+        for name in EXTRA_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, *, force: bool = False) -> None:
+    """Route every logger (uvicorn's too) through one JSON handler on stderr.
+
+    Without ``force`` an already configured root logger (pytest's, an embedding app's) is kept.
+    """
+    root = logging.getLogger()
+    root.setLevel(level)
+    if root.handlers and not force:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.handlers = [handler]
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+    # Our middleware logs each request once, with its ids; uvicorn's access log would repeat it.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "chatkit_requests_total",
+            "ChatKit requests by operation and HTTP status.",
+            ["op", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "chatkit_request_duration_seconds",
+            "Time to answer non-streaming ChatKit requests.",
+            ["op"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.stream_seconds = Histogram(
+            "chatkit_stream_duration_seconds",
+            "Duration of streamed ChatKit responses by operation and outcome.",
+            ["op", "outcome"],
+            registry=self.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+        )
+        self.active_streams = Gauge(
+            "chatkit_active_streams",
+            "Streams currently open.",
+            registry=self.registry,
+        )
+        self.store_seconds = Histogram(
+            "chatkit_store_call_duration_seconds",
+            "Latency of store calls by method.",
+            ["method"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Stopwatch:
+    __slots__ = ("start",)
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def ms(self) -> float:
+        return round(self.seconds * 1000, 2)

@@ -1,0 +1,61 @@
+"""Operational routes: liveness, readiness (database and schema) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
+
+from .runtime import Runtime
+from .settings import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+READY_TIMEOUT_SECONDS = 3.0
+
+
+def alembic_heads() -> frozenset[str]:
+    """The revisions ``alembic upgrade head`` leads to (read from the migration scripts)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    return frozenset(ScriptDirectory.from_config(cfg).get_heads())
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    runtime: Runtime = request.app.state.runtime
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            async with runtime.engine.connect() as conn:
+                result = await conn.execute(text("SELECT version_num FROM alembic_version"))
+                versions = frozenset(str(v) for v in result.scalars().all())
+    except ProgrammingError:
+        return JSONResponse({"status": "unavailable", "database": "ok", "schema": "missing"}, 503)
+    except Exception as exc:
+        log.warning("readiness: database unreachable", extra={"reason": type(exc).__name__})
+        return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)
+    if versions != runtime.alembic_heads:
+        return JSONResponse(
+            {"status": "unavailable", "database": "ok", "schema": "not at the latest migration"},
+            503,
+        )
+    return JSONResponse({"status": "ready", "database": "ok", "schema": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,28 @@
+"""What the lifespan builds and the routes use, kept on ``app.state.runtime``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .agent import ModelSetup
+from .auth import TokenVerifier
+from .background import TaskRegistry
+from .metered_store import MeteredStore
+from .observability import Metrics
+from .server import ChatKitPgServer
+from .settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    engine: AsyncEngine
+    store: MeteredStore
+    server: ChatKitPgServer
+    verifier: TokenVerifier
+    tasks: TaskRegistry
+    model: ModelSetup
+    alembic_heads: frozenset[str]

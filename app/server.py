@@ -1,0 +1,288 @@
+"""``ChatKitPgServer``: ChatKit's server over the Postgres store and an Agents SDK agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from agents import Agent, RunConfig, Runner
+from chatkit.actions import Action
+from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
+from chatkit.errors import CustomStreamError
+from chatkit.server import ChatKitServer
+from chatkit.store import AttachmentStore, Store
+from chatkit.types import (
+    AttachmentsCreateReq,
+    AttachmentsDeleteReq,
+    AudioInput,
+    ChatKitReq,
+    ClientToolCallItem,
+    FeedbackKind,
+    InputTranscribeReq,
+    ItemsFeedbackReq,
+    ItemsListReq,
+    StructuredInputItem,
+    SyncCustomActionResponse,
+    ThreadItem,
+    ThreadMetadata,
+    ThreadsAddClientToolOutputReq,
+    ThreadsAddStructuredInputReq,
+    ThreadsAddUserMessageReq,
+    ThreadsCreateReq,
+    ThreadsCustomActionReq,
+    ThreadsRetryAfterItemReq,
+    ThreadsSyncCustomActionReq,
+    ThreadStreamEvent,
+    TranscriptionResult,
+    UserMessageItem,
+    UserMessageTagContent,
+    WidgetItem,
+)
+from openai.types.responses import ResponseInputContentParam, ResponseInputTextParam
+
+from .background import TaskRegistry
+from .context import RequestContext
+from .errors import InvalidInputError, UnsupportedError
+from .observability import thread_id_var
+from .sanitize import clean_model
+from .stream_events import ItemIds, clean_event
+from .titles import make_title
+
+log = logging.getLogger(__name__)
+
+TitleMode = Literal["model", "first_message", "off"]
+ConverterFactory = Callable[[RequestContext], ThreadItemConverter]
+
+
+@runtime_checkable
+class FeedbackStore(Protocol):
+    async def save_feedback(
+        self,
+        thread_id: str,
+        item_ids: Sequence[str],
+        kind: FeedbackKind,
+        context: RequestContext,
+    ) -> None: ...
+
+
+class PgThreadItemConverter(ThreadItemConverter):
+    """Thread items to model input. Attachments are converted by ``app.attachments`` (which
+    passes its own converter to the server); without it they cannot be sent to the model."""
+
+    async def attachment_to_message_content(self, attachment: Any) -> ResponseInputContentParam:
+        raise CustomStreamError(
+            "This server cannot send attachments to the model.", allow_retry=False
+        )
+
+    async def tag_to_message_content(self, tag: UserMessageTagContent) -> ResponseInputContentParam:
+        data = json.dumps(tag.data, ensure_ascii=False, default=str)[:2000]
+        return ResponseInputTextParam(
+            type="input_text", text=f"@{tag.text} (id {tag.id}) refers to: {data}"
+        )
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    history_items: int = 40
+    max_turns: int = 10
+    thread_titles: TitleMode = "model"
+    tracing: bool = False
+    title_timeout_seconds: float = 20.0
+
+
+class ChatKitPgServer(ChatKitServer[RequestContext]):
+    supports_actions = False
+
+    def __init__(
+        self,
+        store: Store[RequestContext],
+        agent: Agent[AgentContext[RequestContext]],
+        *,
+        options: ServerOptions | None = None,
+        title_agent: Agent[Any] | None = None,
+        tasks: TaskRegistry | None = None,
+        attachment_store: AttachmentStore[RequestContext] | None = None,
+        converter: ThreadItemConverter | ConverterFactory | None = None,
+    ) -> None:
+        super().__init__(store, attachment_store)
+        self.agent = agent
+        self.options = options or ServerOptions()
+        # None means "derive titles from the first message" (the offline model).
+        self.title_agent = title_agent
+        self.tasks = tasks or TaskRegistry()
+        # A converter, or a factory making one per request (for converters bound to a user).
+        self.converter = converter or PgThreadItemConverter()
+        self.run_config = RunConfig(
+            tracing_disabled=not self.options.tracing,
+            trace_include_sensitive_data=False,
+            workflow_name="chatkit-pg",
+        )
+
+    def converter_for(self, context: RequestContext) -> ThreadItemConverter:
+        if isinstance(self.converter, ThreadItemConverter):
+            return self.converter
+        return self.converter(context)
+
+    # --- checks before a response starts ---------------------------------------------------
+
+    async def precheck(self, request: ChatKitReq, context: RequestContext) -> None:
+        """Everything that would otherwise fail inside a stream (after the 200 is sent) is
+        checked here first, so the client gets a proper 404 or 400 instead."""
+        store = self.store
+        match request:
+            case ThreadsCreateReq():
+                await self._check_attachments(request.params.input.attachments, context)
+            case ThreadsAddUserMessageReq():
+                await store.load_thread(request.params.thread_id, context)
+                await self._check_attachments(request.params.input.attachments, context)
+            case ThreadsAddClientToolOutputReq():
+                await store.load_thread(request.params.thread_id, context)
+                last = await store.load_thread_items(
+                    request.params.thread_id, None, 1, "desc", context
+                )
+                if not (
+                    last.data
+                    and isinstance(last.data[0], ClientToolCallItem)
+                    and last.data[0].status == "pending"
+                ):
+                    raise InvalidInputError("The thread has no pending client tool call.")
+            case ThreadsAddStructuredInputReq():
+                await store.load_thread(request.params.thread_id, context)
+                item = await store.load_item(
+                    request.params.thread_id, request.params.item_id, context
+                )
+                if not isinstance(item, StructuredInputItem) or item.status != "pending":
+                    raise InvalidInputError("The item is not a pending structured input.")
+            case ThreadsRetryAfterItemReq():
+                await store.load_thread(request.params.thread_id, context)
+                item = await store.load_item(
+                    request.params.thread_id, request.params.item_id, context
+                )
+                if not isinstance(item, UserMessageItem):
+                    raise InvalidInputError("Only a user message can be retried.")
+            case ThreadsCustomActionReq() | ThreadsSyncCustomActionReq():
+                await store.load_thread(request.params.thread_id, context)
+                if request.params.item_id:
+                    item = await store.load_item(
+                        request.params.thread_id, request.params.item_id, context
+                    )
+                    if not isinstance(item, WidgetItem):
+                        raise InvalidInputError("Actions can only come from a widget.")
+                if not self.supports_actions:
+                    raise UnsupportedError("This server does not handle custom actions.")
+            case ItemsListReq() | ItemsFeedbackReq():
+                # The store would answer an empty page (or a bare FK error) for another user's
+                # thread; the thread itself must answer 404.
+                await store.load_thread(request.params.thread_id, context)
+            case AttachmentsCreateReq() | AttachmentsDeleteReq():
+                if self.attachment_store is None:
+                    raise UnsupportedError("This server does not accept attachments.")
+            case InputTranscribeReq():
+                raise UnsupportedError("This server does not transcribe audio.")
+            case _:
+                pass
+
+    async def _check_attachments(self, ids: list[str], context: RequestContext) -> None:
+        for attachment_id in ids:
+            await self.store.load_attachment(attachment_id, context)
+
+    # --- the reply -----------------------------------------------------------------------
+
+    async def respond(
+        self,
+        thread: ThreadMetadata,
+        input_user_message: UserMessageItem | None,
+        context: RequestContext,
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        thread_id_var.set(thread.id)
+        page = await self.store.load_thread_items(
+            thread.id, None, self.options.history_items, "desc", context
+        )
+        history = list(reversed(page.data))
+        agent_input = await self.converter_for(context).to_agent_input(history)
+
+        agent_context = AgentContext[RequestContext](
+            thread=thread, store=self.store, request_context=context
+        )
+        result = Runner.run_streamed(
+            self.agent,
+            agent_input,
+            context=agent_context,
+            max_turns=self.options.max_turns,
+            run_config=self.run_config,
+        )
+        ids = ItemIds(lambda: self.store.generate_item_id("message", thread, context))
+        finished = False
+        try:
+            async for event in stream_agent_response(agent_context, result):
+                yield ids.apply(clean_event(event))
+            finished = True
+        finally:
+            if not finished:
+                # Stop the model call and unblock the SDK's helper tasks.
+                result.cancel()
+                agent_context._complete()  # type: ignore[no-untyped-call]
+
+        if (
+            input_user_message is not None
+            and thread.title is None
+            and self.options.thread_titles != "off"
+        ):
+            title = await make_title(
+                input_user_message,
+                title_agent=self.title_agent if self.options.thread_titles == "model" else None,
+                run_config=self.run_config,
+                time_limit=self.options.title_timeout_seconds,
+            )
+            if title:
+                thread.title = title  # the SDK saves it and sends thread.updated
+
+    # --- cancellation ----------------------------------------------------------------------
+
+    async def handle_stream_cancelled(
+        self,
+        thread: ThreadMetadata,
+        pending_items: list[ThreadItem],
+        context: RequestContext,
+    ) -> None:
+        """Save the partial reply and the "cancelled" marker even though we are being cancelled.
+
+        The saves run in a task of their own (kept by the registry, which shutdown waits for);
+        shielding means a second cancellation stops only our waiting, never the saves.
+        """
+        items = [clean_model(item) for item in pending_items]
+        save = self.tasks.spawn(
+            super().handle_stream_cancelled(thread, items, context), name="save-cancelled-reply"
+        )
+        await asyncio.shield(save)
+
+    # --- the other operations ---------------------------------------------------------------
+
+    async def add_feedback(
+        self,
+        thread_id: str,
+        item_ids: list[str],
+        feedback: FeedbackKind,
+        context: RequestContext,
+    ) -> None:
+        if not isinstance(self.store, FeedbackStore):
+            raise UnsupportedError("This server does not record feedback.")
+        await self.store.save_feedback(thread_id, item_ids, feedback, context)
+
+    async def transcribe(
+        self, audio_input: AudioInput, context: RequestContext
+    ) -> TranscriptionResult:
+        raise UnsupportedError("This server does not transcribe audio.")
+
+    async def sync_action(
+        self,
+        thread: ThreadMetadata,
+        action: Action[str, Any],
+        sender: WidgetItem | None,
+        context: RequestContext,
+    ) -> SyncCustomActionResponse:
+        raise UnsupportedError("This server does not handle custom actions.")

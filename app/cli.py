@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from alembic import command
 from alembic.config import Config
 
+from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
+from .errors import ConfigurationError
+from .observability import configure_logging
 from .settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger("app.cli")
@@ -39,12 +43,33 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import run_uvicorn, try_it
+
     settings = get_settings()
+    try:
+        check_auth_settings(settings)
+    except ConfigurationError as exc:
+        print(f"chatkit-pg cannot start: {exc}", file=sys.stderr)
+        return 2
     url = migrate(settings)
     # The server process (and anything it spawns) must use the same database.
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()
-    print("database migrated; the HTTP server arrives with the server issue")
+    settings = get_settings()
+    # After alembic, whose env.py installs its own logging configuration.
+    configure_logging(settings.log_level, force=True)
+    print(try_it(settings), flush=True)
+    run_uvicorn(settings)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a token this server accepts (only the token, on stdout)."""
+    try:
+        print(mint_token(get_settings(), args.sub, ttl_seconds=args.ttl))
+    except ConfigurationError as exc:
+        print(f"cannot issue a token: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -53,10 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="alembic upgrade head on the configured or embedded database")
     sub.add_parser("serve", help="migrate, then run the HTTP server")
+    token = sub.add_parser("token", help="print a development token (HS modes only)")
+    token.add_argument("--sub", required=True, help="the user id the token is for")
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
     return parser
 
 
-COMMANDS = {"migrate": cmd_migrate, "serve": cmd_serve}
+COMMANDS = {"migrate": cmd_migrate, "serve": cmd_serve, "token": cmd_token}
 
 
 def main(argv: list[str] | None = None) -> int:

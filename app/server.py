@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from agents import Agent, RunConfig, Runner
+from agents import Agent, RunConfig, Runner, TResponseInputItem
 from chatkit.actions import Action
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
 from chatkit.server import ChatKitServer
 from chatkit.store import AttachmentStore, Store
 from chatkit.types import (
+    AssistantMessageItem,
     AttachmentsCreateReq,
     AttachmentsDeleteReq,
     AudioInput,
@@ -42,7 +43,11 @@ from chatkit.types import (
     UserMessageTagContent,
     WidgetItem,
 )
-from openai.types.responses import ResponseInputContentParam, ResponseInputTextParam
+from openai.types.responses import (
+    EasyInputMessageParam,
+    ResponseInputContentParam,
+    ResponseInputTextParam,
+)
 
 from .background import TaskRegistry
 from .context import RequestContext
@@ -77,6 +82,14 @@ class PgThreadItemConverter(ThreadItemConverter):
         raise CustomStreamError(
             "This server cannot send attachments to the model.", allow_retry=False
         )
+
+    async def assistant_message_to_input(
+        self, item: AssistantMessageItem
+    ) -> TResponseInputItem | list[TResponseInputItem] | None:
+        # The SDK's version sends ``output_text`` parts carrying ``logprobs: null``, which the
+        # Agents SDK's Chat Completions converter rejects; plain text works for every provider.
+        text = "".join(part.text for part in item.content)
+        return EasyInputMessageParam(type="message", role="assistant", content=text)
 
     async def tag_to_message_content(self, tag: UserMessageTagContent) -> ResponseInputContentParam:
         data = json.dumps(tag.data, ensure_ascii=False, default=str)[:2000]

@@ -82,9 +82,14 @@ class ChatKitClient:
         return await self.http.post(self.path, content=body, headers=all_headers)
 
     async def request(
-        self, type_: str, params: dict[str, Any], *, user: str = "alice"
+        self,
+        type_: str,
+        params: dict[str, Any],
+        *,
+        user: str = "alice",
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        return await self.post({"type": type_, "params": params}, user=user)
+        return await self.post({"type": type_, "params": params}, user=user, headers=headers)
 
     async def call(self, type_: str, params: dict[str, Any], *, user: str = "alice") -> Any:
         response = await self.request(type_, params, user=user)
@@ -93,9 +98,14 @@ class ChatKitClient:
         return response.json()
 
     async def stream(
-        self, type_: str, params: dict[str, Any], *, user: str = "alice"
+        self,
+        type_: str,
+        params: dict[str, Any],
+        *,
+        user: str = "alice",
+        headers: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        response = await self.request(type_, params, user=user)
+        response = await self.request(type_, params, user=user, headers=headers)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache"

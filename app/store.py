@@ -8,7 +8,7 @@ taken from the request context: another user's row is indistinguishable from a m
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +23,7 @@ from chatkit.types import (
     Thread,
     ThreadItem,
     ThreadMetadata,
+    UserMessageItem,
 )
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,6 +37,9 @@ _ITEM = TypeAdapter[ThreadItem](ThreadItem)
 _ATTACHMENT = TypeAdapter[Attachment](Attachment)
 
 T = TypeVar("T")
+
+AttachmentHook = Callable[[Attachment, str], Attachment]
+"""Rewrites an attachment on its way out of the store, given the user it is loaded for."""
 
 
 def user_id_of(context: Any) -> str:
@@ -145,8 +149,13 @@ SQL_LOAD_FEEDBACK = (
 class PostgresStore(Store[Any]):
     """A ``chatkit.store.Store`` whose every call is one short statement or transaction."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, attachment_hook: AttachmentHook | None = None
+    ) -> None:
         self.engine = engine
+        # Applied to every attachment loaded, including those embedded in user messages, so
+        # that time-limited links (signed preview URLs, see app.attachments) are fresh.
+        self.attachment_hook = attachment_hook
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -246,12 +255,18 @@ class PostgresStore(Store[Any]):
         )
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
-        """Items, feedback and attachments go with the thread (ON DELETE CASCADE)."""
+        """Items, feedback, attachments and their bytes go with the thread (ON DELETE CASCADE)."""
         status = await self._execute(SQL_DELETE_THREAD, user_id_of(context), thread_id)
         if status == "DELETE 0":
             raise NotFoundError(f"Thread {thread_id} not found")
 
     # --- items --------------------------------------------------------------------------
+
+    def _fresh(self, item: ThreadItem, user_id: str) -> ThreadItem:
+        hook = self.attachment_hook
+        if hook is None or not isinstance(item, UserMessageItem) or not item.attachments:
+            return item
+        return item.model_copy(update={"attachments": [hook(a, user_id) for a in item.attachments]})
 
     async def load_thread_items(
         self,
@@ -261,13 +276,17 @@ class PostgresStore(Store[Any]):
         order: str,
         context: Any,
     ) -> Page[ThreadItem]:
-        return await self._page(
+        user_id = user_id_of(context)
+        page: Page[ThreadItem] = await self._page(
             _ITEM_PAGES[_order(order)],
-            (user_id_of(context), thread_id),
+            (user_id, thread_id),
             after,
             limit,
             _ITEM.validate_json,
         )
+        if self.attachment_hook is not None:
+            page.data = [self._fresh(item, user_id) for item in page.data]
+        return page
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         """Idempotent: adding the same id again leaves one row holding the latest content."""
@@ -285,10 +304,11 @@ class PostgresStore(Store[Any]):
         )
 
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
-        data = await self._fetchval(SQL_LOAD_ITEM, user_id_of(context), thread_id, item_id)
+        user_id = user_id_of(context)
+        data = await self._fetchval(SQL_LOAD_ITEM, user_id, thread_id, item_id)
         if data is None:
             raise NotFoundError(f"Item {item_id} not found")
-        return _ITEM.validate_json(data)
+        return self._fresh(_ITEM.validate_json(data), user_id)
 
     async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
         """Deleting an item that is not there is a no-op: the SDK removes unsaved items too."""
@@ -306,10 +326,13 @@ class PostgresStore(Store[Any]):
         )
 
     async def load_attachment(self, attachment_id: str, context: Any) -> Attachment:
-        data = await self._fetchval(SQL_LOAD_ATTACHMENT, user_id_of(context), attachment_id)
+        user_id = user_id_of(context)
+        data = await self._fetchval(SQL_LOAD_ATTACHMENT, user_id, attachment_id)
         if data is None:
             raise NotFoundError(f"Attachment {attachment_id} not found")
-        return _ATTACHMENT.validate_json(data)
+        attachment = _ATTACHMENT.validate_json(data)
+        hook = self.attachment_hook
+        return attachment if hook is None else hook(attachment, user_id)
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
         status = await self._execute(SQL_DELETE_ATTACHMENT, user_id_of(context), attachment_id)

@@ -143,6 +143,7 @@ def signing_secret(settings: Settings) -> str:
 def mint_token(settings: Settings, subject: str, *, ttl_seconds: int = 24 * 3600) -> str:
     """A token this server accepts, for development and tests (HS modes only)."""
     check_auth_settings(settings)
+    secret = signing_secret(settings)
     algorithm = next((a for a in allowed_algorithms(settings) if a in SYMMETRIC), None)
     if algorithm is None:
         raise ConfigurationError("no HS algorithm is allowed by JWT_ALGORITHMS")
@@ -156,7 +157,7 @@ def mint_token(settings: Settings, subject: str, *, ttl_seconds: int = 24 * 3600
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:
         claims["aud"] = settings.jwt_audience
-    return jwt.encode(claims, signing_secret(settings), algorithm=algorithm)
+    return jwt.encode(claims, secret, algorithm=algorithm)
 
 
 # --- JWKS -----------------------------------------------------------------------------------

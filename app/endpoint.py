@@ -77,7 +77,7 @@ def parse_request(body: bytes) -> ChatKitReq:
             raise InvalidInputError("Unknown request type.", field="type") from None
         if kind == "union_tag_not_found":
             raise InvalidInputError("The request has no type.", field="type") from None
-        if kind == "model_attributes_type" and first is not None and not first["loc"]:
+        if kind in ("dict_type", "model_attributes_type") and first and not first["loc"]:
             raise InvalidInputError("The request body must be a JSON object.") from None
         field = _field_path(tuple(first["loc"])) if first else None
         raise InvalidInputError("Invalid request.", field=field) from None

@@ -198,8 +198,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, 400, "invalid_request", "Invalid request.")
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Runs outside the request middleware, so the request id header is added here.
         log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
-        return error_response(request, 500, "internal_error", "Internal server error.")
+        info = request_info(request.scope)
+        headers = {"X-Request-ID": info.request_id} if info else None
+        return error_response(
+            request, 500, "internal_error", "Internal server error.", headers=headers
+        )
 
     app.add_exception_handler(AppError, app_error)
     app.add_exception_handler(NotFoundError, not_found)

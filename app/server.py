@@ -230,11 +230,14 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         )
         ids = ItemIds(lambda: self.store.generate_item_id("message", thread, context))
         finished = False
+        events = 0
         try:
             async for event in stream_agent_response(agent_context, result):
+                events += 1
                 yield ids.apply(clean_event(event))
             finished = True
         finally:
+            log.info("reply %s", "finished" if finished else "stopped", extra={"events": events})
             if not finished:
                 # Stop the model call and unblock the SDK's helper tasks.
                 result.cancel()

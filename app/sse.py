@@ -112,29 +112,26 @@ class SSEResponse(StreamingResponse):
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        outcome = "completed"
+        completed = False
         self._pump.start()
         try:
             async with anyio.create_task_group() as tg:
 
                 async def listen_for_disconnect() -> None:
-                    nonlocal outcome
                     while True:
                         message = await receive()
                         if message["type"] == "http.disconnect":
                             break
-                    outcome = "disconnected"
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(listen_for_disconnect)
                 await self.stream_response(send)
+                completed = True
                 tg.cancel_scope.cancel()
         except OSError:
-            outcome = "disconnected"
+            pass  # the client went away while we were writing
         finally:
-            if self._pump.stop() and outcome == "completed":
-                outcome = "disconnected"
-            if self._pump.failed:
-                outcome = "error"
+            self._pump.stop()
+            outcome = "error" if self._pump.failed else "completed" if completed else "disconnected"
             if self._on_close is not None:
                 self._on_close(outcome)

@@ -131,6 +131,9 @@ async def test_disconnect_saves_partial_reply_and_marker(
         # Nothing is left running and no pooled connection is held.
         await eventually(lambda: _async(len(runtime.tasks) == 0), "background tasks to end")
         assert runtime.engine.sync_engine.pool.checkedout() == 0
+        labels = {"op": "threads.create", "outcome": "disconnected"}
+        registry = runtime.metrics.registry
+        assert registry.get_sample_value("chatkit_stream_duration_seconds_count", labels) == 1
 
         # The next turn tells the model about the interruption and keeps the partial text.
         model.enqueue([assistant_message("Sorry, stopping there.")])

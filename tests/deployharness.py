@@ -323,6 +323,10 @@ class Nginx:
 
     def start(self) -> Nginx:
         self.write_config()
+        return self.start_rendered()
+
+    def start_rendered(self) -> Nginx:
+        """Run the configuration ``write_config`` wrote (possibly edited since)."""
         checked = self.test_config()
         if checked.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{checked.stderr}")
@@ -398,6 +402,8 @@ class Backend:
             "uvicorn",
             "tests.deployharness:paced_app",
             "--factory",
+            "--app-dir",
+            str(PROJECT_ROOT),
             "--host",
             "127.0.0.1",
             "--port",
@@ -417,7 +423,12 @@ class Backend:
         ]
         log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            argv, cwd=PROJECT_ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            # Outside the checkout, so a developer's .env cannot leak into the server.
+            argv,
+            cwd=log_path.parent,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + 60
@@ -634,7 +645,9 @@ class PacedModel(Model):
                     input_tokens=1,
                     output_tokens=deltas,
                     total_tokens=deltas + 1,
-                    input_tokens_details=InputTokensDetails(cached_tokens=0),
+                    input_tokens_details=InputTokensDetails.model_validate(
+                        {"cached_tokens": 0, "cache_write_tokens": 0}
+                    ),
                     output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
                 ),
             )
@@ -717,3 +730,97 @@ def paced_app() -> Any:
     from app.main import create_app
 
     return create_app(None, model=PacedModel())
+
+
+# --- a real browser -------------------------------------------------------------------------------
+
+
+@dataclass
+class Chromium:
+    """Headless system Chromium with a fresh profile, driven over the DevTools protocol."""
+
+    user_data_dir: Path
+    binary: str | None = field(default_factory=find_chromium)
+    proc: subprocess.Popen[bytes] | None = None
+    devtools_port: int | None = None
+
+    def start(self, url: str, timeout: float = 30) -> Chromium:
+        if not self.binary:
+            raise FileNotFoundError("chromium is not installed")
+        self.user_data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.user_data_dir}", url]
+        # Its own process group: the renderer and helper processes stop with it.
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        active = self.user_data_dir / "DevToolsActivePort"
+        deadline = time.monotonic() + timeout
+        while not (active.exists() and active.read_text().strip()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chromium exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("chromium wrote no DevToolsActivePort")
+            time.sleep(0.05)
+        self.devtools_port = int(active.read_text().split()[0])
+        return self
+
+    def page_websocket(self, url_prefix: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                targets = httpx.get(
+                    f"http://127.0.0.1:{self.devtools_port}/json/list", timeout=2
+                ).json()
+                for target in targets:
+                    if target.get("type") == "page" and target.get("url", "").startswith(
+                        url_prefix
+                    ):
+                        return str(target["webSocketDebuggerUrl"])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no page target for {url_prefix}")
+            time.sleep(0.1)
+
+    async def wait_for_value(self, url_prefix: str, expression: str, timeout: float = 60) -> Any:
+        """Poll ``expression`` (JSON-serialisable, or null while not ready) in the page."""
+        import websockets
+
+        ws_url = self.page_websocket(url_prefix)
+        deadline = time.monotonic() + timeout
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            message_id = 0
+            while time.monotonic() < deadline:
+                message_id += 1
+                await ws.send(
+                    json.dumps(
+                        {
+                            "id": message_id,
+                            "method": "Runtime.evaluate",
+                            "params": {"expression": expression, "returnByValue": True},
+                        }
+                    )
+                )
+                while True:
+                    reply = json.loads(await ws.recv())
+                    if reply.get("id") == message_id:
+                        break
+                value = reply.get("result", {}).get("result", {}).get("value")
+                if value is not None:
+                    return value
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"{expression!r} stayed null for {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None

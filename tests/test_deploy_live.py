@@ -1,0 +1,453 @@
+"""The deployment, live: the repository's nginx templates in a real nginx, in front of the real
+app under uvicorn (uvloop, httptools, --proxy-headers), with a model that paces its reply, over
+HTTPS and HTTP/2 on loopback ports; and a real headless Chromium reading the stream.
+
+nginx and Chromium are real components: when one is missing these tests skip, except in CI (the
+CI variable set), where they fail: .ci/run installs both from Debian.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import ssl
+import statistics
+import urllib.parse
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.deployharness import (
+    GZIP_EVERYTHING,
+    Backend,
+    Chromium,
+    Nginx,
+    StreamResult,
+    bearer_token,
+    find_chromium,
+    find_nginx,
+    pace_prompt,
+    read_stream,
+    threads_create_body,
+)
+
+DELTAS, INTERVAL_MS = 20, 50
+HEARTBEAT_SECONDS = 0.2
+READ_TIMEOUT_SECONDS = 2  # nginx's proxy_read_timeout here: low, so silence is cut quickly
+NGINX_READ_TIMEOUT = f"{READ_TIMEOUT_SECONDS}s"
+SILENCE_SECONDS = 2.25 * READ_TIMEOUT_SECONDS  # how long the model says nothing
+# Below the app's own limits, so a 413 can only be nginx's; small enough that an over-limit
+# body still fits in one HTTP/2 flow-control window (httpx sends the whole body before it reads
+# the response, so over HTTP/2 a bigger one would wait for window updates that never come).
+NGINX_MAX_BODY = 16 * 1024
+NGINX_MAX_UPLOAD = 32 * 1024
+
+
+def require(binary: str | None, what: str) -> str:
+    if binary:
+        return binary
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed; .ci/run must install it (apt-get install {what})")
+    pytest.skip(f"{what} is not installed (apt-get install {what}); CI installs it and runs this")
+
+
+@pytest.fixture(scope="module")
+def nginx_binary() -> str:
+    return require(find_nginx(), "nginx")
+
+
+@pytest.fixture(scope="module")
+def backend(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, nginx_binary: str
+) -> Iterator[Backend]:
+    server = Backend(database_url=database_url, heartbeat_seconds=HEARTBEAT_SECONDS)
+    server.start(tmp_path_factory.mktemp("backend") / "uvicorn.log")
+    yield server
+    server.stop()
+
+
+def start_nginx(prefix: Path, backend: Backend, **options: object) -> Nginx:
+    defaults: dict[str, object] = {
+        "read_timeout": NGINX_READ_TIMEOUT,
+        "max_body_bytes": NGINX_MAX_BODY,
+        "max_upload_bytes": NGINX_MAX_UPLOAD,
+    }
+    defaults.update(options)
+    return Nginx(prefix=prefix, upstream=f"127.0.0.1:{backend.port}", **defaults).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def edge(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    nginx = start_nginx(tmp_path_factory.mktemp("nginx"), backend)
+    yield nginx
+    nginx.stop()
+
+
+@pytest.fixture(scope="module")
+def edge_gzip(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    """The same templates under an http block that gzips everything, SSE included."""
+    nginx = start_nginx(tmp_path_factory.mktemp("nginx-gzip"), backend, http_extra=GZIP_EVERYTHING)
+    yield nginx
+    nginx.stop()
+
+
+def client(http2: bool = True) -> httpx.AsyncClient:
+    return httpx.AsyncClient(verify=False, http2=http2, timeout=httpx.Timeout(30, connect=5))
+
+
+async def paced_stream(base_url: str, *, http2: bool = True, **pace: float) -> StreamResult:
+    prompt = pace_prompt(**pace) if pace else pace_prompt(DELTAS, INTERVAL_MS)
+    async with client(http2) as http:
+        return await read_stream(
+            http, f"{base_url}/chatkit", threads_create_body(prompt), bearer_token()
+        )
+
+
+def assert_complete_stream(result: StreamResult, deltas: int) -> None:
+    assert result.status == 200, result.events
+    assert result.headers["content-type"].startswith("text/event-stream")
+    assert result.body_error is None, result.body_error
+    assert [e.index for e in result.deltas] == list(range(deltas)), "every delta, in order"
+    kinds = [e.kind for e in result.events]
+    assert kinds[0] == "thread.created"
+    done = [e for e in result.events if e.kind == "thread.item.done" and e.data]
+    assert any(e.data["item"]["type"] == "assistant_message" for e in done), kinds  # type: ignore[index]
+
+
+def assert_unbuffered_and_paced(result: StreamResult, deltas: int = DELTAS) -> None:
+    """Each delta reaches the client as the server emits it, at the server's pace.
+
+    Server times are the model's ``time.monotonic_ns()`` at emission (another process, same
+    system-wide clock), client times ``time.monotonic()`` at arrival. Margins are generous for
+    a busy two-core machine: the property is "streamed", not "fast".
+    """
+    assert_complete_stream(result, deltas)
+    got = result.deltas
+    emitted = [e.emitted or 0.0 for e in got]
+    arrived = [e.arrived for e in got]
+    server_spread = emitted[-1] - emitted[0]
+    assert server_spread >= 0.9 * (deltas - 1) * INTERVAL_MS / 1000
+    # Unbuffered: the first delta was in the client's hands before the server had even
+    # produced the last one, and the client saw (nearly) the whole spread.
+    assert arrived[0] < emitted[-1] - 0.5 * server_spread
+    assert arrived[-1] - arrived[0] >= 0.7 * server_spread
+    latency = [a - e for a, e in zip(arrived, emitted, strict=True)]
+    assert min(latency) > -0.005, "clocks: arrival before emission is impossible"
+    assert statistics.median(latency) < 0.05 and max(latency) < 0.5, latency
+    # Paced: the gaps the client saw are the gaps the server made.
+    client_gaps = [b - a for a, b in itertools.pairwise(arrived)]
+    server_gaps = [b - a for a, b in itertools.pairwise(emitted)]
+    errors = sorted(abs(c - s) for c, s in zip(client_gaps, server_gaps, strict=True))
+    assert statistics.median(errors) < 0.015, errors
+    assert errors[int(0.9 * len(errors))] < 0.05 and errors[-1] < 0.3, errors
+
+
+# --- streaming through nginx ---------------------------------------------------------------------
+
+
+async def test_stream_through_nginx_over_https_http2_is_unbuffered_and_paced(
+    edge: Nginx,
+) -> None:
+    result = await paced_stream(edge.https_url)
+    assert result.http_version == "HTTP/2"
+    assert_unbuffered_and_paced(result)
+    assert "content-encoding" not in result.headers
+
+
+async def test_stream_over_http1_through_nginx_is_unbuffered_too(edge: Nginx) -> None:
+    result = await paced_stream(edge.https_url, http2=False)
+    assert result.http_version == "HTTP/1.1"
+    assert_unbuffered_and_paced(result)
+
+
+async def test_stream_stays_unbuffered_and_uncompressed_with_gzip_on(edge_gzip: Nginx) -> None:
+    # gzip really is on in this nginx: a JSON response from the app comes back compressed ...
+    async with client() as http:
+        health = await http.get(f"{edge_gzip.https_url}/readyz")
+    assert health.headers.get("content-encoding") == "gzip"
+    # ... but /chatkit's event stream does not.
+    result = await paced_stream(edge_gzip.https_url)
+    assert "content-encoding" not in result.headers
+    assert_unbuffered_and_paced(result)
+
+
+async def test_without_gzip_off_the_stream_would_be_compressed(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Control: the same templates minus `gzip off;` in /chatkit compress the event stream,
+    so the gzip test above can fail."""
+    nginx = Nginx(
+        prefix=tmp_path,
+        upstream=f"127.0.0.1:{backend.port}",
+        http_extra=GZIP_EVERYTHING,
+        read_timeout=NGINX_READ_TIMEOUT,
+    )
+    nginx.write_config()
+    conf = nginx.prefix / "conf.d" / "default.conf"
+    text = conf.read_text()
+    assert "        gzip off;\n" in text
+    conf.write_text(text.replace("        gzip off;\n", ""))
+    nginx.start_rendered()
+    try:
+        result = await paced_stream(nginx.https_url)
+    finally:
+        nginx.stop()
+    assert result.headers.get("content-encoding") == "gzip"
+
+
+# --- heartbeats against nginx's read timeout ---------------------------------------------------
+
+
+async def test_silent_stream_outlives_nginx_read_timeout_thanks_to_heartbeats(
+    edge: Nginx,
+) -> None:
+    lead = SILENCE_SECONDS
+    result = await paced_stream(edge.https_url, deltas=3, interval_ms=50, lead_ms=lead * 1000)
+    assert_complete_stream(result, 3)
+    first = result.deltas[0]
+    assert first.arrived - result.started >= lead * 0.9, "the model really was silent"
+    heartbeats = [e for e in result.comments if e.arrived < first.arrived]
+    assert len(heartbeats) >= int(lead / HEARTBEAT_SECONDS / 2), len(heartbeats)
+    # What kept nginx reading: no gap between two received chunks reached its read timeout.
+    times = [result.started] + [e.arrived for e in result.events if e.arrived <= first.arrived]
+    assert max(b - a for a, b in itertools.pairwise(times)) < READ_TIMEOUT_SECONDS
+    assert "upstream timed out" not in edge.error_log()
+
+
+async def test_silent_stream_without_timely_heartbeats_is_cut_by_nginx(
+    database_url: str, nginx_binary: str, tmp_path: Path
+) -> None:
+    """Control: a backend whose heartbeat is slower than nginx's read timeout loses the stream,
+    so the test above is a real check of the heartbeat."""
+    slow = Backend(database_url=database_url, heartbeat_seconds=30)
+    slow.start(tmp_path / "uvicorn.log")
+    nginx = start_nginx(tmp_path / "nginx", slow)
+    try:
+        result = await paced_stream(
+            nginx.https_url, deltas=3, interval_ms=50, lead_ms=SILENCE_SECONDS * 1000
+        )
+    finally:
+        nginx.stop()
+        slow.stop()
+    assert result.status == 200
+    assert len(result.deltas) < 3 or result.body_error is not None
+    assert "upstream timed out" in nginx.error_log()
+
+
+# --- redirects, headers, TLS, static files ---------------------------------------------------------
+
+
+async def test_http_redirects_to_https_except_acme_challenges(edge: Nginx) -> None:
+    token_dir = edge.prefix / "acme" / ".well-known" / "acme-challenge"
+    (token_dir / "probe-token").write_text("probe-token.key-authorization")
+    async with httpx.AsyncClient(timeout=10) as http:
+        redirected = await http.post(f"{edge.http_url}/chatkit?x=1", content=b"{}")
+        page = await http.get(f"{edge.http_url}/")
+        acme = await http.get(f"{edge.http_url}/.well-known/acme-challenge/probe-token")
+    assert redirected.status_code == 301
+    assert redirected.headers["location"] == f"https://localhost:{edge.https_port}/chatkit?x=1"
+    assert page.status_code == 301
+    assert acme.status_code == 200 and acme.text == "probe-token.key-authorization"
+
+
+SECURITY_HEADERS = {
+    "strict-transport-security": "max-age=63072000; includeSubDomains",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "strict-origin-when-cross-origin",
+}
+
+
+async def test_security_headers_on_app_static_and_error_responses(edge: Nginx) -> None:
+    async with client() as http:
+        responses = {
+            "app": await http.get(f"{edge.https_url}/healthz"),
+            "static": await http.get(f"{edge.https_url}/"),
+            "spa-fallback": await http.get(f"{edge.https_url}/some/client/route"),
+            "metrics-hidden": await http.get(f"{edge.https_url}/metrics"),
+            "unauthenticated": await http.post(f"{edge.https_url}/chatkit", content=b"{}"),
+        }
+    assert responses["app"].json() == {"status": "ok"}
+    assert "chatkit-pg SSE probe" in responses["static"].text
+    assert "chatkit-pg SSE probe" in responses["spa-fallback"].text
+    assert responses["metrics-hidden"].status_code == 404
+    assert responses["unauthenticated"].status_code == 401
+    for name, response in responses.items():
+        assert response.http_version == "HTTP/2", name
+        for header, value in SECURITY_HEADERS.items():
+            assert response.headers.get(header) == value, (name, header)
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert response.headers.get("server") == "nginx", "server_tokens off: no version"
+
+
+@pytest.mark.parametrize(
+    ("version", "accepted"),
+    [
+        (ssl.TLSVersion.TLSv1, False),
+        (ssl.TLSVersion.TLSv1_1, False),
+        (ssl.TLSVersion.TLSv1_2, True),
+        (ssl.TLSVersion.TLSv1_3, True),
+    ],
+    ids=["tls1.0", "tls1.1", "tls1.2", "tls1.3"],
+)
+async def test_only_tls12_and_tls13_with_h2_alpn(
+    edge: Nginx, version: ssl.TLSVersion, accepted: bool
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_ciphers("ALL:@SECLEVEL=0")  # let the client offer old versions at all
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # offering them is the point
+            context.minimum_version = version
+            context.maximum_version = version
+    except (ValueError, ssl.SSLError):
+        pytest.skip(f"this OpenSSL cannot offer {version.name}")
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", edge.https_port, ssl=context, server_hostname="localhost"
+        )
+    except ssl.SSLError as exc:
+        assert not accepted, exc
+        assert "PROTOCOL_VERSION" in str(exc).upper() or "UNSUPPORTED" in str(exc).upper(), exc
+        return
+    tls = writer.get_extra_info("ssl_object")
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    assert accepted, f"nginx accepted {tls.version()}"
+    assert tls.selected_alpn_protocol() == "h2"
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+def assert_nginx_413(response: httpx.Response) -> None:
+    assert response.status_code == 413, response.text[:200]
+    assert response.headers["content-type"].startswith("text/html"), "the app answers JSON"
+    assert "413 Request Entity Too Large" in response.text
+    assert response.headers.get("strict-transport-security"), "headers on errors too"
+
+
+@pytest.mark.parametrize("http2", [True, False], ids=["h2", "http1.1"])
+async def test_bodies_over_the_limit_get_413_from_nginx(edge: Nginx, http2: bool) -> None:
+    auth = {"Authorization": f"Bearer {bearer_token()}", "Content-Type": "application/json"}
+    near = b'{"type": "x", "pad": "' + b"a" * (NGINX_MAX_BODY - 100) + b'"}'
+    over = b'{"type": "x", "pad": "' + b"a" * (NGINX_MAX_BODY + 10) + b'"}'
+
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
+        """No Content-Length: nginx must count the bytes as they come."""
+        for start in range(0, len(data), 4096):
+            yield data[start : start + 4096]
+
+    async with client(http2) as http:
+        under_limit = await http.post(f"{edge.https_url}/chatkit", content=near, headers=auth)
+        declared = await http.post(f"{edge.https_url}/chatkit", content=over, headers=auth)
+        streamed = await http.post(f"{edge.https_url}/chatkit", content=chunked(over), headers=auth)
+        upload = await http.post(
+            f"{edge.https_url}/files",
+            files={"file": ("big.txt", b"x" * (NGINX_MAX_UPLOAD + 1), "text/plain")},
+            headers={"Authorization": auth["Authorization"]},
+        )
+    # Just under nginx's limit the body reaches the app, which rejects the request type (JSON).
+    assert under_limit.status_code == 400
+    assert under_limit.json()["error"]["code"] == "invalid_request"
+    assert_nginx_413(declared)
+    assert_nginx_413(streamed)
+    assert_nginx_413(upload)
+
+
+async def test_per_ip_rate_limit_on_chatkit_and_files(backend: Backend, tmp_path: Path) -> None:
+    nginx = start_nginx(tmp_path, backend, rate_limit="1r/s", rate_burst=3)
+    try:
+        async with client() as http:
+            chatkit = [
+                (await http.post(f"{nginx.https_url}/chatkit", content=b"{}")).status_code
+                for _ in range(8)
+            ]
+            files = [
+                (await http.post(f"{nginx.https_url}/files", content=b"x")).status_code
+                for _ in range(8)
+            ]
+            health = [(await http.get(f"{nginx.https_url}/healthz")).status_code for _ in range(8)]
+    finally:
+        nginx.stop()
+    for statuses in (chatkit, files):
+        assert statuses.count(429) >= 3, statuses
+        assert any(s != 429 for s in statuses[:2]), statuses
+    assert set(health) == {200}, "limit_req applies to /chatkit and /files only"
+
+
+# --- a real browser ------------------------------------------------------------------------------
+
+
+async def test_headless_chromium_reads_the_stream_incrementally(
+    edge: Nginx, tmp_path: Path
+) -> None:
+    require(find_chromium(), "chromium")
+    fragment = urllib.parse.urlencode(
+        {"token": bearer_token("browser-user"), "prompt": pace_prompt(DELTAS, INTERVAL_MS)}
+    )
+    url = f"{edge.https_url}/#{fragment}"
+    browser = Chromium(user_data_dir=tmp_path / "profile").start(url)
+    try:
+        raw = await browser.wait_for_value(
+            edge.https_url, "window.__result ? JSON.stringify(window.__result) : null"
+        )
+    finally:
+        browser.stop()
+    result = json.loads(raw)
+    assert result["error"] is None, result["error"]
+    assert result["status"] == 200
+    assert result["contentType"].startswith("text/event-stream")
+    assert result["protocol"] == "h2"
+
+    deltas = [e for e in result["events"] if e["delta"] and e["delta"].startswith("[d")]
+    marks = [e["delta"].split("@") for e in deltas]
+    assert [int(m[0][2:]) for m in marks] == list(range(DELTAS)), "every delta, in order"
+    emitted = [int(m[1].rstrip("] ")) / 1e9 for m in marks]
+    arrived = [e["t"] / 1000 for e in deltas]
+    server_spread = emitted[-1] - emitted[0]
+    assert arrived[-1] - arrived[0] >= 0.7 * server_spread, "arrived incrementally"
+    client_gaps = [b - a for a, b in itertools.pairwise(arrived)]
+    server_gaps = [b - a for a, b in itertools.pairwise(emitted)]
+    errors = sorted(abs(c - s) for c, s in zip(client_gaps, server_gaps, strict=True))
+    assert statistics.median(errors) < 0.02, errors
+    assert errors[-1] < 0.3, errors
+    assert any(e["type"] == "thread.item.done" for e in result["events"][-3:])
+
+
+async def test_a_buffering_proxy_fails_the_unbuffered_check(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Control: the same templates with buffering forced on (and the app's X-Accel-Buffering
+    ignored) hold the events back over HTTP/1.1 until the stream ends, and the check used
+    above rejects the result. (nginx 1.22's HTTP/2 output happens to flush each read even
+    when buffering; with gzip on as well it holds everything back on both protocols.)"""
+    nginx = Nginx(prefix=tmp_path, upstream=f"127.0.0.1:{backend.port}")
+    nginx.write_config()
+    conf = nginx.prefix / "conf.d" / "default.conf"
+    text = conf.read_text()
+    assert text.count("        proxy_buffering off;\n") == 2
+    conf.write_text(
+        text.replace(
+            "        proxy_buffering off;\n",
+            "        proxy_buffering on;\n        proxy_ignore_headers X-Accel-Buffering;\n",
+        )
+    )
+    nginx.start_rendered()
+    try:
+        result = await paced_stream(nginx.https_url, http2=False)
+    finally:
+        nginx.stop()
+    assert_complete_stream(result, DELTAS)  # everything arrives ...
+    with pytest.raises(AssertionError):
+        assert_unbuffered_and_paced(result)  # ... but not as it was produced

@@ -40,7 +40,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaita
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import asyncpg
 from chatkit.store import AttachmentStore, NotFoundError
@@ -515,6 +515,11 @@ SQL_READ_CHUNKS = (
 SQL_DELETE_BLOBS = "DELETE FROM chatkit_attachment_blobs WHERE user_id = $1 AND attachment_id = $2"
 
 
+def _is_ours(url: AnyUrl, attachment_id: str, purpose: Purpose) -> bool:
+    path = urlsplit(str(url)).path
+    return path.endswith(f"{FILES_PREFIX}/{quote(attachment_id, safe='')}/{purpose}")
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """What a download needs before its first byte: the ready attachment's metadata."""
@@ -615,11 +620,19 @@ class PgAttachmentStore(AttachmentStore[Any]):
         )
 
     def refresh(self, attachment: Attachment, user_id: str) -> Attachment:
-        """Fresh signatures on an attachment's preview URL (and upload URL while pending)."""
+        """Fresh signatures on an attachment's preview URL (and upload URL while pending).
+
+        Only links to this service's own file endpoints are rewritten (whatever origin they
+        were built with, so a changed ``PUBLIC_BASE_URL`` heals old links); others are kept.
+        """
         update: dict[str, Any] = {}
-        if isinstance(attachment, ImageAttachment):
+        if isinstance(attachment, ImageAttachment) and _is_ours(
+            attachment.preview_url, attachment.id, "preview"
+        ):
             update["preview_url"] = AnyUrl(self.signer.url("preview", user_id, attachment.id))
-        if attachment.upload_descriptor is not None:
+        if attachment.upload_descriptor is not None and _is_ours(
+            attachment.upload_descriptor.url, attachment.id, "upload"
+        ):
             update["upload_descriptor"] = attachment.upload_descriptor.model_copy(
                 update={"url": AnyUrl(self.signer.url("upload", user_id, attachment.id))}
             )

@@ -53,21 +53,32 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 class FilesRoute(APIRoute):
     """Maps the service's errors to JSON inside the router, so it works in any app."""
 
+    handle_errors = True
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        handle_errors = self.handle_errors
 
         async def run(request: Request) -> Response:
             try:
                 return await handler(request)
-            except NotFoundError:
-                return error_response(404, "not_found", NOT_FOUND_MESSAGE)
-            except AppError as exc:
-                return error_response(exc.status_code, exc.code, exc.message)
             except ClientDisconnect:
                 # Nobody is listening any more; the upload has already been discarded.
                 return error_response(400, "client_disconnected", "The upload was interrupted.")
+            except NotFoundError:
+                if not handle_errors:
+                    raise
+                return error_response(404, "not_found", NOT_FOUND_MESSAGE)
+            except AppError as exc:
+                if not handle_errors:
+                    raise
+                return error_response(exc.status_code, exc.code, exc.message)
 
         return run
+
+
+class _AppHandledRoute(FilesRoute):
+    handle_errors = False
 
 
 def _content_length(request: Request) -> int | None:
@@ -78,18 +89,22 @@ def _content_length(request: Request) -> int | None:
 def _attachment_json(attachment: Any) -> JSONResponse:
     return JSONResponse(
         attachment.model_dump(mode="json", by_alias=True, context={"exclude_metadata": True}),
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
     )
 
 
 def files_router(
     get_user_id: Callable[..., Awaitable[str]],
     attachments: PgAttachmentStore | None = None,
+    *,
+    handle_errors: bool = True,
 ) -> APIRouter:
     """The file endpoints. ``attachments`` defaults to ``request.app.state.attachment_store``
-    (so an app may build its stores at startup, after the router exists)."""
+    (so an app may build its stores at startup, after the router exists). With
+    ``handle_errors=False`` the service's errors go to the app's own exception handlers."""
 
-    router = APIRouter(prefix=FILES_PREFIX, tags=["files"], route_class=FilesRoute)
+    route_class = FilesRoute if handle_errors else _AppHandledRoute
+    router = APIRouter(prefix=FILES_PREFIX, tags=["files"], route_class=route_class)
     User = Annotated[str, Depends(get_user_id)]
 
     def store_of(request: Request) -> PgAttachmentStore:

@@ -1006,3 +1006,50 @@ def test_signed_urls_are_stable_within_a_step_and_expire() -> None:
     clock.now += 700
     with pytest.raises(Exception, match="expired"):
         signer.verify("preview", "alice", "atc_1", q["e"], q["s"])
+
+
+async def test_only_our_own_links_are_resigned(
+    attachments: PgAttachmentStore, store: PostgresStore, settings: Settings
+) -> None:
+    foreign = f.image_attachment()  # preview_url on some other host: left alone
+    await store.save_attachment(foreign, ALICE)
+    assert await store.load_attachment(foreign.id, ALICE) == foreign
+    # a link of ours made under an older PUBLIC_BASE_URL comes back on the current one
+    moved = foreign.model_copy(
+        update={
+            "id": "atc_moved",
+            "preview_url": "https://old.example/files/atc_moved/preview?u=alice&e=1&s=x",
+        }
+    )
+    await store.save_attachment(moved, ALICE)
+    loaded = await store.load_attachment("atc_moved", ALICE)
+    assert isinstance(loaded, ImageAttachment)
+    assert str(loaded.preview_url).startswith(f"{BASE}/files/atc_moved/preview?u=alice&e=")
+
+
+async def test_errors_can_go_to_the_apps_own_handlers(attachments: PgAttachmentStore) -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    from app.errors import AppError
+
+    app = FastAPI()
+    app.include_router(files_router(header_user, attachments, handle_errors=False))
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": {"code": "not_found", "by": "app"}}, status_code=404)
+
+    async def app_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AppError)
+        return JSONResponse({"error": {"code": exc.code, "by": "app"}}, status_code=exc.status_code)
+
+    app.add_exception_handler(NotFoundError, not_found)
+    app.add_exception_handler(AppError, app_error)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        r = await c.get("/files/atc_nope", headers={"X-User": "alice"})
+        assert r.status_code == 404 and r.json()["error"]["by"] == "app"
+        r = await c.get("/files/atc_nope/preview?u=alice&e=1&s=bad")
+        assert r.status_code == 403 and r.json()["error"] == {
+            "code": "invalid_signature",
+            "by": "app",
+        }

@@ -34,6 +34,7 @@ from chatkit.types import (
     UserMessageItem,
 )
 from fastapi import FastAPI, Header, HTTPException
+from pydantic import AnyUrl
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.attachments import (
@@ -1018,7 +1019,7 @@ async def test_only_our_own_links_are_resigned(
     moved = foreign.model_copy(
         update={
             "id": "atc_moved",
-            "preview_url": "https://old.example/files/atc_moved/preview?u=alice&e=1&s=x",
+            "preview_url": AnyUrl("https://old.example/files/atc_moved/preview?u=alice&e=1&s=x"),
         }
     )
     await store.save_attachment(moved, ALICE)

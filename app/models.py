@@ -12,13 +12,13 @@ from datetime import datetime
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
-    Integer,
-    LargeBinary,
     Column,
     DateTime,
     ForeignKeyConstraint,
     Identity,
     Index,
+    Integer,
+    LargeBinary,
     Text,
     text,
 )

@@ -35,12 +35,14 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project
 
 # Layer 2: the project itself (changes often). The app finds alembic.ini and migrations/
-# next to its package, so the code stays in /app and is installed in place.
+# next to its package, so the code stays in /app and is installed in place; its bytecode is
+# compiled here because the runtime filesystem is read-only.
 COPY README.md alembic.ini ./
 COPY migrations ./migrations
 COPY app ./app
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev
+    uv sync --frozen --no-dev \
+ && python -m compileall -q app migrations
 
 # ---------------------------------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime

@@ -521,6 +521,27 @@ def test_env_example_leaves_required_secrets_empty() -> None:
         assert re.search(rf"^{name}=$", text, flags=re.M), f"{name} must have no sample value"
 
 
+def test_env_example_values_are_valid_settings(tmp_path: Path) -> None:
+    """Every sample value, uncommented (required ones filled in), is accepted by the app."""
+    lines = []
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        match = re.match(r"^#?([A-Z][A-Z0-9_]*)=(.*)$", line)
+        if match:
+            name, value = match.groups()
+            lines.append(f"{name}={value or REQUIRED_ENV.get(name, '')}")
+    env_file = tmp_path / ".env"
+    env_file.write_text("\n".join(lines) + "\n")
+    fields = {name.upper() for name in Settings.model_fields}
+    saved = {name: os.environ.pop(name) for name in list(os.environ) if name in fields}
+    try:
+        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
+    finally:
+        os.environ.update(saved)
+    assert settings.public_base_url == REQUIRED_ENV["PUBLIC_BASE_URL"]
+    assert settings.max_upload_bytes == int(compose_variables()["MAX_UPLOAD_BYTES"] or 0)
+    assert settings.production is True
+
+
 # --- nginx ------------------------------------------------------------------------------------------
 
 

@@ -57,6 +57,10 @@ _EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 DEV_SECRET_FILE = "dev-jwt-secret"  # noqa: S105 (a file name)
 MIN_PRODUCTION_SECRET_BYTES = 32
 MAX_TOKEN_CHARS = 16_384
+# Verified tokens are remembered (by their exact text) for at most this long, and never past
+# their own expiry, so a busy client does not pay for signature checks on every request.
+TOKEN_CACHE_SECONDS = 60.0
+TOKEN_CACHE_SIZE = 4096
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*")
 
 
@@ -308,6 +312,7 @@ class TokenVerifier:
         self._checks = checks
         self._secret = secret
         self.jwks = jwks
+        self._verified: dict[str, tuple[str, float]] = {}  # token -> (user id, valid until)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -353,6 +358,21 @@ class TokenVerifier:
         return await self.verify(token)
 
     async def verify(self, token: str) -> str:
+        cached = self._verified.get(token)
+        if cached is not None:
+            if cached[1] > time.monotonic():
+                return cached[0]
+            del self._verified[token]
+        user_id, expires_at = await self._verify(token)
+        lifetime = min(TOKEN_CACHE_SECONDS, expires_at + self._checks.leeway - time.time())
+        if lifetime > 0:
+            if len(self._verified) >= TOKEN_CACHE_SIZE:
+                self._verified.pop(next(iter(self._verified)))  # the oldest entry
+            self._verified[token] = (user_id, time.monotonic() + lifetime)
+        return user_id
+
+    async def _verify(self, token: str) -> tuple[str, float]:
+        """Full verification; returns the user id and the token's ``exp``."""
         checks = self._checks
         if len(token) > MAX_TOKEN_CHARS or not _TOKEN_SHAPE.fullmatch(token):
             raise _invalid("The bearer token is malformed.")
@@ -400,4 +420,4 @@ class TokenVerifier:
             or not is_storable(user_id)
         ):
             raise _invalid("The token does not name a user.")
-        return user_id
+        return user_id, float(claims["exp"])

@@ -13,7 +13,7 @@ import re
 
 from chatkit.server import StreamingResult
 from chatkit.types import ChatKitReq
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,12 +23,12 @@ from .middleware import RequestInfo, request_info
 from .observability import Stopwatch, op_var, thread_id_var, user_id_var
 from .runtime import Runtime
 from .sanitize import body_has_unstorable_text
+from .server import CHATKIT_REQUEST
 from .sse import EventPump, SSEResponse
 from .stream_events import error_chunk
 
 log = logging.getLogger(__name__)
 
-CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
 _LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8}){0,3}")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,40}")
 
@@ -118,7 +118,7 @@ async def chatkit_endpoint(request: Request) -> Response:
     )
     server = runtime.server
     await server.precheck(chatkit_request, context)
-    result = await server.process(body, context)
+    result = await server.process_parsed(chatkit_request, context)
 
     if not isinstance(result, StreamingResult):
         return Response(result.json, media_type="application/json")

@@ -74,7 +74,9 @@ def create_app(
 
     install_error_handlers(app)
     app.include_router(ops_router)
-    app.add_api_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
+    # A plain Starlette route: the endpoint reads the request itself, so FastAPI's dependency
+    # machinery would only add cost to every ChatKit call.
+    app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -13,7 +13,12 @@ from agents import Agent, RunConfig, Runner, TResponseInputItem
 from chatkit.actions import Action
 from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
 from chatkit.errors import CustomStreamError
-from chatkit.server import ChatKitServer
+from chatkit.server import (
+    DEFAULT_PAGE_SIZE,
+    ChatKitServer,
+    NonStreamingResult,
+    StreamingResult,
+)
 from chatkit.store import AttachmentStore, Store
 from chatkit.types import (
     AssistantMessageItem,
@@ -23,9 +28,12 @@ from chatkit.types import (
     ChatKitReq,
     ClientToolCallItem,
     FeedbackKind,
+    HiddenContextItem,
     InputTranscribeReq,
     ItemsFeedbackReq,
     ItemsListReq,
+    Page,
+    SDKHiddenContextItem,
     StructuredInputItem,
     SyncCustomActionResponse,
     ThreadItem,
@@ -35,6 +43,7 @@ from chatkit.types import (
     ThreadsAddUserMessageReq,
     ThreadsCreateReq,
     ThreadsCustomActionReq,
+    ThreadsListReq,
     ThreadsRetryAfterItemReq,
     ThreadsSyncCustomActionReq,
     ThreadStreamEvent,
@@ -42,12 +51,14 @@ from chatkit.types import (
     UserMessageItem,
     UserMessageTagContent,
     WidgetItem,
+    is_streaming_req,
 )
 from openai.types.responses import (
     EasyInputMessageParam,
     ResponseInputContentParam,
     ResponseInputTextParam,
 )
+from pydantic import TypeAdapter
 
 from .background import TaskRegistry
 from .context import RequestContext
@@ -59,8 +70,32 @@ from .titles import make_title
 
 log = logging.getLogger(__name__)
 
+CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
+
 TitleMode = Literal["model", "first_message", "off"]
 ConverterFactory = Callable[[RequestContext], ThreadItemConverter]
+
+
+_THREAD_FIELDS = {"title", "id", "created_at", "status", "allowed_image_domains"}
+
+
+def thread_list_json(page: Page[ThreadMetadata]) -> bytes:
+    """The SDK's ``threads.list`` answer, byte for byte, at half its cost.
+
+    The SDK rebuilds a validated ``Thread`` (with an empty item page) per row before
+    serialising; this dumps the same fields once (tested against the SDK's own output)."""
+    data = []
+    for thread in page.data:
+        row = thread.model_dump(
+            mode="json", by_alias=True, exclude_none=True, include=_THREAD_FIELDS
+        )
+        row["metadata"] = {}
+        row["items"] = {"data": [], "has_more": False}
+        data.append(row)
+    body: dict[str, Any] = {"data": data, "has_more": page.has_more}
+    if page.after is not None:
+        body["after"] = page.after
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @runtime_checkable
@@ -140,6 +175,48 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             return self.converter
         return self.converter(context)
 
+    # --- dispatch ----------------------------------------------------------------------------
+
+    async def process(
+        self, request: str | bytes | bytearray, context: RequestContext
+    ) -> StreamingResult | NonStreamingResult:
+        """As the SDK's, but with a TypeAdapter built once: the SDK builds one per request,
+        which costs ~7 ms of CPU each time (most of a ``threads.list``)."""
+        return await self.process_parsed(CHATKIT_REQUEST.validate_json(request), context)
+
+    async def process_parsed(
+        self, request: ChatKitReq, context: RequestContext
+    ) -> StreamingResult | NonStreamingResult:
+        """Run a request the endpoint has already parsed and checked."""
+        if isinstance(request, ItemsListReq):
+            return NonStreamingResult(await self._list_items(request, context))
+        if isinstance(request, ThreadsListReq):
+            params = request.params
+            threads = await self.store.load_threads(
+                params.limit or DEFAULT_PAGE_SIZE, params.after, params.order, context
+            )
+            return NonStreamingResult(thread_list_json(threads))
+        if is_streaming_req(request):
+            return StreamingResult(self._process_streaming(request, context))
+        return NonStreamingResult(await self._process_non_streaming(request, context))
+
+    async def _list_items(self, request: ItemsListReq, context: RequestContext) -> bytes:
+        """``items.list`` as the SDK does it, in one query when the thread has items: a page
+        of the user's items proves the thread is theirs; only an empty first page needs the
+        thread looked up (so another user's thread is a 404, not an empty list)."""
+        params = request.params
+        page = await self.store.load_thread_items(
+            params.thread_id, params.after, params.limit or DEFAULT_PAGE_SIZE, params.order, context
+        )
+        if not page.data and params.after is None:
+            await self.store.load_thread(params.thread_id, context)
+        page.data = [
+            item
+            for item in page.data
+            if not isinstance(item, HiddenContextItem | SDKHiddenContextItem)
+        ]
+        return self._serialize(page)
+
     # --- checks before a response starts ---------------------------------------------------
 
     async def precheck(self, request: ChatKitReq, context: RequestContext) -> None:
@@ -187,9 +264,8 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                         raise InvalidInputError("Actions can only come from a widget.")
                 if not self.supports_actions:
                     raise UnsupportedError("This server does not handle custom actions.")
-            case ItemsListReq() | ItemsFeedbackReq():
-                # The store would answer an empty page (or a bare FK error) for another user's
-                # thread; the thread itself must answer 404.
+            case ItemsFeedbackReq():
+                # With no item ids the store would not look at the thread at all.
                 await store.load_thread(request.params.thread_id, context)
             case AttachmentsCreateReq() | AttachmentsDeleteReq():
                 if self.attachment_store is None:

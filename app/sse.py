@@ -81,12 +81,19 @@ class EventPump:
                 if not done:
                     yield PING
                     continue
-                item = getter.result()
+                batch = [getter.result()]
                 getter = None
-                if item is _END:
+                # Everything already queued goes out in one write (fewer sends when the model
+                # is faster than the network).
+                while not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                end = any(item is _END for item in batch)
+                chunks = [item for item in batch if item is not _END]
+                if chunks:
+                    self.chunks_sent += len(chunks)
+                    yield b"".join(chunks)
+                if end:
                     return
-                self.chunks_sent += 1
-                yield item
         finally:
             if getter is not None:
                 getter.cancel()

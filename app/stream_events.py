@@ -56,7 +56,9 @@ class ItemIds:
             own = self._open.pop(event.item.id, "") or self._new_id()
             return type(event)(item=event.item.model_copy(update={"id": own}))
         if isinstance(event, ThreadItemUpdatedEvent) and event.item_id in self._open:
-            return event.model_copy(update={"item_id": self._open[event.item_id]})
+            # Per token: the event is freshly made by the converter, so it is updated in place.
+            event.item_id = self._open[event.item_id]
+            return event
         if isinstance(event, ThreadItemRemovedEvent) and event.item_id in self._open:
             return ThreadItemRemovedEvent(item_id=self._open.pop(event.item_id))
         return event

@@ -110,6 +110,23 @@ async def test_hs256(test_settings: Settings) -> None:
     assert "expired" in await rejected(verifier, bad["expired"])
 
 
+async def test_verified_tokens_are_cached_never_past_expiry(test_settings: Settings) -> None:
+    verifier = TokenVerifier.from_settings(
+        settings_for(test_settings, jwt_secret=SecretStr(SECRET))
+    )
+    # Valid for about one more second (30 s leeway): cached for no longer than that.
+    short = jwt.encode(claims(exp=int(time.time()) - 29), SECRET, algorithm="HS256")
+    assert await verifier.verify(short) == "alice"
+    assert verifier._verified[short][1] - time.monotonic() <= 1.5
+    token = jwt.encode(claims(), SECRET, algorithm="HS256")
+    assert await verifier.verify(token) == "alice"
+    assert 59 <= verifier._verified[token][1] - time.monotonic() <= 60
+    # A remembered token is not checked again; any other token still is.
+    verifier._secret = b"a different secret from now on, long enough for HS256 use"
+    assert await verifier.verify(token) == "alice"
+    await rejected(verifier, jwt.encode(claims(sub="bob"), SECRET, algorithm="HS256"))
+
+
 async def test_issuer_audience_and_custom_claim(test_settings: Settings) -> None:
     settings = settings_for(
         test_settings,

@@ -127,6 +127,16 @@ async def test_items_list_pages_in_both_orders(
         assert got == [m.id for m in expected]
 
 
+async def test_items_list_of_an_empty_thread(make_client: MakeClient, store: PostgresStore) -> None:
+    client = await make_client()
+    thread = f.thread()
+    await store.save_thread(thread, ALICE)
+    page = await client.call("items.list", {"thread_id": thread.id})
+    assert page == {"data": [], "has_more": False}
+    response = await client.request("items.list", {"thread_id": thread.id}, user="bob")
+    assert response.status_code == 404
+
+
 async def test_threads_update_renames(make_client: MakeClient, store: PostgresStore) -> None:
     client = await make_client()
     thread_id, _ = await client.create_thread("Hello")

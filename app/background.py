@@ -32,13 +32,20 @@ class TaskRegistry:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("background task %s failed", task.get_name(), exc_info=exc)
 
-    async def drain(self, grace_seconds: float) -> None:
-        """Wait up to ``grace_seconds`` for every task, then cancel what is left."""
+    async def drain(self, grace_seconds: float, *, after_cancel_seconds: float = 5.0) -> None:
+        """Wait up to ``grace_seconds`` for every task (new ones included), then cancel what is
+        left and give the work that cancellation starts (saving a cancelled reply) a little
+        more time."""
+        await self._wait_all(grace_seconds)
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
-        for task in pending:
+        for task in list(self._tasks):
             log.warning("cancelling background task %s at shutdown", task.get_name())
             task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+        await self._wait_all(after_cancel_seconds)
+
+    async def _wait_all(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._tasks and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)

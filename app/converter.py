@@ -11,16 +11,22 @@ user, so a message can never carry another user's file to the model.
 * PDFs → ``input_file`` with ``file_data`` (a ``data:`` URL) and the filename, unless
   ``pdf_as_file=False`` for providers without file inputs;
 * anything else, or a file no longer there → a short ``input_text`` description.
+
+Every user message with attachments also gets a note naming them (``attachments_note``), so a
+model knows what the user attached even when a part carries no name (an image), and the
+offline demo model can acknowledge them (``attachment_names``).
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Literal
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
 
-from chatkit.agents import ThreadItemConverter
+from agents import TResponseInputItem
 from chatkit.store import NotFoundError
-from chatkit.types import Attachment
+from chatkit.types import Attachment, UserMessageItem
 from openai.types.responses import (
     ResponseInputContentParam,
     ResponseInputFileParam,
@@ -30,6 +36,42 @@ from openai.types.responses import (
 
 from .attachments import PREVIEWABLE_IMAGE_TYPES, PgAttachmentStore, is_text_like
 from .errors import MissingUserError
+from .server import PgThreadItemConverter
+
+NOTE_PREFIX = "[The user attached: "
+NOTE_SUFFIX = "]"
+
+
+def attachments_note(attachments: Sequence[Attachment]) -> str:
+    """``[The user attached: "a.png", "notes.txt"]`` (names JSON-quoted)."""
+    names = ", ".join(json.dumps(a.name, ensure_ascii=False) for a in attachments)
+    return f"{NOTE_PREFIX}{names}{NOTE_SUFFIX}"
+
+
+def attachment_names(input: str | list[Any]) -> list[str]:
+    """The attachment names noted in the user's latest turn (after the last assistant item)."""
+    if isinstance(input, str):
+        return []
+    for item in reversed(input):
+        if not isinstance(item, dict) or item.get("role") == "assistant":
+            return []
+        content = item.get("content")
+        if item.get("role") != "user" or not isinstance(content, list):
+            continue
+        for part in content:
+            text = part.get("text") if isinstance(part, dict) else None
+            if (
+                isinstance(text, str)
+                and part.get("type") == "input_text"
+                and text.startswith(NOTE_PREFIX)
+                and text.endswith(NOTE_SUFFIX)
+            ):
+                try:
+                    names = json.loads("[" + text[len(NOTE_PREFIX) : -len(NOTE_SUFFIX)] + "]")
+                except ValueError:
+                    return []
+                return [str(n) for n in names]
+    return []
 
 
 def _data_url(mime: str, data: bytes) -> str:
@@ -40,7 +82,7 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', "'").replace("\n", " ") + '"'
 
 
-class AttachmentConverter(ThreadItemConverter):
+class AttachmentConverter(PgThreadItemConverter):
     def __init__(
         self,
         attachments: PgAttachmentStore,
@@ -65,6 +107,19 @@ class AttachmentConverter(ThreadItemConverter):
             pdf_as_file=self.pdf_as_file,
             image_detail=self.image_detail,
         )
+
+    async def user_message_to_input(
+        self, item: UserMessageItem, is_last_message: bool = True
+    ) -> TResponseInputItem | list[TResponseInputItem] | None:
+        converted = await super().user_message_to_input(item, is_last_message)
+        if not item.attachments or not isinstance(converted, list) or not converted:
+            return converted
+        message: Any = converted[0]
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            # right after the typed text, before the attachments themselves
+            content.insert(1, self._text(attachments_note(item.attachments)))
+        return converted
 
     def _text(self, text: str) -> ResponseInputTextParam:
         return ResponseInputTextParam(type="input_text", text=text)

@@ -108,8 +108,9 @@ def files_router(
     User = Annotated[str, Depends(get_user_id)]
 
     def store_of(request: Request) -> PgAttachmentStore:
-        store = attachments if attachments is not None else request.app.state.attachment_store
-        assert isinstance(store, PgAttachmentStore)
+        store = attachments or getattr(request.app.state, "attachment_store", None)
+        if not isinstance(store, PgAttachmentStore):  # this deployment keeps no files
+            raise NotFoundError("file storage is not configured")
         return store
 
     def stream(

@@ -47,7 +47,7 @@ from app.attachments import (
     sanitise_filename,
     signing_secret,
 )
-from app.converter import AttachmentConverter
+from app.converter import AttachmentConverter, attachment_names, attachments_note
 from app.files import files_router
 from app.prune import prune
 from app.settings import PROJECT_ROOT, Settings
@@ -363,10 +363,12 @@ async def test_two_phase_upload_then_message_carries_the_image_to_the_model(
     [model_input] = server.inputs
     content = model_input[0]["content"]
     assert content[0] == {"type": "input_text", "text": "look"}
-    assert content[1]["type"] == "input_image"
+    assert content[1] == {"type": "input_text", "text": '[The user attached: "photo.png"]'}
+    assert content[2]["type"] == "input_image"
     prefix = "data:image/png;base64,"
-    assert content[1]["image_url"].startswith(prefix)
-    assert base64.b64decode(content[1]["image_url"][len(prefix) :]) == data
+    assert content[2]["image_url"].startswith(prefix)
+    assert base64.b64decode(content[2]["image_url"][len(prefix) :]) == data
+    assert attachment_names(model_input) == ["photo.png"]
 
 
 async def test_two_phase_accepts_a_raw_body(
@@ -1054,3 +1056,25 @@ async def test_errors_can_go_to_the_apps_own_handlers(attachments: PgAttachmentS
             "code": "invalid_signature",
             "by": "app",
         }
+
+
+def test_attachment_names_come_from_the_latest_turn_only() -> None:
+    note = attachments_note([f.file_attachment(), f.image_attachment()])
+    assert note == '[The user attached: "report.pdf", "cat.png"]'
+    turn = {
+        "role": "user",
+        "content": [{"type": "input_text", "text": "hi"}, {"type": "input_text", "text": note}],
+    }
+    quoted = {
+        "role": "user",
+        "content": [{"type": "input_text", "text": "The user is referring to"}],
+    }
+    reply = {"role": "assistant", "content": "ok", "type": "message"}
+    plain = {"role": "user", "content": [{"type": "input_text", "text": "again"}]}
+    assert attachment_names([turn, quoted]) == ["report.pdf", "cat.png"]
+    assert attachment_names([turn, reply, plain]) == []
+    assert attachment_names("text") == [] and attachment_names([]) == []
+    odd = attachments_note([f.file_attachment().model_copy(update={"name": 'a "quoted", name]'})])
+    assert attachment_names(
+        [{"role": "user", "content": [{"type": "input_text", "text": odd}]}]
+    ) == ['a "quoted", name]']

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -71,6 +72,10 @@ from .titles import make_title
 log = logging.getLogger(__name__)
 
 CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
+
+# Set once the model's reply is complete (in the stream's own task): a cancellation after that
+# point (while the title is made) has no partial reply to save and nothing to mark.
+_reply_complete: ContextVar[bool] = ContextVar("reply_complete", default=False)
 
 TitleMode = Literal["model", "first_message", "off"]
 ConverterFactory = Callable[[RequestContext], ThreadItemConverter]
@@ -288,6 +293,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
         thread_id_var.set(thread.id)
+        _reply_complete.set(False)
         page = await self.store.load_thread_items(
             thread.id, None, self.options.history_items, "desc", context
         )
@@ -318,6 +324,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                 # Stop the model call and unblock the SDK's helper tasks.
                 result.cancel()
                 agent_context._complete()  # type: ignore[no-untyped-call]
+        _reply_complete.set(True)
 
         if (
             input_user_message is not None
@@ -346,6 +353,8 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         The saves run in a task of their own (kept by the registry, which shutdown waits for);
         shielding means a second cancellation stops only our waiting, never the saves.
         """
+        if not pending_items and _reply_complete.get():
+            return
         items = [clean_model(item) for item in pending_items]
         save = self.tasks.spawn(
             super().handle_stream_cancelled(thread, items, context), name="save-cancelled-reply"

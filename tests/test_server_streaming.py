@@ -184,3 +184,50 @@ async def test_heartbeat_while_the_model_is_silent(
     ]
     assert pings and done and pings[0] < done[0]
     assert received[done[0]]["item"]["content"][0]["text"] == "Finally, an answer."  # type: ignore[index]
+
+
+async def test_disconnect_while_titling_keeps_the_reply_unmarked(
+    app_settings: Settings, store: PostgresStore
+) -> None:
+    """The reply was complete: leaving during the title call saves no "cancelled" marker."""
+    titling, title_cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow_title(call: Any) -> Any:
+        titling.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            title_cancelled.set()
+            raise
+
+    model = ScriptedModel(
+        [[assistant_message("A complete answer.")], ModelStep.respond(slow_title)]
+    )
+    settings = app_settings.model_copy(update={"thread_titles": "model"})
+    app = create_app(settings, model=model)
+    async with serve(app) as base:
+        runtime: Runtime = app.state.runtime
+        headers = {"Authorization": f"Bearer {token_for('alice', settings)}"}
+        body = {"type": "threads.create", "params": {"input": user_input("Question")}}
+        thread_id = None
+        async with (
+            httpx.AsyncClient(base_url=base, timeout=30) as http,
+            http.stream("POST", "/chatkit", json=body, headers=headers) as response,
+        ):
+            async for event in sse_events(response.aiter_lines()):
+                if isinstance(event, dict) and event["type"] == "thread.created":
+                    thread_id = event["thread"]["id"]
+                if (
+                    isinstance(event, dict)
+                    and event["type"] == "thread.item.done"
+                    and event["item"]["type"] == "assistant_message"
+                ):
+                    await asyncio.wait_for(titling.wait(), DEADLINE)
+                    break
+        assert thread_id is not None
+        await asyncio.wait_for(title_cancelled.wait(), DEADLINE)
+        await eventually(lambda: _async(len(runtime.tasks) == 0), "background tasks to end")
+        items = (await store.load_thread_items(thread_id, None, 10, "asc", ALICE)).data
+        assert [i.type for i in items] == ["user_message", "assistant_message"]
+        assert (await store.load_thread(thread_id, ALICE)).title is None
+        assert runtime.engine.sync_engine.pool.checkedout() == 0

@@ -134,6 +134,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             model=model,
             alembic_heads=await asyncio.to_thread(alembic_heads),
         )
+        # The parts other code most often needs, also directly on app.state.
+        app.state.engine = engine
+        app.state.store = store
+        app.state.server = server
         log.info(
             "chatkit-pg ready",
             extra={"model": f"{model.provider}:{model.name}", "kind": verifier.mode},

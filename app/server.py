@@ -60,6 +60,7 @@ from openai.types.responses import (
     ResponseInputTextParam,
 )
 from pydantic import TypeAdapter
+from pydantic_core import to_json
 
 from .background import TaskRegistry
 from .context import RequestContext
@@ -100,7 +101,7 @@ def thread_list_json(page: Page[ThreadMetadata]) -> bytes:
     body: dict[str, Any] = {"data": data, "has_more": page.has_more}
     if page.after is not None:
         body["after"] = page.after
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return to_json(body)
 
 
 @runtime_checkable

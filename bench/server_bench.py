@@ -403,11 +403,17 @@ async def delta_cost(servers: dict[str, Server], token: str, dsn: str) -> dict[s
         db_pids[name] = await backend_pids(dsn) if name == "postgres" else []
     for r in range(CPU_ROUNDS):
         names = list(servers) if r % 2 == 0 else list(reversed(servers))
+        # The two stores' batches of one length run back to back, so that both see the same
+        # machine (a shared VM drifts); the lengths alternate too.
+        batches: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in names}
+        for deltas in (SHORT, LONG) if r % 2 == 0 else (LONG, SHORT):
+            for name in names:
+                pids = await backend_pids(dsn) if name == "postgres" else []
+                batches[name][deltas] = await stream_batch(
+                    servers[name], token, deltas, STREAMS[deltas], pids
+                )
         for name in names:
-            server = servers[name]
-            pids = await backend_pids(dsn) if name == "postgres" else []
-            short, short_db = await stream_batch(server, token, SHORT, STREAMS[SHORT], pids)
-            long, long_db = await stream_batch(server, token, LONG, STREAMS[LONG], pids)
+            (short, short_db), (long, long_db) = batches[name][SHORT], batches[name][LONG]
             slope = (long - short) / (LONG - SHORT)
             rounds[name].append(
                 {

@@ -10,6 +10,7 @@ import sys
 from alembic import command
 from alembic.config import Config
 
+from . import prune
 from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
 from .errors import ConfigurationError
@@ -81,10 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a development token (HS modes only)")
     token.add_argument("--sub", required=True, help="the user id the token is for")
     token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
+    prune.add_arguments(
+        sub.add_parser(
+            "prune",
+            help="delete never-attached uploads and, with RETENTION_DAYS, idle threads",
+        )
+    )
     return parser
 
 
-COMMANDS = {"migrate": cmd_migrate, "serve": cmd_serve, "token": cmd_token}
+COMMANDS = {
+    "migrate": cmd_migrate,
+    "serve": cmd_serve,
+    "token": cmd_token,
+    "prune": prune.cmd_prune,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

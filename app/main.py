@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from agents import Model
@@ -28,15 +28,18 @@ from .agent import (
     connect_mcp_servers,
     load_instructions,
 )
+from .attachments import PgAttachmentStore
 from .auth import TokenVerifier, check_auth_settings
 from .background import TaskRegistry
 from .context import RequestContext
+from .converter import AttachmentConverter
 from .db import aresolve_database_url, create_engine
 from .endpoint import chatkit_endpoint
 from .errors import AppError, AuthenticationError
+from .files import files_router
 from .metered_store import MeteredStore
 from .middleware import RequestContextMiddleware, request_info
-from .observability import Metrics, configure_logging
+from .observability import Metrics, configure_logging, user_id_var
 from .ops import alembic_heads
 from .ops import router as ops_router
 from .runtime import Runtime
@@ -77,11 +80,14 @@ def create_app(
     # A plain Starlette route: the endpoint reads the request itself, so FastAPI's dependency
     # machinery would only add cost to every ChatKit call.
     app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
+    # Attachment bytes (app.files): uploads, downloads, signed previews; errors go to the
+    # handlers below like every other route's.
+    app.include_router(files_router(bearer_user, handle_errors=False))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
             allow_headers=["*"],
             expose_headers=["X-Request-ID"],
             max_age=600,
@@ -105,6 +111,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         inner: Store[RequestContext] = app.state.store_override or PostgresStore(engine)
         store = MeteredStore(inner, metrics.store_seconds)
 
+        # Attachments need the Postgres store itself (its pool and its re-signing hook).
+        attachments = (
+            PgAttachmentStore(inner, settings).install()
+            if isinstance(inner, PostgresStore)
+            else None
+        )
+        app.state.attachment_store = attachments
+
         model = choose_model(settings, app.state.model_override)
         stack.push_async_callback(model.aclose)
         mcp_servers = await connect_mcp_servers(settings, stack)
@@ -122,6 +136,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             ),
             title_agent=None if model.is_offline else build_title_agent(model.model),
             tasks=tasks,
+            attachment_store=attachments,
+            converter=_converter_factory(attachments),
         )
         app.state.runtime = Runtime(
             settings=settings,
@@ -147,6 +163,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         finally:
             # Saves of cancelled replies must finish before the pool goes away.
             await tasks.drain(settings.shutdown_grace_seconds)
+
+
+def _converter_factory(
+    attachments: PgAttachmentStore | None,
+) -> Callable[[RequestContext], AttachmentConverter] | None:
+    if attachments is None:
+        return None
+    converter = AttachmentConverter(attachments)
+    return lambda context: converter.for_user(context.user_id)
+
+
+async def bearer_user(request: Request) -> str:
+    """The user of a ``/files`` request, from its Bearer token (as for ``/chatkit``)."""
+    runtime: Runtime = request.app.state.runtime
+    user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
+    user_id_var.set(user_id)
+    return user_id
 
 
 # --- errors -------------------------------------------------------------------------------

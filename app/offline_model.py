@@ -9,6 +9,7 @@ to script long streamed replies.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, cast
@@ -32,6 +33,7 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
+from .converter import attachment_names
 from .ids import new_id
 
 OFFLINE_MODEL_NAME = "offline-demo"
@@ -168,12 +170,14 @@ def _last_user_text(input: str | list[TResponseInputItem]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
+                # The first text part is what the user typed; later ones are attachments
+                # (app.converter: the note naming them, the content of text files).
                 texts = [
                     str(p.get("text", ""))
                     for p in content
                     if isinstance(p, dict) and p.get("type") == "input_text"
                 ]
-                text = " ".join(t for t in texts if t)
+                text = texts[0] if texts else ""
                 # Skip the hidden-context notes the SDK adds as user messages.
                 if text and not text.startswith("Hidden context for the agent"):
                     return text
@@ -182,10 +186,18 @@ def _last_user_text(input: str | list[TResponseInputItem]) -> str:
 
 def demo_reply(input: str | list[TResponseInputItem]) -> str:
     words = len(_last_user_text(input).split())
+    names = attachment_names(input)
+    attached = (
+        f"You attached {', '.join(json.dumps(n, ensure_ascii=False) for n in names)}: "
+        "they are stored in PostgreSQL and a real model would receive them. "
+        if names
+        else ""
+    )
     return (
         "Hello! This is chatkit-pg's offline demo model, not a real language model, so this "
         f"canned reply is all I can say (your message had {words} "
         f"word{'' if words == 1 else 's'}). "
+        f"{attached}"
         "Your conversation is stored in PostgreSQL all the same. To get real answers, set "
         "OPENAI_API_KEY (and optionally MODEL_NAME) for OpenAI, or OPENAI_BASE_URL and "
         "MODEL_NAME for any OpenAI-compatible server such as Ollama, vLLM or LiteLLM, and "

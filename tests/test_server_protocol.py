@@ -231,9 +231,8 @@ async def test_unsupported_operations_are_400(make_client: MakeClient) -> None:
     client = await make_client()
     thread_id, _ = await client.create_thread("Hello")
     action = {"type": "do.something", "payload": {}}
+    # (attachments are supported since issue 5: tests/test_attachments_e2e.py)
     cases = [
-        ("attachments.create", {"name": "a.txt", "size": 3, "mime_type": "text/plain"}),
-        ("attachments.delete", {"attachment_id": "atc_x"}),
         ("input.transcribe", {"audio_base64": "AAAA", "mime_type": "audio/webm"}),
         ("threads.custom_action", {"thread_id": thread_id, "action": action}),
         ("threads.sync_custom_action", {"thread_id": thread_id, "action": action}),

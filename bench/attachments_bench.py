@@ -12,8 +12,8 @@ database of the same PostgreSQL the tests use. Two parts:
   growth over the idle RSS (the interpreter and libraries are there before any upload);
   target: below 4x one file.
 
-The server app here mounts ``files_router`` with a header-named user, the same router the
-service mounts behind its Bearer authentication; the bytes take the same path.
+The server is the service itself (``app.main:create_app``: JWT authentication, middleware,
+the ``/files`` router); the client sends HS256 tokens signed with the benchmark's own secret.
 
 ``python -m bench.attachments_bench`` runs it; results go to ``bench/results/attachments.json``.
 """
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -31,20 +32,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import httpx
+import jwt
 import psutil
-from fastapi import FastAPI, Header, HTTPException
 
-from app.attachments import CHUNK_SIZE, PgAttachmentStore
-from app.db import create_engine
-from app.files import files_router
-from app.settings import PROJECT_ROOT, Settings
-from app.store import PostgresStore
+from app.attachments import CHUNK_SIZE
+from app.settings import PROJECT_ROOT
 from bench import RESULTS_DIR
 from tests.pgharness import PgServer, describe, migrate, postgres_server
 
@@ -61,36 +58,13 @@ SAMPLE_EVERY = 0.003
 # --- the server process -------------------------------------------------------------------
 
 
-async def _header_user(x_user: Annotated[str | None, Header()] = None) -> str:
-    if not x_user:
-        raise HTTPException(401)
-    return x_user
+JWT_SECRET = secrets.token_urlsafe(48)
 
 
-def bench_app() -> FastAPI:
-    """uvicorn factory (``--factory``): the file endpoints over the app's own stores."""
-    settings = Settings()
-    assert settings.database_url, "DATABASE_URL must be set for the benchmark server"
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        assert settings.database_url is not None
-        engine = create_engine(settings.database_url, settings)
-        store = PostgresStore(engine)
-        app.state.attachment_store = PgAttachmentStore(store, settings).install()
-        try:
-            yield
-        finally:
-            await engine.dispose()
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(files_router(_header_user))
-
-    @app.get("/ping")
-    async def ping() -> dict[str, bool]:
-        return {"ok": True}
-
-    return app
+def _auth(user: str) -> dict[str, str]:
+    now = int(time.time())
+    token = jwt.encode({"sub": user, "iat": now, "exp": now + 3600}, JWT_SECRET, "HS256")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _free_port() -> int:
@@ -109,13 +83,15 @@ def uvicorn_process(database_url: str, data_dir: str) -> Iterator[tuple[str, psu
         "DATA_DIR": data_dir,
         "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "MAX_UPLOAD_BYTES": str(FILE_BYTES + MiB),
+        "JWT_SECRET": JWT_SECRET,
+        "LOG_LEVEL": "WARNING",
     }
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "uvicorn",
-            "bench.attachments_bench:bench_app",
+            "app.main:create_app",
             "--factory",
             "--host",
             "127.0.0.1",
@@ -135,7 +111,7 @@ def uvicorn_process(database_url: str, data_dir: str) -> Iterator[tuple[str, psu
             if proc.poll() is not None:
                 raise RuntimeError("the benchmark server exited during startup")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/ping", timeout=1).status_code == 200:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError("the benchmark server did not start")
@@ -162,7 +138,7 @@ async def _http_upload(client: httpx.AsyncClient, data: bytes, user: str = "benc
     r = await client.post(
         "/files",
         files={"file": ("bench.pdf", data, "application/pdf")},
-        headers={"X-User": user},
+        headers=_auth(user),
     )
     r.raise_for_status()
     attachment_id: str = r.json()["id"]
@@ -171,9 +147,7 @@ async def _http_upload(client: httpx.AsyncClient, data: bytes, user: str = "benc
 
 async def _http_download(client: httpx.AsyncClient, attachment_id: str) -> int:
     n = 0
-    async with client.stream(
-        "GET", f"/files/{attachment_id}", headers={"X-User": "bench"}
-    ) as response:
+    async with client.stream("GET", f"/files/{attachment_id}", headers=_auth("bench")) as response:
         response.raise_for_status()
         async for chunk in response.aiter_raw():
             n += len(chunk)
@@ -201,7 +175,7 @@ async def _throughput(base: str, dsn: str) -> dict[str, Any]:
                         t2 = time.perf_counter()
                         assert got == len(data), got
                         sample["http_up"], sample["http_down"] = t1 - t0, t2 - t1
-                        await client.delete(f"/files/{attachment_id}", headers={"X-User": "bench"})
+                        await client.delete(f"/files/{attachment_id}", headers=_auth("bench"))
                     else:
                         t0 = time.perf_counter()
                         await conn.execute(

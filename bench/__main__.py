@@ -1,6 +1,7 @@
-"""``make bench``: the store benchmark, then the server benchmark when it exists.
+"""``make bench``: every benchmark, each against a baseline measured in the same run.
 
-``python -m bench`` runs both; ``python -m bench store`` or ``python -m bench server`` runs one.
+``python -m bench`` runs them all; ``python -m bench store server`` (any subset of
+store, server, attachments, deploy) runs those. Results land in ``bench/results/*.json``.
 """
 
 from __future__ import annotations
@@ -8,30 +9,23 @@ from __future__ import annotations
 import importlib
 import sys
 
-
-def _server_bench() -> None:
-    try:
-        module = importlib.import_module("bench.server_bench")
-    except ModuleNotFoundError as exc:
-        if exc.name != "bench.server_bench":
-            raise  # the module exists but something it imports is missing: a real error
-        print("\n[bench] bench.server_bench does not exist yet: skipping the server benchmark")
-        return
-    module.run()
+BENCHES = {
+    "store": "bench.store_bench",
+    "server": "bench.server_bench",
+    "attachments": "bench.attachments_bench",
+    "deploy": "bench.deploy_bench",
+}
 
 
 def main(argv: list[str]) -> int:
-    which = set(argv) or {"store", "server"}
-    unknown = which - {"store", "server"}
+    which = argv or list(BENCHES)
+    unknown = [w for w in which if w not in BENCHES]
     if unknown:
-        print(f"usage: python -m bench [store] [server]  (unknown: {', '.join(sorted(unknown))})")
+        print(f"usage: python -m bench [{' '.join(BENCHES)}]  (unknown: {', '.join(unknown)})")
         return 2
-    if "store" in which:
-        from bench import store_bench
-
-        store_bench.run()
-    if "server" in which:
-        _server_bench()
+    for name in which:
+        print(f"\n===== bench: {name} =====", flush=True)
+        importlib.import_module(BENCHES[name]).run()
     return 0
 
 

@@ -58,7 +58,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from .errors import AppError, InvalidInputError
 from .ids import new_id
 from .settings import Settings
-from .store import PostgresStore, user_id_of
+from .store import PostgresStore, gated, gated_select, scoped_insert, user_id_of
 
 log = logging.getLogger(__name__)
 
@@ -484,35 +484,45 @@ def open_body(
 
 # --- the store ----------------------------------------------------------------------------
 
-SQL_INSERT = (
-    "INSERT INTO chatkit_attachments (user_id, id, thread_id, data, status, size_bytes, mime_type) "
-    "VALUES ($1, $2, NULL, $3::jsonb, $4, $5, $6)"
+# Each statement sets ``app.user_id`` for the row-level security policies itself, in the shapes
+# explained in app.store (reads: fenced under the gate; inserts: values selected from the
+# one-row relation that sets it; updates and deletes: the gate in their WHERE clause). $1 is
+# always the user id.
+SQL_INSERT = scoped_insert(
+    "chatkit_attachments (user_id, id, thread_id, data, status, size_bytes, mime_type)",
+    "$2::text, NULL, $3::jsonb, $4::text, $5::bigint, $6::text",
 )
-SQL_CLAIM = (
+SQL_CLAIM = gated(
     "UPDATE chatkit_attachments SET status = 'uploading' "
-    "WHERE user_id = $1 AND id = $2 AND status = 'pending' "
-    "RETURNING size_bytes, mime_type, data::text"
+    "WHERE user_id = $1 AND id = $2 AND status = 'pending'",
+    "RETURNING size_bytes, mime_type, data::text",
 )
-SQL_EXISTS = "SELECT 1 FROM chatkit_attachments WHERE user_id = $1 AND id = $2"
-SQL_INSERT_CHUNK = (
-    "INSERT INTO chatkit_attachment_blobs (user_id, attachment_id, chunk_no, data) "
-    "VALUES ($1, $2, $3, $4)"
+SQL_EXISTS = gated_select("1", "SELECT 1 FROM chatkit_attachments WHERE user_id = $1 AND id = $2")
+SQL_INSERT_CHUNK = scoped_insert(
+    "chatkit_attachment_blobs (user_id, attachment_id, chunk_no, data)",
+    "$2::text, $3::int, $4::bytea",
 )
-SQL_FINISH = (
+SQL_FINISH = gated(
     "UPDATE chatkit_attachments SET status = 'ready', size_bytes = $3, mime_type = $4, "
     "uploaded_at = now(), data = jsonb_set(data, '{upload_descriptor}', 'null'::jsonb) "
-    "WHERE user_id = $1 AND id = $2 AND status = 'uploading' RETURNING data::text"
+    "WHERE user_id = $1 AND id = $2 AND status = 'uploading'",
+    "RETURNING data::text",
 )
-SQL_DISCARD = "DELETE FROM chatkit_attachments WHERE user_id = $1 AND id = $2"
-SQL_FILE_INFO = (
-    "SELECT size_bytes, mime_type, data->>'name', data->>'type' FROM chatkit_attachments "
-    "WHERE user_id = $1 AND id = $2 AND status = 'ready'"
+SQL_DISCARD = gated("DELETE FROM chatkit_attachments WHERE user_id = $1 AND id = $2")
+SQL_FILE_INFO = gated_select(
+    "q.size_bytes, q.mime_type, q.name, q.type",
+    "SELECT size_bytes, mime_type, data->>'name' AS name, data->>'type' AS type "
+    "FROM chatkit_attachments WHERE user_id = $1 AND id = $2 AND status = 'ready'",
 )
-SQL_READ_CHUNKS = (
+SQL_READ_CHUNKS = gated_select(
+    "q.chunk_no, q.data",
     "SELECT chunk_no, data FROM chatkit_attachment_blobs "
-    "WHERE user_id = $1 AND attachment_id = $2 AND chunk_no >= $3 ORDER BY chunk_no LIMIT $4"
+    "WHERE user_id = $1 AND attachment_id = $2 AND chunk_no >= $3 ORDER BY chunk_no LIMIT $4",
+    "q.chunk_no",
 )
-SQL_DELETE_BLOBS = "DELETE FROM chatkit_attachment_blobs WHERE user_id = $1 AND attachment_id = $2"
+SQL_DELETE_BLOBS = gated(
+    "DELETE FROM chatkit_attachment_blobs WHERE user_id = $1 AND attachment_id = $2"
+)
 
 
 def _is_ours(url: AnyUrl, attachment_id: str, purpose: Purpose) -> bool:

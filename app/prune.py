@@ -10,6 +10,11 @@ Deletion runs in small batches, each its own short transaction whose rows are lo
 ``SKIP LOCKED``, so it can run beside live traffic and from several replicas at once. It
 reports what it removed; ``--dry-run`` only counts. Schedule it (cron, a systemd timer, a
 Kubernetes CronJob) every hour or so; it is idempotent.
+
+It works across all users, so it must connect as the owner of the tables (the role that runs
+the migrations), which row-level security does not restrict (docs/rls.md): through the app's
+own role, which sees no rows without ``app.user_id``, it would silently find nothing, so it
+refuses to run there instead.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +31,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import aresolve_database_url, create_engine
+from .errors import ConfigurationError
 from .settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,11 @@ SQL_COUNT_IDLE = (
     "v.user_id AND x.thread_id = v.id), (SELECT count(*) FROM chatkit_attachments x JOIN v ON "
     "x.user_id = v.user_id AND x.thread_id = v.id), (SELECT coalesce(sum(x.size_bytes), 0) "
     "FROM chatkit_attachments x JOIN v ON x.user_id = v.user_id AND x.thread_id = v.id)"
+)
+SQL_ROW_SECURITY_ACTIVE = (
+    "SELECT bool_or(row_security_active(t)) FROM unnest(ARRAY['chatkit_threads', "
+    "'chatkit_items', 'chatkit_attachments', 'chatkit_attachment_blobs', "
+    "'chatkit_feedback']::regclass[]) AS t"
 )
 SQL_DELETE_THREADS = (
     "DELETE FROM chatkit_threads t USING unnest($1::text[], $2::text[]) AS v(user_id, id) "
@@ -124,6 +136,12 @@ async def prune(
     )
     async with engine.connect() as sa_conn:
         conn: asyncpg.Connection = (await sa_conn.get_raw_connection()).driver_connection
+        if await conn.fetchval(SQL_ROW_SECURITY_ACTIVE):
+            raise ConfigurationError(
+                "prune must connect as the owner of the chatkit_ tables (the role that runs the "
+                "migrations): row-level security hides every row from this role. Run it with "
+                "DATABASE_URL set to the owner's URL (see docs/rls.md)."
+            )
         # Expired threads first: their attachments then count with the thread, not as orphans.
         if retention_cutoff is not None:
             await _prune_threads(conn, report, retention_cutoff, dry_run, batch)
@@ -187,7 +205,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    report = asyncio.run(run_prune(get_settings(), dry_run=args.dry_run))
+    try:
+        report = asyncio.run(run_prune(get_settings(), dry_run=args.dry_run))
+    except ConfigurationError as exc:
+        print(f"prune: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(asdict(report)) if args.json else report.summary())
     return 0
 

@@ -4,6 +4,8 @@ Each call borrows one pooled connection from the SQLAlchemy engine and speaks as
 on it (prepared statements, one round trip for the common paths), so a store call costs close
 to the raw driver while the engine keeps owning the pool. Every statement filters by the user
 taken from the request context: another user's row is indistinguishable from a missing one.
+Every statement also sets ``app.user_id`` for PostgreSQL's row-level security policies, a
+second wall behind those filters (see "row-level security" below and docs/rls.md).
 """
 
 from __future__ import annotations
@@ -80,69 +82,163 @@ class _PageSQL:
     exists: str
 
 
+# --- row-level security -----------------------------------------------------------------------
+#
+# Migration 0003 gives every chatkit_ table a policy: a row is visible and writable only while
+# the transaction's ``app.user_id`` setting names its user (the app's database role does not
+# bypass it; see docs/rls.md). Every statement here makes that setting itself, for its own
+# implicit transaction and in the same round trip, with ``set_config('app.user_id', $1, true)``
+# ($1 is always the user id), and is shaped so that no chatkit_ row is read before it is made.
+#
+# The tool is a gate, ``(SELECT set_config('app.user_id', $1, true)) IS NOT NULL``: a condition
+# without columns, which PostgreSQL evaluates as the One-Time Filter of a Result node (running
+# the InitPlan that calls set_config), and a Result tests that filter before it runs anything
+# beneath it. What matters is that nothing reading the setting is evaluated before the gate:
+# PostgreSQL combines the policy's ``user_id = current_setting(...)`` with our ``user_id = $1``
+# into a check ``current_setting(...) = $1`` that it also evaluates once, up front.
+#
+# * Reads are the query as it was, fenced in a subquery (OFFSET 0: never pulled up, nothing
+#   pushed into it), under the gate. The derived check stays inside the subquery, below the
+#   gate's Result; the subquery keeps its plan and its order (no extra sort).
+# * Inserts take every value from a SELECT over ``s``, the one-row relation that calls
+#   set_config: no row exists, so no WITH CHECK or ON CONFLICT check can run, before it has.
+# * Updates and deletes cannot put their target table in a subquery, so the gate goes into their
+#   own WHERE clause and the derived check lands in the same One-Time Filter. PostgreSQL orders
+#   those clauses by cost, and the gate (a NULL test of a parameter) costs nothing, so it is
+#   evaluated first.
+#
+# A lateral subquery over ``s`` also orders a read, but PostgreSQL must then sort its output
+# again; without OFFSET 0 it may scan the table before ``s``, and ``USING s`` in a DELETE does not
+# order anything. tests/test_rls.py checks every statement's plan for the shapes above, custom
+# and generic, and runs the store contract through a role subject to the policy. The explicit
+# ``user_id`` filters stay: they are the first wall, and the only one for a role that bypasses
+# row-level security (the owner, a superuser, the embedded development server).
+
+GATE = "(SELECT set_config('app.user_id', $1, true)) IS NOT NULL"
+"""Sets ``app.user_id`` for the statement's transaction before it reads a table."""
+AS_USER = "(SELECT set_config('app.user_id', $1, true) AS uid) s"
+"""The one-row relation whose ``uid`` is the user id, set for the transaction as it is read."""
+
+
+def _user_filtered(sql: str) -> None:
+    if "WHERE user_id = $1 AND " not in sql and not sql.endswith("WHERE user_id = $1"):
+        raise ValueError("the statement must filter by user_id = $1 itself")
+
+
+def gated_select(columns: str, query: str, order_by: str = "") -> str:
+    """``query`` (filtering by ``user_id = $1``) fenced under the gate.
+
+    ``columns`` and ``order_by`` name ``q.<column>``s of the query's output; an ORDER BY of the
+    query that matches ``order_by`` carries through without a sort.
+    """
+    _user_filtered(query.split(" ORDER BY ", 1)[0])
+    tail = f" ORDER BY {order_by}" if order_by else ""
+    return f"SELECT {columns} FROM ({query} OFFSET 0) q WHERE {GATE}{tail}"
+
+
+def scoped_insert(into: str, values: str, on_conflict: str = "") -> str:
+    """``INSERT INTO into SELECT s.uid, values FROM AS_USER``: ``into``'s first column is
+    ``user_id`` and ``values`` (cast to their column types) follow it."""
+    if not into.split("(", 1)[1].lstrip().startswith("user_id"):
+        raise ValueError("a scoped insert takes user_id from s.uid, as its first column")
+    tail = f" {on_conflict}" if on_conflict else ""
+    return f"INSERT INTO {into} SELECT s.uid, {values} FROM {AS_USER}{tail}"
+
+
+def gated(statement: str, returning: str = "") -> str:
+    """An UPDATE or DELETE whose WHERE clause (filtering ``user_id = $1``) ends with the gate."""
+    _user_filtered(statement)
+    tail = f" {returning}" if returning else ""
+    return f"{statement} AND {GATE}{tail}"
+
+
 def _page_sql(table: str, scope: str, nscope: int, order: Literal["asc", "desc"]) -> _PageSQL:
     """Keyset queries on (created_at, seq): an index range scan whatever the page depth.
 
-    ``scope`` filters columns $1..$nscope; the cursor id and the limit follow. Only constant
-    table and column names are interpolated (built once at import); values are always bound.
+    ``scope`` filters columns $1..$nscope, ``user_id`` first; the cursor id and the limit
+    follow. Only constant table and column names are interpolated (built once at import);
+    values are always bound.
     """
     cmp, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
     cursor = f"${nscope + 1}"
     limit = f"${nscope + 2}"
     cols = scope.split(",")
+    if cols[0] != "user_id":
+        raise ValueError("pages are scoped by user_id first")
     where = " AND ".join(f"{c} = ${i + 1}" for i, c in enumerate(cols))
     order_by = f"created_at {direction}, seq {direction}"
+    outer = f"q.created_at {direction}, q.seq {direction}"
     return _PageSQL(
-        first=f"SELECT id, data::text FROM {table} WHERE {where} ORDER BY {order_by} LIMIT {cursor}",
+        first=gated_select(
+            "q.id, q.data",
+            f"SELECT id, data::text AS data, created_at, seq FROM {table} WHERE {where} "
+            f"ORDER BY {order_by} LIMIT {cursor}",
+            outer,
+        ),
         # LATERAL pins the cursor row first, so the page is a parameterised range scan.
-        after=(
-            f"SELECT p.id, p.data FROM (SELECT created_at, seq FROM {table} "
+        after=gated_select(
+            "q.id, q.data",
+            f"SELECT p.id, p.data, p.created_at, p.seq FROM (SELECT created_at, seq FROM {table} "
             f"WHERE {where} AND id = {cursor}) c CROSS JOIN LATERAL ("
             f"SELECT id, data::text AS data, created_at, seq FROM {table} WHERE {where} "
             f"AND (created_at, seq) {cmp} (c.created_at, c.seq) "
-            f"ORDER BY {order_by} LIMIT {limit}) p ORDER BY p.{order_by.replace(', ', ', p.')}"
+            f"ORDER BY {order_by} LIMIT {limit}) p ORDER BY p.{order_by.replace(', ', ', p.')}",
+            outer,
         ),
-        exists=f"SELECT 1 FROM {table} WHERE {where} AND id = {cursor}",
+        exists=gated_select("1", f"SELECT 1 FROM {table} WHERE {where} AND id = {cursor}"),
     )
 
 
 _THREAD_PAGES = {o: _page_sql("chatkit_threads", "user_id", 1, o) for o in ("asc", "desc")}
 _ITEM_PAGES = {o: _page_sql("chatkit_items", "user_id,thread_id", 2, o) for o in ("asc", "desc")}
 
-SQL_LOAD_THREAD = "SELECT data::text FROM chatkit_threads WHERE user_id = $1 AND id = $2"
-SQL_SAVE_THREAD = (
-    "INSERT INTO chatkit_threads AS t (user_id, id, created_at, title, data) "
-    "VALUES ($1, $2, $3, $4, $5::jsonb) "
+SQL_LOAD_THREAD = gated_select(
+    "q.data", "SELECT data::text AS data FROM chatkit_threads WHERE user_id = $1 AND id = $2"
+)
+SQL_SAVE_THREAD = scoped_insert(
+    "chatkit_threads AS t (user_id, id, created_at, title, data)",
+    "$2::text, $3::timestamptz, $4::text, $5::jsonb",
     "ON CONFLICT (user_id, id) DO UPDATE SET created_at = EXCLUDED.created_at, "
-    "title = EXCLUDED.title, data = EXCLUDED.data, updated_at = now()"
+    "title = EXCLUDED.title, data = EXCLUDED.data, updated_at = now()",
 )
-SQL_DELETE_THREAD = "DELETE FROM chatkit_threads WHERE user_id = $1 AND id = $2"
-SQL_UPSERT_ITEM = (
-    "INSERT INTO chatkit_items (user_id, thread_id, id, created_at, type, data) "
-    "VALUES ($1, $2, $3, $4, $5, $6::jsonb) "
+SQL_DELETE_THREAD = gated("DELETE FROM chatkit_threads WHERE user_id = $1 AND id = $2")
+SQL_UPSERT_ITEM = scoped_insert(
+    "chatkit_items (user_id, thread_id, id, created_at, type, data)",
+    "$2::text, $3::text, $4::timestamptz, $5::text, $6::jsonb",
     "ON CONFLICT (user_id, thread_id, id) DO UPDATE SET created_at = EXCLUDED.created_at, "
-    "type = EXCLUDED.type, data = EXCLUDED.data"
+    "type = EXCLUDED.type, data = EXCLUDED.data",
 )
-SQL_LOAD_ITEM = (
-    "SELECT data::text FROM chatkit_items WHERE user_id = $1 AND thread_id = $2 AND id = $3"
+SQL_LOAD_ITEM = gated_select(
+    "q.data",
+    "SELECT data::text AS data FROM chatkit_items "
+    "WHERE user_id = $1 AND thread_id = $2 AND id = $3",
 )
-SQL_DELETE_ITEM = "DELETE FROM chatkit_items WHERE user_id = $1 AND thread_id = $2 AND id = $3"
-SQL_SAVE_ATTACHMENT = (
-    "INSERT INTO chatkit_attachments (user_id, id, thread_id, data) "
-    "VALUES ($1, $2, $3, $4::jsonb) "
-    "ON CONFLICT (user_id, id) DO UPDATE SET thread_id = EXCLUDED.thread_id, data = EXCLUDED.data"
+SQL_DELETE_ITEM = gated(
+    "DELETE FROM chatkit_items WHERE user_id = $1 AND thread_id = $2 AND id = $3"
 )
-SQL_LOAD_ATTACHMENT = "SELECT data::text FROM chatkit_attachments WHERE user_id = $1 AND id = $2"
-SQL_DELETE_ATTACHMENT = "DELETE FROM chatkit_attachments WHERE user_id = $1 AND id = $2"
+SQL_SAVE_ATTACHMENT = scoped_insert(
+    "chatkit_attachments (user_id, id, thread_id, data)",
+    "$2::text, $3::text, $4::jsonb",
+    "ON CONFLICT (user_id, id) DO UPDATE SET thread_id = EXCLUDED.thread_id, data = EXCLUDED.data",
+)
+SQL_LOAD_ATTACHMENT = gated_select(
+    "q.data",
+    "SELECT data::text AS data FROM chatkit_attachments WHERE user_id = $1 AND id = $2",
+)
+SQL_DELETE_ATTACHMENT = gated("DELETE FROM chatkit_attachments WHERE user_id = $1 AND id = $2")
 SQL_SAVE_FEEDBACK = (
     "INSERT INTO chatkit_feedback (user_id, thread_id, item_id, kind) "
-    "SELECT $1, $2, ids.id, $4 FROM unnest($3::text[]) AS ids(id) "
+    f"SELECT s.uid, $2::text, ids.id, $4::text FROM {AS_USER} "
+    "CROSS JOIN unnest($3::text[]) AS ids(id) "
     "ON CONFLICT (user_id, thread_id, item_id) DO UPDATE SET kind = EXCLUDED.kind, "
     "created_at = now()"
 )
-SQL_LOAD_FEEDBACK = (
+SQL_ROW_SECURITY_ACTIVE = "SELECT row_security_active('chatkit_threads')"
+SQL_LOAD_FEEDBACK = gated_select(
+    "q.item_id, q.kind",
     "SELECT item_id, kind FROM chatkit_feedback WHERE user_id = $1 AND thread_id = $2 "
-    "ORDER BY item_id"
+    "ORDER BY item_id",
+    "q.item_id",
 )
 
 
@@ -176,6 +272,16 @@ class PostgresStore(Store[Any]):
                 raise InvalidInputError(
                     "Text may not contain NUL characters or unpaired surrogates."
                 ) from exc
+
+    async def row_security_enforced(self) -> bool:
+        """Whether PostgreSQL applies the row-level security policies to this store's role.
+
+        False for the tables' owner, a superuser or a BYPASSRLS role (the embedded development
+        server connects as a superuser), and before migration 0003: then the store's own
+        ``user_id`` filters are the only wall.
+        """
+        async with self.connection() as conn:
+            return bool(await conn.fetchval(SQL_ROW_SECURITY_ACTIVE))
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         async with self.connection() as conn:

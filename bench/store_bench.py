@@ -1,9 +1,18 @@
-"""Store benchmark: every ``PostgresStore`` method against the same SQL on raw asyncpg.
+"""Store benchmark: every ``PostgresStore`` method with row-level security against the store as
+it was before it, and against the same SQL on raw asyncpg.
 
-Three sides run on one fresh, migrated database in the same process and event loop:
+Five sides run on one fresh, migrated database in the same process and event loop:
 
-* ``store``: ``PostgresStore`` over the app's own engine (``app.db.create_engine`` and the app's
-  settings: pool size, GUCs, timeouts);
+* ``rls``: ``PostgresStore`` over the app's own engine (``app.db.create_engine`` and the app's
+  settings: pool size, GUCs, timeouts) connecting as a role without BYPASSRLS, as production
+  does (docs/rls.md): every statement sets ``app.user_id`` and PostgreSQL applies the policies
+  of migration 0003. The role is created for the run and dropped at its end;
+* ``pre``: the same store code, engine and settings, connecting as the tables' owner (whom the
+  policies do not restrict) and running the statements the store had before row-level security
+  (bench.pre_rls_sql): the baseline of "what the second wall costs", rls/pre;
+* ``store``: today's store as the owner: the same statements as ``rls`` with the policies
+  bypassed, so rls/store is what evaluating the policies costs and store/pre what the statements'
+  new shape (set_config in the same round trip) costs;
 * ``raw``: ``asyncpg.create_pool`` of the same size with the same per-session GUCs, issuing the
   store's own SQL constants and doing the same (de)serialisation of the pydantic models, so the
   difference is exactly what the store adds (SQLAlchemy pool checkout, context handling, ...).
@@ -12,12 +21,15 @@ Three sides run on one fresh, migrated database in the same process and event lo
   trip per call and would flatter the store;
 * ``conn``: one bare ``asyncpg.connect`` connection, the floor (no pool at all), for reference.
 
+``raw`` and ``conn`` run today's statements as the owner.
+
 Each round runs every method on every side, in an order that rotates from round to round
-(A/B/C, B/C/A, C/A/B, ...), so drift on this shared, noisy machine hits all sides alike. A side's
-figure for a round is the mean over ``CALLS`` back-to-back calls; we quote the median over
-rounds, and the ratio store/raw of those medians (the median of the per-round paired ratios is
-kept in the JSON too). Rows that a call consumes (deletes) or creates (inserts) are prepared
-before each batch, outside the timed region.
+(A/B/C/D/E, B/C/D/E/A, ...), so drift on this shared, noisy machine hits all sides alike. A
+side's figure for a round is the mean over ``CALLS`` back-to-back calls; we quote the median
+over rounds and ratios of those medians (rls/pre against the 10% target, store/raw against its
+own); the medians of the per-round paired ratios are kept in the JSON too. Rows that a call
+consumes (deletes) or creates (inserts) are prepared before each batch, outside the timed
+region.
 
 Where the processes run matters more than anything else here: on this VM a round trip between
 two vCPUs costs ~65 µs more than one on a single core, and an unpinned backend lands on either,
@@ -27,8 +39,9 @@ selects other placements, see ``PLACEMENTS``). Each figure is then CPU work plus
 own waits (WAL flush on commit), the same for every side.
 
 The second part measures page latency at depth 0 and at depth 100,000 of a 200,000-item thread
-(both orders) through ``store.load_thread_items`` and prints the EXPLAIN (ANALYZE) of the deep
-page query, which must be an index range scan, custom or generic plan. Both parts report, from
+(both orders) through ``store.load_thread_items``, with row-level security (``rls``) and before
+it (``pre``), and prints the EXPLAIN (ANALYZE) of the deep page query as the app's role, which
+must be an index range scan, custom or generic plan. Both parts report, from
 ``pg_prepared_statements``, any store statement PostgreSQL keeps re-planning on every call.
 """
 
@@ -38,11 +51,17 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    nullcontext,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -60,6 +79,7 @@ from chatkit.types import (
     ThreadMetadata,
 )
 from pydantic import BaseModel, TypeAdapter
+from sqlalchemy.engine import make_url
 
 from app.db import create_engine, server_settings
 from app.ids import new_id
@@ -82,6 +102,7 @@ from app.store import (
     _PageSQL,
 )
 from bench import RESULTS_DIR
+from bench.pre_rls_sql import pre_rls_sql
 from tests import factories as f
 from tests.pgharness import PgServer, describe, migrate, postgres_server
 
@@ -90,6 +111,7 @@ ROUNDS = 21
 CALLS = 100  # calls per side per method per round
 PAGE = 20  # chatkit.server.DEFAULT_PAGE_SIZE
 TARGET = 1.5  # store / raw asyncpg
+RLS_TARGET = 1.10  # rls / pre: what row-level security costs a store call
 DEEP_TARGET = 1.2  # deep page / first page
 DEEP_ITEMS = 200_000
 DEEP_DEPTH = 100_000
@@ -97,7 +119,15 @@ PAGE_ROUNDS = 15
 PAGE_CALLS = 50
 
 USER = "bench_user"
-SIDES = ("store", "raw", "conn")
+SIDES = ("rls", "pre", "store", "raw", "conn")
+PAGE_SIDES = ("rls", "pre")
+TABLES = (
+    "chatkit_threads",
+    "chatkit_items",
+    "chatkit_attachments",
+    "chatkit_attachment_blobs",
+    "chatkit_feedback",
+)
 
 _ITEM = TypeAdapter[ThreadItem](ThreadItem)
 _ATTACHMENT = TypeAdapter[Attachment](Attachment)
@@ -544,28 +574,72 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+@dataclass
+class Sides:
+    """What the benchmark measures: the stores, the raw asyncpg sides and an owner connection."""
+
+    rls: PostgresStore  # the app's role: policies applied
+    owner: PostgresStore  # the tables' owner: policies bypassed (``pre`` and ``store``)
+    raws: dict[str, Raw]
+    setup: asyncpg.Connection  # the owner, for fixtures
+    rls_dsn: str
+
+    def targets(self) -> dict[str, tuple[Any, Any, Callable[[], AbstractContextManager[Any]]]]:
+        """side -> (object with the store's methods, its last argument, context of a batch)."""
+        return {
+            "rls": (self.rls, CTX, nullcontext),
+            "pre": (self.owner, CTX, pre_rls_sql),
+            "store": (self.owner, CTX, nullcontext),
+            "raw": (self.raws["raw"], USER, nullcontext),
+            "conn": (self.raws["conn"], USER, nullcontext),
+        }
+
+
+def _ratio(s: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
+    """a/b of the medians, and the median of the per-round paired ratios."""
+    return (
+        round(_median(s[a]) / _median(s[b]), 3),
+        round(_median([x / y for x, y in zip(s[a], s[b], strict=True)]), 3),
+    )
+
+
 async def _method_bench(
-    store: PostgresStore, raws: dict[str, Raw], fx: Fixture, pin: Pinner, placement: Placement
+    sides: Sides, fx: Fixture, pin: Pinner, placement: Placement
 ) -> dict[str, Any]:
     cases = _cases(fx)
     samples: dict[str, dict[str, list[float]]] = {c.name: {s: [] for s in SIDES} for c in cases}
-    targets = {"store": (store, CTX), "raw": (raws["raw"], USER), "conn": (raws["conn"], USER)}
+    targets = sides.targets()
     for rnd in range(WARMUP_ROUNDS + ROUNDS):
         await pin.apply(placement)  # pools may have opened connections since
-        order = SIDES[rnd % 3 :] + SIDES[: rnd % 3]
+        k = rnd % len(SIDES)
+        order = SIDES[k:] + SIDES[:k]
         for case in cases:
             shared = None if case.fresh else await case.args(CALLS)
             for side in order:
                 args = shared if shared is not None else await case.args(CALLS)
-                obj, last = targets[side]
-                us = await _batch(getattr(obj, case.method), args, last)
+                obj, last, context = targets[side]
+                with context():
+                    us = await _batch(getattr(obj, case.method), args, last)
                 if rnd >= WARMUP_ROUNDS:
                     samples[case.name][side].append(us)
     out: dict[str, Any] = {}
     for case in cases:
         s = samples[case.name]
         med = {side: _median(s[side]) for side in SIDES}
+        rls_pre, rls_pre_paired = _ratio(s, "rls", "pre")
+        rls_store, rls_store_paired = _ratio(s, "rls", "store")
+        store_pre, store_pre_paired = _ratio(s, "store", "pre")
         out[case.name] = {
+            "rls_us": round(med["rls"], 1),
+            "pre_us": round(med["pre"], 1),
+            "rls_over_pre": rls_pre,
+            "rls_over_pre_paired": rls_pre_paired,
+            "rls_extra_us": round(med["rls"] - med["pre"], 1),
+            "rls_within_target": rls_pre <= RLS_TARGET,
+            "rls_over_store": rls_store,
+            "rls_over_store_paired": rls_store_paired,
+            "store_over_pre": store_pre,
+            "store_over_pre_paired": store_pre_paired,
             "store_us": round(med["store"], 1),
             "raw_us": round(med["raw"], 1),
             "conn_us": round(med["conn"], 1),
@@ -669,7 +743,10 @@ def _walk(node: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _plan_summary(nodes: list[dict[str, Any]]) -> dict[str, Any]:
-    scans = [n for n in nodes if "Scan" in n["Node Type"]]
+    # Scans of a table or an index (not the Result/Subquery nodes around set_config).
+    scans = [
+        n for n in nodes if "Scan" in n["Node Type"] and ("Relation Name" in n or "Index Name" in n)
+    ]
     return {
         "scans": [
             f"{n['Node Type']} on {n.get('Index Name') or n.get('Relation Name')}"
@@ -687,8 +764,9 @@ def _plan_summary(nodes: list[dict[str, Any]]) -> dict[str, Any]:
 async def _explain(
     conn: asyncpg.Connection, tid: str, cursors: dict[str, dict[str, str]]
 ) -> dict[str, Any]:
-    """The deep page's plan as the store's query runs it, custom and generic (what a cached
-    prepared statement may switch to): both must be index range scans."""
+    """The deep page's plan as the store's query runs it on ``conn`` (the app's role, so under
+    the policies), custom and generic (what a cached prepared statement may switch to): both
+    must be index range scans."""
     out: dict[str, Any] = {}
     for order, by_kind in cursors.items():
         cursor = by_kind["deep"]
@@ -711,13 +789,14 @@ async def _explain(
             "text": text,
             "custom": _plan_summary(_walk(plan[0]["Plan"])),
             "generic": _plan_summary(_walk(generic[0]["Plan"])),
+            "rows": plan[0]["Plan"]["Actual Rows"],
             "planning_ms": plan[0]["Planning Time"],
             "execution_ms": plan[0]["Execution Time"],
         }
     return out
 
 
-async def _page_setup(store: PostgresStore, conn: asyncpg.Connection) -> dict[str, Any]:
+async def _page_setup(sides: Sides, conn: asyncpg.Connection) -> dict[str, Any]:
     t0 = time.perf_counter()
     tid = await _bulk_thread(conn)
     load_s = time.perf_counter() - t0
@@ -727,11 +806,15 @@ async def _page_setup(store: PostgresStore, conn: asyncpg.Connection) -> dict[st
         for kind, depth in (("shallow", 1), ("deep", DEEP_DEPTH)):
             cursor = (await _ids_at(conn, tid, order, depth - 1, 1))[0]
             cursors[order][kind] = cursor
-            # The store's page is exactly rows depth+1 .. depth+PAGE (ties included).
-            page = await store.load_thread_items(tid, cursor, PAGE, order, CTX)
+            # The store's page is exactly rows depth+1 .. depth+PAGE (ties included), with
+            # row-level security and before it.
             expected = await _ids_at(conn, tid, order, depth, PAGE)
-            assert [i.id for i in page.data] == expected, f"{kind} {order} page is wrong"
-            assert page.has_more
+            for side in PAGE_SIDES:
+                store, last, context = sides.targets()[side]
+                with context():
+                    page = await store.load_thread_items(tid, cursor, PAGE, order, last)
+                assert [i.id for i in page.data] == expected, f"{kind} {order} page is wrong"
+                assert page.has_more
     return {"thread": tid, "cursors": cursors, "bulk_load_s": round(load_s, 1)}
 
 
@@ -739,36 +822,54 @@ PAGE_KINDS = ("first", "shallow", "deep")  # no cursor; cursor at item 1; at ite
 
 
 async def _page_bench(
-    store: PostgresStore, deep: dict[str, Any], pin: Pinner, placement: Placement
+    sides: Sides, deep: dict[str, Any], pin: Pinner, placement: Placement
 ) -> dict[str, Any]:
     tid, cursors = deep["thread"], deep["cursors"]
+    targets = sides.targets()
     variants = [
-        (order, kind, None if kind == "first" else cursors[order][kind])
+        (side, order, kind, None if kind == "first" else cursors[order][kind])
         for order in ("asc", "desc")
         for kind in PAGE_KINDS
+        for side in PAGE_SIDES
     ]
-    samples: dict[tuple[str, str], list[float]] = {(o, k): [] for o, k, _ in variants}
+    samples: dict[tuple[str, str, str], list[float]] = {(s, o, k): [] for s, o, k, _ in variants}
     for rnd in range(WARMUP_ROUNDS + PAGE_ROUNDS):
         await pin.apply(placement)
         k = rnd % len(variants)
-        for order, kind, cursor in variants[k:] + variants[:k]:
-            us = await _batch(
-                store.load_thread_items, [(tid, cursor, PAGE, order)] * PAGE_CALLS, CTX
-            )
+        for side, order, kind, cursor in variants[k:] + variants[:k]:
+            store, last, context = targets[side]
+            with context():
+                us = await _batch(
+                    store.load_thread_items, [(tid, cursor, PAGE, order)] * PAGE_CALLS, last
+                )
             if rnd >= WARMUP_ROUNDS:
-                samples[(order, kind)].append(us)
+                samples[(side, order, kind)].append(us)
     out: dict[str, Any] = {}
     for order in ("asc", "desc"):
-        med = {kind: _median(samples[(order, kind)]) for kind in PAGE_KINDS}
-        out[order] = {
-            "first_us": round(med["first"], 1),
-            "shallow_us": round(med["shallow"], 1),
-            "deep_us": round(med["deep"], 1),
-            "ratio": round(med["deep"] / med["first"], 3),
-            "ratio_vs_shallow": round(med["deep"] / med["shallow"], 3),
-            "within_target": med["deep"] / med["first"] <= DEEP_TARGET,
-            "rounds": {kind: [round(x, 1) for x in samples[(order, kind)]] for kind in PAGE_KINDS},
+        o: dict[str, Any] = {}
+        for side in PAGE_SIDES:
+            med = {kind: _median(samples[(side, order, kind)]) for kind in PAGE_KINDS}
+            o[side] = {
+                "first_us": round(med["first"], 1),
+                "shallow_us": round(med["shallow"], 1),
+                "deep_us": round(med["deep"], 1),
+                "ratio": round(med["deep"] / med["first"], 3),
+                "ratio_vs_shallow": round(med["deep"] / med["shallow"], 3),
+                "within_target": med["deep"] / med["first"] <= DEEP_TARGET,
+                "rounds": {
+                    kind: [round(x, 1) for x in samples[(side, order, kind)]] for kind in PAGE_KINDS
+                },
+            }
+        o["rls_over_pre"] = {
+            kind: round(
+                _median(samples[("rls", order, kind)]) / _median(samples[("pre", order, kind)]),
+                3,
+            )
+            for kind in PAGE_KINDS
         }
+        # The production side's figures at the top level, as before.
+        o.update({k: v for k, v in o["rls"].items()})
+        out[order] = o
     return out
 
 
@@ -776,38 +877,75 @@ async def _page_bench(
 
 
 @asynccontextmanager
-async def _sides(
-    url: str, settings: Settings
-) -> AsyncIterator[tuple[PostgresStore, dict[str, Raw], asyncpg.Connection]]:
+async def _app_role(setup: asyncpg.Connection, url: str) -> AsyncIterator[str]:
+    """A LOGIN role without BYPASSRLS holding the app's grants (docs/rls.md); yields its URL.
+    Role names are cluster-wide: it is dropped however the run ends."""
+    role = f"ckpg_bench_app_{secrets.token_hex(6)}"
+    password = secrets.token_urlsafe(18)
+    await setup.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOBYPASSRLS")
+    try:
+        await setup.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        await setup.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(TABLES)} TO {role}"
+        )
+        yield (
+            make_url(url)
+            .set(username=role, password=password)
+            .render_as_string(hide_password=False)
+        )
+    finally:
+        await setup.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+        await setup.execute(f"DROP OWNED BY {role}")
+        await setup.execute(f"DROP ROLE {role}")
+
+
+@asynccontextmanager
+async def _sides(url: str, settings: Settings) -> AsyncIterator[Sides]:
     dsn = PgServer.dsn(url)
     gucs = server_settings(settings)
-    engine = create_engine(url, settings)
+    setup = await asyncpg.connect(dsn)
 
     async def no_reset(conn: asyncpg.Connection) -> None:
         return None
 
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=1,
-        max_size=settings.db_pool_size + settings.db_max_overflow,
-        server_settings=gucs,
-        reset=no_reset,
-    )
-    bare = await asyncpg.connect(dsn, server_settings=gucs)
-    setup = await asyncpg.connect(dsn)
     try:
-        raws = {"raw": Raw(pool.acquire), "conn": Raw(lambda: _Held(bare))}
-        yield PostgresStore(engine), raws, setup
+        async with _app_role(setup, url) as rls_url:
+            engine = create_engine(url, settings)
+            rls_engine = create_engine(rls_url, settings)
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=settings.db_pool_size + settings.db_max_overflow,
+                server_settings=gucs,
+                reset=no_reset,
+            )
+            bare = await asyncpg.connect(dsn, server_settings=gucs)
+            try:
+                rls = PostgresStore(rls_engine)
+                if not await rls.row_security_enforced():
+                    raise RuntimeError("the benchmark's app role bypasses row-level security")
+                yield Sides(
+                    rls=rls,
+                    owner=PostgresStore(engine),
+                    raws={"raw": Raw(pool.acquire), "conn": Raw(lambda: _Held(bare))},
+                    setup=setup,
+                    rls_dsn=PgServer.dsn(rls_url),
+                )
+            finally:
+                await bare.close()
+                await pool.close()
+                await rls_engine.dispose()
+                await engine.dispose()
     finally:
         await setup.close()
-        await bare.close()
-        await pool.close()
-        await engine.dispose()
 
 
 async def _bench(url: str, server: PgServer) -> dict[str, Any]:
     settings = Settings(database_url=url)
-    async with _sides(url, settings) as (store, raws, setup):
+    async with _sides(url, settings) as sides:
+        setup = sides.setup
         fx = Fixture(setup)
         await fx.build()
         pin = Pinner(setup, await setup.fetchval("SELECT current_database()"))
@@ -817,19 +955,23 @@ async def _bench(url: str, server: PgServer) -> dict[str, Any]:
             timings: dict[str, float] = {}
             for placement in placements:
                 started = time.perf_counter()
-                methods[placement.name] = await _method_bench(store, raws, fx, pin, placement)
+                methods[placement.name] = await _method_bench(sides, fx, pin, placement)
                 timings[f"methods {placement.name}"] = time.perf_counter() - started
-            plans_methods = await _plan_cache(store)
+            plans_methods = await _plan_cache(sides.rls)
             started = time.perf_counter()
             await pin.restore()
-            deep = await _page_setup(store, setup)
+            deep = await _page_setup(sides, setup)
             pages: dict[str, Any] = {"items": DEEP_ITEMS, "depth": DEEP_DEPTH, "page": PAGE}
             pages["bulk_load_s"] = deep["bulk_load_s"]
             pages["placements"] = {}
             for placement in placements:
-                pages["placements"][placement.name] = await _page_bench(store, deep, pin, placement)
-            plans_pages = await _plan_cache(store)
-            pages["explain"] = await _explain(setup, deep["thread"], deep["cursors"])
+                pages["placements"][placement.name] = await _page_bench(sides, deep, pin, placement)
+            plans_pages = await _plan_cache(sides.rls)
+            rls_conn = await asyncpg.connect(sides.rls_dsn)
+            try:
+                pages["explain"] = await _explain(rls_conn, deep["thread"], deep["cursors"])
+            finally:
+                await rls_conn.close()
             timings["pages"] = time.perf_counter() - started
         finally:
             await pin.restore()
@@ -843,6 +985,13 @@ async def _bench(url: str, server: PgServer) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "loadavg": os.getloadavg(),
             "placements": {p.name: p.about for p in placements},
+            "sides": {
+                "rls": "PostgresStore as a NOBYPASSRLS role: today's statements, policies applied",
+                "pre": "PostgresStore as the owner, running the statements from before RLS",
+                "store": "PostgresStore as the owner: today's statements, policies bypassed",
+                "raw": "asyncpg pool as the owner, today's statements",
+                "conn": "one asyncpg connection as the owner, today's statements",
+            },
             "rounds": ROUNDS,
             "warmup_rounds": WARMUP_ROUNDS,
             "calls_per_round": CALLS,
@@ -852,8 +1001,13 @@ async def _bench(url: str, server: PgServer) -> dict[str, Any]:
             "pool_size": settings.db_pool_size,
             "max_overflow": settings.db_max_overflow,
             "phase_s": {k: round(v, 1) for k, v in timings.items()},
-            "targets": {"store_over_raw": TARGET, "deep_over_first": DEEP_TARGET},
+            "targets": {
+                "rls_over_pre": RLS_TARGET,
+                "store_over_raw": TARGET,
+                "deep_over_first": DEEP_TARGET,
+            },
         },
+        "rls": _rls_summary(methods, pages),
         "methods": methods,
         "plan_cache": {
             "methods": _plan_delta({}, plans_methods),
@@ -861,6 +1015,27 @@ async def _bench(url: str, server: PgServer) -> dict[str, Any]:
         },
         "pages": pages,
     }
+
+
+def _rls_summary(methods: dict[str, Any], pages: dict[str, Any]) -> dict[str, Any]:
+    """Per placement: the cost of row-level security over every store method."""
+    out: dict[str, Any] = {}
+    for name, by_method in methods.items():
+        ratios = {m: v["rls_over_pre"] for m, v in by_method.items()}
+        extra = {m: v["rls_extra_us"] for m, v in by_method.items()}
+        page = pages["placements"].get(name, {})
+        out[name] = {
+            "target": RLS_TARGET,
+            "median_ratio": round(_median(list(ratios.values())), 3),
+            "max_ratio": max(ratios.values()),
+            "max_method": max(ratios, key=lambda m: ratios[m]),
+            "median_extra_us": round(_median(list(extra.values())), 1),
+            "methods_within_target": sum(r <= RLS_TARGET for r in ratios.values()),
+            "methods": len(ratios),
+            "all_within_target": all(r <= RLS_TARGET for r in ratios.values()),
+            "pages_rls_over_pre": {o: page[o]["rls_over_pre"] for o in page},
+        }
+    return out
 
 
 def _report(res: dict[str, Any]) -> None:
@@ -872,13 +1047,34 @@ def _report(res: dict[str, Any]) -> None:
     )
     print(
         f"µs per call = median over {meta['rounds']} interleaved rounds of {meta['calls_per_round']}"
-        " calls. raw = asyncpg pool of the same size, same SQL and (de)serialisation;"
-        " conn = one bare asyncpg connection (no pool)."
+        " calls."
     )
+    for side, about in meta["sides"].items():
+        print(f"  {side:<6} {about}")
     names = list(meta["placements"])
     for name in names:
         print(f"  [{name}] {meta['placements'][name]}")
-    print()
+    for name in names:
+        print(f"\nRow-level security, per store call [{name}] (target rls/pre <= {RLS_TARGET}x)\n")
+        print(
+            f"{'method':<34}{'rls µs':>9}{'pre µs':>9}{'rls/pre':>9}{'+µs':>8}"
+            f"{'store µs':>10}{'rls/store':>11}{'store/pre':>11}"
+        )
+        print("-" * 101)
+        for method, m in res["methods"][name].items():
+            flag = " " if m["rls_within_target"] else "!"
+            print(
+                f"{method:<34}{m['rls_us']:>9.1f}{m['pre_us']:>9.1f}{m['rls_over_pre']:>8.3f}x"
+                f"{flag}{m['rls_extra_us']:>7.1f}{m['store_us']:>10.1f}"
+                f"{m['rls_over_store']:>10.3f}x{m['store_over_pre']:>10.3f}x"
+            )
+        r = res["rls"][name]
+        print(
+            f"('!' = over the target) median rls/pre {r['median_ratio']}x, max"
+            f" {r['max_ratio']}x ({r['max_method']}), median +{r['median_extra_us']} µs;"
+            f" {r['methods_within_target']}/{r['methods']} methods within the target"
+        )
+    print("\nThe store against raw asyncpg (today's statements, as the owner)\n")
     cell = f"{'store µs':>9}{'raw µs':>8}{'store/raw':>11}{'conn µs':>9}"
     print(f"{'':<34}" + "".join(f"   {('[' + n + ']'):<{len(cell)}}" for n in names))
     print(f"{'method':<34}" + "".join(f"   {cell}" for _ in names))
@@ -913,16 +1109,23 @@ def _report(res: dict[str, Any]) -> None:
     )
     deep_head = f"after {p['depth']:,} µs"
     print(
-        f"{'placement':<12}{'order':<7}{'first page µs':>15}{'after 1 µs':>12}{deep_head:>18}"
-        f"{'deep/first':>12}{'deep/after 1':>14}"
+        f"{'placement':<12}{'side':<6}{'order':<7}{'first page µs':>15}{'after 1 µs':>12}"
+        f"{deep_head:>18}{'deep/first':>12}{'deep/after 1':>14}"
     )
     for name in names:
         for order in ("asc", "desc"):
-            o = p["placements"][name][order]
-            flag = "" if o["within_target"] else f"  over the {DEEP_TARGET}x target"
+            for side in PAGE_SIDES:
+                o = p["placements"][name][order][side]
+                flag = "" if o["within_target"] else f"  over the {DEEP_TARGET}x target"
+                print(
+                    f"{name:<12}{side:<6}{order:<7}{o['first_us']:>15.1f}{o['shallow_us']:>12.1f}"
+                    f"{o['deep_us']:>18.1f}{o['ratio']:>11.2f}x{o['ratio_vs_shallow']:>13.2f}x"
+                    f"{flag}"
+                )
+            ratios = p["placements"][name][order]["rls_over_pre"]
             print(
-                f"{name:<12}{order:<7}{o['first_us']:>15.1f}{o['shallow_us']:>12.1f}"
-                f"{o['deep_us']:>18.1f}{o['ratio']:>11.2f}x{o['ratio_vs_shallow']:>13.2f}x{flag}"
+                f"{'':<12}{'':<6}{order:<7}rls/pre: first {ratios['first']}x, after 1"
+                f" {ratios['shallow']}x, deep {ratios['deep']}x"
             )
     print(
         "(first page: no cursor; after N: the page whose cursor is item N; deep/first is the"
@@ -930,7 +1133,10 @@ def _report(res: dict[str, Any]) -> None:
     )
     for order in ("asc", "desc"):
         e = p["explain"][order]
-        print(f"\nEXPLAIN (ANALYZE, BUFFERS) of the page after item {p['depth']:,}, order {order}:")
+        print(
+            f"\nEXPLAIN (ANALYZE, BUFFERS) of the page after item {p['depth']:,}, order {order},"
+            " as the app's role (row-level security applied):"
+        )
         for line in e["text"]:
             print("    " + line)
         for kind in ("custom", "generic"):

@@ -55,7 +55,7 @@ from pydantic import AnyUrl, TypeAdapter
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .errors import AppError, InvalidInputError
+from .errors import AppError, InvalidInputError, PayloadTooLargeError
 from .ids import new_id
 from .settings import Settings
 from .store import PostgresStore, gated, gated_select, scoped_insert, user_id_of
@@ -79,9 +79,9 @@ _ATTACHMENT = TypeAdapter[Attachment](Attachment)
 # --- errors -------------------------------------------------------------------------------
 
 
-class PayloadTooLargeError(AppError):
-    status_code = 413
-    code = "payload_too_large"
+class FileTooLargeError(PayloadTooLargeError):
+    """The service-wide 413, with a message about files rather than request bodies."""
+
     public_message = "The file is larger than the maximum allowed size."
 
 
@@ -445,7 +445,7 @@ class _MultipartSource(_Source):
             return False
         self._received += len(chunk)
         if self._received > self._max_body:
-            raise PayloadTooLargeError()
+            raise FileTooLargeError()
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
@@ -578,7 +578,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         if input.size < 0:
             raise InvalidInputError("The declared size is invalid.")
         if input.size > self.settings.max_upload_bytes:
-            raise PayloadTooLargeError()
+            raise FileTooLargeError()
         attachment_id = self.generate_attachment_id(mime, context)
         attachment = self._build(
             user_id, attachment_id, sanitise_filename(input.name), mime, upload=True
@@ -655,7 +655,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         if content_length is not None and content_length > (
             self.settings.max_upload_bytes + MULTIPART_OVERHEAD
         ):
-            raise PayloadTooLargeError()
+            raise FileTooLargeError()
 
     async def upload_direct(
         self,
@@ -774,7 +774,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         async for piece in source.pieces():
             total += len(piece)
             if total > max_bytes:
-                raise PayloadTooLargeError()
+                raise FileTooLargeError()
             if declared_size is not None and total > declared_size:
                 raise ContentMismatchError("The file is larger than the size declared for it.")
             buf += piece

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from agents import (
     Agent,
     Model,
+    ModelSettings,
     OpenAIChatCompletionsModel,
     OpenAIResponsesModel,
     RunContextWrapper,
@@ -101,7 +102,13 @@ def load_instructions(settings: Settings) -> str:
     return text
 
 
-def build_agent(instructions: str, model: Model, mcp_servers: list[MCPServer]) -> ChatAgent:
+def build_agent(
+    instructions: str,
+    model: Model,
+    mcp_servers: list[MCPServer],
+    *,
+    max_output_tokens: int | None = None,
+) -> ChatAgent:
     def system_prompt(
         ctx: RunContextWrapper[AgentContext[RequestContext]], agent: ChatAgent
     ) -> str:
@@ -118,6 +125,8 @@ def build_agent(instructions: str, model: Model, mcp_servers: list[MCPServer]) -
         instructions=system_prompt,
         model=model,
         mcp_servers=mcp_servers,
+        # Bounds every model call of a reply (each turn of a tool loop gets the same bound).
+        model_settings=ModelSettings(max_tokens=max_output_tokens),
     )
 
 

@@ -7,6 +7,9 @@ import logging
 import threading
 from typing import Any
 
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .settings import Settings, normalise_database_url
@@ -58,7 +61,66 @@ def server_settings(settings: Settings) -> dict[str, str]:
     }
 
 
+# Failures that say "the database is not there right now" (down, restarting, overloaded, a
+# connection cut, a statement or lock timeout): the request may succeed if retried later, so
+# the client gets 503 with Retry-After rather than a 500.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, DNS
+    TimeoutError,  # connect timeout, asyncpg's command_timeout
+    asyncpg.PostgresConnectionError,  # incl. "connection does not exist"
+    asyncpg.exceptions.OperatorInterventionError,  # shutdown, restart, statement_timeout
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, out of memory
+    asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.UndefinedTableError,  # migrations not run yet (/readyz says so too)
+    sa_exc.TimeoutError,  # no pooled connection free within DB_POOL_TIMEOUT
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) means the database is unavailable for now."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return False
+        if isinstance(seen, _UNAVAILABLE):
+            return True
+        if isinstance(seen, asyncpg.InterfaceError) and "closed" in str(seen):
+            return True
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether the connection ``exc`` came from can no longer be used."""
+    return isinstance(
+        exc,
+        OSError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.AdminShutdownError
+        | asyncpg.exceptions.CrashShutdownError
+        | asyncpg.exceptions.CannotConnectNowError,
+    ) or (isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
+
+
+def _drop_closed_connections(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+    """A pooled connection the server has closed (a restart, ``pg_terminate_backend``) is
+    noticed by asyncpg as soon as the socket says so; checking that costs no round trip.
+    Finding one means the others of its generation are likely gone too, so the whole pool is
+    renewed (SQLAlchemy then hands out a fresh connection for this checkout)."""
+    if dbapi_conn.driver_connection.is_closed():
+        raise sa_exc.InvalidatePoolError("pooled connection closed by the server")
+
+
 def create_engine(url: str, settings: Settings) -> AsyncEngine:
+    engine = _create_engine(url, settings)
+    event.listen(engine.sync_engine, "checkout", _drop_closed_connections)
+    return engine
+
+
+def _create_engine(url: str, settings: Settings) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_size=settings.db_pool_size,

@@ -12,19 +12,20 @@ import logging
 import re
 
 from chatkit.server import StreamingResult
-from chatkit.types import ChatKitReq
+from chatkit.types import ChatKitReq, is_streaming_req
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .context import RequestContext
-from .errors import InvalidInputError, PayloadTooLargeError
+from .errors import InvalidInputError, PayloadTooLargeError, ThreadBusyError
+from .limits import StreamLease
 from .middleware import RequestInfo, request_info
 from .observability import Stopwatch, op_var, thread_id_var, user_id_var
 from .runtime import Runtime
 from .sanitize import body_has_unstorable_text
 from .server import CHATKIT_REQUEST
-from .sse import EventPump, SSEResponse
+from .sse import SSE_HEADERS, EventPump, SSEResponse
 from .stream_events import error_chunk
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ async def chatkit_endpoint(request: Request) -> Response:
 
     user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
     user_id_var.set(user_id)
+    limits = runtime.limits
+    if limits is not None:
+        await limits.admit(user_id)
 
     body = await read_body(request, settings.max_body_bytes)
     chatkit_request = parse_request(body)
@@ -118,7 +122,19 @@ async def chatkit_endpoint(request: Request) -> Response:
     )
     server = runtime.server
     await server.precheck(chatkit_request, context)
-    result = await server.process_parsed(chatkit_request, context)
+    lease: StreamLease | None = None
+    if limits is not None and is_streaming_req(chatkit_request):
+        try:
+            lease = await limits.lease(user_id, thread_id if isinstance(thread_id, str) else None)
+        except ThreadBusyError as exc:
+            # Inside the protocol, so ChatKit shows the message in the conversation.
+            return Response(error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        result = await server.process_parsed(chatkit_request, context)
+    except BaseException:
+        if lease is not None:
+            await lease.release()
+        raise
 
     if not isinstance(result, StreamingResult):
         return Response(result.json, media_type="application/json")
@@ -135,7 +151,7 @@ async def chatkit_endpoint(request: Request) -> Response:
         log.info("stream closed", extra={"outcome": outcome, "duration_ms": watch.ms})
 
     pump = EventPump(
-        result,
+        result if lease is None else lease.hold(result),
         tasks=runtime.tasks,
         heartbeat_seconds=settings.sse_heartbeat_seconds,
         error_chunk=error_chunk,

@@ -34,9 +34,38 @@ class MissingUserError(AppError):
 
 
 class ServiceUnavailableError(AppError):
+    """A dependency (the database, the token issuer) is down or overloaded: retry later."""
+
     status_code = 503
     code = "unavailable"
     public_message = "The service is temporarily unavailable. Please retry."
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 2) -> None:
+        super().__init__(message)
+        # Seconds, sent as ``Retry-After``.
+        self.retry_after = retry_after
+
+
+class TooManyRequestsError(AppError):
+    """A per-user limit (requests per minute, concurrent streams) is reached."""
+
+    status_code = 429
+    code = "rate_limited"
+    public_message = "Too many requests. Please retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class ThreadBusyError(AppError):
+    """Another reply is being written to the same thread (a second tab, a double submit)."""
+
+    status_code = 409
+    code = "thread_busy"
+    public_message = (
+        "This conversation is still answering another message. Please retry when it is done."
+    )
 
 
 class AuthenticationError(AppError):

@@ -35,8 +35,14 @@ from .context import RequestContext
 from .converter import AttachmentConverter
 from .db import aresolve_database_url, create_engine
 from .endpoint import chatkit_endpoint
-from .errors import AppError, AuthenticationError
+from .errors import (
+    AppError,
+    AuthenticationError,
+    ServiceUnavailableError,
+    TooManyRequestsError,
+)
 from .files import files_router
+from .limits import Limits
 from .metered_store import MeteredStore
 from .middleware import RequestContextMiddleware, request_info
 from .observability import Metrics, configure_logging, user_id_var
@@ -122,7 +128,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = choose_model(settings, app.state.model_override)
         stack.push_async_callback(model.aclose)
         mcp_servers = await connect_mcp_servers(settings, stack)
-        agent = build_agent(load_instructions(settings), model.model, mcp_servers)
+        agent = build_agent(
+            load_instructions(settings),
+            model.model,
+            mcp_servers,
+            max_output_tokens=settings.max_output_tokens,
+        )
 
         tasks = TaskRegistry()
         server = ChatKitPgServer(
@@ -149,6 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks=tasks,
             model=model,
             alembic_heads=await asyncio.to_thread(alembic_heads),
+            limits=Limits(inner, settings, tasks) if isinstance(inner, PostgresStore) else None,
         )
         # The parts other code most often needs, also directly on app.state.
         app.state.engine = engine
@@ -179,6 +191,8 @@ async def bearer_user(request: Request) -> str:
     runtime: Runtime = request.app.state.runtime
     user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
     user_id_var.set(user_id)
+    if runtime.limits is not None:
+        await runtime.limits.admit(user_id)
     return user_id
 
 
@@ -203,13 +217,26 @@ def error_response(
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
+def _cause_name(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    return type(cause).__name__ if cause is not None else type(exc).__name__
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def app_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AppError)
+        headers: dict[str, str] | None = None
+        if isinstance(exc, ServiceUnavailableError | TooManyRequestsError):
+            headers = {"Retry-After": str(exc.retry_after)}
         if exc.status_code >= 500:
-            log.error("request failed: %s", type(exc).__name__, exc_info=exc)
-            return error_response(request, exc.status_code, exc.code, type(exc).public_message)
-        headers = None
+            if isinstance(exc, ServiceUnavailableError):
+                # Expected while a dependency is down: one line, the cause without a traceback.
+                log.warning("request failed: %s", exc.message, extra={"reason": _cause_name(exc)})
+            else:
+                log.error("request failed: %s", type(exc).__name__, exc_info=exc)
+            return error_response(
+                request, exc.status_code, exc.code, type(exc).public_message, headers=headers
+            )
         if isinstance(exc, AuthenticationError):
             headers = {"WWW-Authenticate": exc.www_authenticate}
         return error_response(

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -151,4 +152,28 @@ class FeedbackRow(SQLModel, table=True):
     thread_id: str = Field(sa_column=Column(Text, primary_key=True))
     item_id: str = Field(sa_column=Column(Text, primary_key=True))
     kind: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=_ts(default_now=True))
+
+
+class RateLimitRow(SQLModel, table=True):
+    """A user's request budget (app.limits), as the generic cell rate algorithm keeps it: the
+    theoretical arrival time of the next request. One row per user, updated in place."""
+
+    __tablename__ = "chatkit_rate_limits"
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    tat: datetime = Field(sa_column=_ts())
+
+
+class StreamLeaseRow(SQLModel, table=True):
+    """A reply being streamed (app.limits): counts toward the user's concurrent streams and
+    claims its thread. Renewed while the stream runs; a crashed process's leases expire."""
+
+    __tablename__ = "chatkit_stream_leases"
+    __table_args__ = (UniqueConstraint("user_id", "thread_id"),)
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    thread_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    expires_at: datetime = Field(sa_column=_ts())
     created_at: datetime = Field(sa_column=_ts(default_now=True))

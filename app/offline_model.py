@@ -248,6 +248,9 @@ class OfflineModel(Model):
         prompt: ResponsePromptParam | None,
     ) -> AsyncIterator[TResponseStreamEvent]:
         chunks = words_of(demo_reply(input))
+        if model_settings.max_tokens is not None:
+            # Like a real model at its output limit: the reply stops short (a word per token).
+            chunks = chunks[: max(model_settings.max_tokens, 1)]
         for event in text_response_events(chunks, item_id=new_id("message")):
             if event.type == "response.output_text.delta" and self.word_delay > 0:
                 await asyncio.sleep(self.word_delay)

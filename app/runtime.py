@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .agent import ModelSetup
 from .auth import TokenVerifier
 from .background import TaskRegistry
+from .limits import Limits
 from .metered_store import MeteredStore
 from .observability import Metrics
 from .server import ChatKitPgServer
@@ -26,3 +27,5 @@ class Runtime:
     tasks: TaskRegistry
     model: ModelSetup
     alembic_heads: frozenset[str]
+    # Per-user limits; None when the app runs over another store (benchmarks).
+    limits: Limits | None = None

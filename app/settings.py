@@ -164,6 +164,34 @@ class Settings(BaseSettings):
     agents_tracing: bool = Field(
         default=False, description="Export Agents SDK traces to OpenAI (they hold message text)."
     )
+    max_output_tokens: int | None = Field(
+        default=4096,
+        ge=1,
+        description="Upper bound on tokens the model may write per model call of a reply.",
+    )
+
+    # --- per-user limits, kept in PostgreSQL so every backend process sees them ----------
+    rate_limit_per_minute: int = Field(
+        default=120,
+        ge=0,
+        description="Requests per user per minute (a burst of this many, then a steady rate); "
+        "0 turns it off.",
+    )
+    max_streams_per_user: int = Field(
+        default=3, ge=0, description="Replies a user may have streaming at once; 0 turns it off."
+    )
+    stream_lease_seconds: float = Field(
+        default=30.0,
+        ge=3,
+        description="A stream's claim on its thread and its user's stream count is renewed "
+        "every third of this; a crashed process's claims expire after it.",
+    )
+    thread_busy_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a message to a thread that is still answering another waits "
+        "its turn before it is refused as busy.",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -30,7 +30,8 @@ from chatkit.types import (
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .errors import InvalidInputError, MissingUserError
+from .db import is_disconnect, is_unavailable
+from .errors import InvalidInputError, MissingUserError, ServiceUnavailableError
 from .ids import new_id
 
 MAX_PAGE_SIZE = 500
@@ -258,20 +259,30 @@ class PostgresStore(Store[Any]):
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         """Borrow a pooled asyncpg connection; it goes back as soon as the call is done."""
-        async with self.engine.connect() as sa_conn:
-            fairy = await sa_conn.get_raw_connection()
-            conn = fairy.driver_connection
-            assert conn is not None
-            try:
-                yield conn
-            except (
-                asyncpg.UntranslatableCharacterError,
-                asyncpg.CharacterNotInRepertoireError,
-                UnicodeEncodeError,
-            ) as exc:
-                raise InvalidInputError(
-                    "Text may not contain NUL characters or unpaired surrogates."
-                ) from exc
+        try:
+            async with self.engine.connect() as sa_conn:
+                fairy = await sa_conn.get_raw_connection()
+                conn = fairy.driver_connection
+                assert conn is not None
+                try:
+                    yield conn
+                except (
+                    asyncpg.UntranslatableCharacterError,
+                    asyncpg.CharacterNotInRepertoireError,
+                    UnicodeEncodeError,
+                ) as exc:
+                    raise InvalidInputError(
+                        "Text may not contain NUL characters or unpaired surrogates."
+                    ) from exc
+                except Exception as exc:
+                    if is_disconnect(exc) or conn.is_closed():
+                        # Never back into the pool: it would fail the next request too.
+                        await sa_conn.invalidate(exc)
+                    raise
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise ServiceUnavailableError("database unavailable") from exc
+            raise
 
     async def row_security_enforced(self) -> bool:
         """Whether PostgreSQL applies the row-level security policies to this store's role.

@@ -30,7 +30,7 @@ from chatkit.types import (
     WorkflowTaskUpdated,
 )
 
-from .errors import AppError
+from .errors import AppError, ThreadBusyError
 from .sanitize import clean, clean_model
 
 
@@ -93,6 +93,8 @@ def error_event_for(exc: BaseException) -> ErrorEvent:
     """A user-safe ChatKit error event; the exception itself goes only to the log."""
     if isinstance(exc, NotFoundError):
         return ErrorEvent(code="custom", message="Not found.", allow_retry=False)
+    if isinstance(exc, ThreadBusyError):
+        return ErrorEvent(code="custom", message=exc.message, allow_retry=True)
     if isinstance(exc, AppError) and exc.status_code < 500:
         return ErrorEvent(code="custom", message=exc.message, allow_retry=False)
     return ErrorEvent(code=ErrorCode.STREAM_ERROR, allow_retry=True)

@@ -13,7 +13,10 @@ from app.settings import Settings
 from app.store import PostgresStore
 from tests.pgharness import PgServer, migrate, postgres_server
 
-TABLES = "chatkit_feedback, chatkit_items, chatkit_attachments, chatkit_threads"
+TABLES = (
+    "chatkit_feedback, chatkit_items, chatkit_attachments, chatkit_threads, "
+    "chatkit_rate_limits, chatkit_stream_leases"
+)
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +79,9 @@ def app_settings(test_settings: Settings) -> Settings:
             "jwt_secret": SecretStr(JWT_TEST_SECRET),
             "offline_word_delay_seconds": 0.0,
             "thread_titles": "first_message",
+            # The limiter runs on every request, with room for any test; tests of the
+            # limits themselves set their own.
+            "rate_limit_per_minute": 100_000,
         }
     )
 

@@ -22,6 +22,8 @@ TABLES = {
     "chatkit_attachments",
     "chatkit_attachment_blobs",
     "chatkit_feedback",
+    "chatkit_rate_limits",
+    "chatkit_stream_leases",
 }
 
 

@@ -39,10 +39,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import app.attachments as attachment_sql
+import app.limits as limits_sql
 import app.store as store_sql
 from app.attachments import PgAttachmentStore
+from app.background import TaskRegistry
 from app.db import create_engine
 from app.errors import ConfigurationError
+from app.limits import Limits
 from app.prune import prune
 from app.settings import Settings
 from app.store import PostgresStore
@@ -60,7 +63,11 @@ TABLES = (
     "chatkit_attachments",
     "chatkit_attachment_blobs",
     "chatkit_feedback",
+    # app.limits: kept per user like the rest.
+    "chatkit_rate_limits",
+    "chatkit_stream_leases",
 )
+CONTENT_TABLES = TABLES[:5]
 ALICE = {"user_id": "alice"}
 BOB = {"user_id": "bob"}
 PLAN_MODES = ("force_custom_plan", "force_generic_plan")
@@ -268,13 +275,15 @@ async def _body(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def _counts_by_user(engine: AsyncEngine) -> dict[str, dict[str, int]]:
+async def _counts_by_user(
+    engine: AsyncEngine, tables: tuple[str, ...] = CONTENT_TABLES
+) -> dict[str, dict[str, int]]:
     """What the owner (no row-level security) sees: rows per user in every table."""
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         out: dict[str, dict[str, int]] = {}
-        for table in TABLES:
+        for table in tables:
             rows = await raw.fetch(f"SELECT user_id, count(*) FROM {table} GROUP BY user_id")
             out[table] = {r[0]: r[1] for r in rows}
     return out
@@ -296,6 +305,12 @@ async def _seed_two_users(store: PostgresStore, config: Settings) -> None:
             AttachmentCreateParams(name="n.txt", size=2, mime_type="text/plain"), ctx
         )
         await files.upload_to(ctx["user_id"], pending.id, _body(b"hi"), "text/plain")
+        # app.limits' rows: a request counted, a stream lease taken (never released here).
+        limits = Limits(
+            store, config.model_copy(update={"rate_limit_per_minute": 60}), TaskRegistry()
+        )
+        await limits.admit(ctx["user_id"])
+        await limits.lease(ctx["user_id"], thread.id)
 
 
 async def test_unscoped_select_sees_only_the_user_set_and_nothing_without(
@@ -303,7 +318,7 @@ async def test_unscoped_select_sees_only_the_user_set_and_nothing_without(
 ) -> None:
     store = pooled_store
     await _seed_two_users(store, test_settings)
-    everything = await _counts_by_user(engine)
+    everything = await _counts_by_user(engine, TABLES)
     assert all(set(by_user) == {"alice", "bob"} for by_user in everything.values())
 
     async with store.connection() as conn:
@@ -470,9 +485,17 @@ def _statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
         "attachments.SQL_FILE_INFO": (u, a),
         "attachments.SQL_READ_CHUNKS": (u, a, 0, 4),
         "attachments.SQL_DELETE_BLOBS": (u, a),
+        "limits.SQL_RATE_ADMIT": (u, 0.5, 60.0),
+        "limits.SQL_RATE_WAIT": (u, 0.5, 60.0),
+        "limits.SQL_LEASE_PURGE": (u,),
+        "limits.SQL_LEASE_STATE": (u, t),
+        "limits.SQL_LEASE_TAKE": (u, "lease_plan", t, 30.0),
+        "limits.SQL_LEASE_RENEW": (u, "lease_plan", 30.0),
+        "limits.SQL_LEASE_RELEASE": (u, "lease_plan"),
     }
     out: dict[str, tuple[str, tuple[Any, ...]]] = {}
-    for prefix, module in (("store", store_sql), ("attachments", attachment_sql)):
+    modules = (("store", store_sql), ("attachments", attachment_sql), ("limits", limits_sql))
+    for prefix, module in modules:
         for name, value in vars(module).items():
             if not name.startswith("SQL_") or name == "SQL_ROW_SECURITY_ACTIVE":
                 continue
@@ -554,7 +577,7 @@ def _check_plan(kind: str, root: dict[str, Any]) -> None:
 
 
 async def _literal(conn: asyncpg.Connection, value: Any) -> str:
-    if isinstance(value, int):
+    if isinstance(value, int | float):
         return str(value)
     cast = {list: "text[]", bytes: "bytea", datetime: "timestamptz"}.get(type(value), "text")
     literal: str = await conn.fetchval(f"SELECT quote_nullable($1::{cast})", value)

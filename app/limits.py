@@ -1,0 +1,170 @@
+"""Per-user limits that hold across every backend process: the state lives in PostgreSQL.
+
+* Requests per minute: the generic cell rate algorithm on one row per user
+  (``chatkit_rate_limits.tat``, the theoretical arrival time of the next request). A user may
+  send a burst of ``RATE_LIMIT_PER_MINUTE`` requests and then one every ``60 / limit`` seconds.
+  Admission is one upsert, whose row lock orders concurrent requests from any process; a
+  refused request costs a second statement that computes ``Retry-After``.
+* Streams: a reply holds a lease (``chatkit_stream_leases``) while it streams. Leases count
+  toward ``MAX_STREAMS_PER_USER`` and claim their thread, so a second message to a thread that
+  is still answering (two tabs, a double submit) waits its turn instead of interleaving its
+  items with the first reply's. Taking a lease is one short transaction under a per-user
+  advisory lock; no connection is held while the reply streams. The lease is renewed every
+  third of ``STREAM_LEASE_SECONDS`` and deleted when the stream ends; a crashed process's
+  leases simply expire.
+
+Every statement sets ``app.user_id`` like the store's do (row-level security, docs/rls.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+
+from .background import TaskRegistry
+from .errors import ServiceUnavailableError, ThreadBusyError, TooManyRequestsError
+from .ids import new_id
+from .settings import Settings
+from .store import PostgresStore, gated, gated_select, scoped_insert
+
+log = logging.getLogger(__name__)
+
+# $2: seconds per request (60 / limit); $3: the burst, in seconds (60).
+SQL_RATE_ADMIT = scoped_insert(
+    "chatkit_rate_limits AS r (user_id, tat)",
+    "now() + make_interval(secs => $2::float8)",
+    "ON CONFLICT (user_id) DO UPDATE SET tat = greatest(r.tat, now()) "
+    "+ make_interval(secs => $2::float8) WHERE greatest(r.tat, now()) "
+    "+ make_interval(secs => $2::float8) <= now() + make_interval(secs => $3::float8) "
+    "RETURNING 1",
+)
+SQL_RATE_WAIT = gated_select(
+    "q.wait",
+    "SELECT extract(epoch FROM greatest(tat, now()) + make_interval(secs => $2::float8) "
+    "- make_interval(secs => $3::float8) - now())::float8 AS wait "
+    "FROM chatkit_rate_limits WHERE user_id = $1",
+)
+
+# Run in one transaction: the advisory lock orders every taker of this user's leases.
+# Not a SQL_ statement of the plan checks in tests/test_rls.py: it reads no table.
+LEASE_LOCK = (
+    "SELECT set_config('app.user_id', $1, true), "
+    "pg_advisory_xact_lock(hashtextextended('chatkit-pg.leases:' || $1, 0))"
+)
+SQL_LEASE_PURGE = gated(
+    "DELETE FROM chatkit_stream_leases WHERE user_id = $1 AND expires_at < now()"
+)
+SQL_LEASE_STATE = gated_select(
+    "q.live, q.busy",
+    "SELECT count(*) AS live, coalesce(bool_or(thread_id = $2::text), false) AS busy "
+    "FROM chatkit_stream_leases WHERE user_id = $1",
+)
+SQL_LEASE_TAKE = scoped_insert(
+    "chatkit_stream_leases (user_id, id, thread_id, expires_at)",
+    "$2::text, $3::text, now() + make_interval(secs => $4::float8)",
+)
+SQL_LEASE_RENEW = gated(
+    "UPDATE chatkit_stream_leases SET expires_at = now() + make_interval(secs => $3::float8) "
+    "WHERE user_id = $1 AND id = $2"
+)
+SQL_LEASE_RELEASE = gated("DELETE FROM chatkit_stream_leases WHERE user_id = $1 AND id = $2")
+
+STREAM_RETRY_AFTER_SECONDS = 5
+BUSY_POLL_SECONDS = 0.25
+
+
+class Limits:
+    def __init__(self, store: PostgresStore, settings: Settings, tasks: TaskRegistry) -> None:
+        self.store = store
+        self.settings = settings
+        self.tasks = tasks
+
+    async def admit(self, user_id: str) -> None:
+        """Count a request against the user's budget; ``TooManyRequestsError`` when spent."""
+        limit = self.settings.rate_limit_per_minute
+        if limit <= 0:
+            return
+        interval, burst = 60.0 / limit, 60.0
+        async with self.store.connection() as conn:
+            if await conn.fetchval(SQL_RATE_ADMIT, user_id, interval, burst) is not None:
+                return
+            wait = await conn.fetchval(SQL_RATE_WAIT, user_id, interval, burst)
+        raise TooManyRequestsError(
+            "Too many requests. Please retry later.",
+            retry_after=math.ceil(wait or 1.0),
+        )
+
+    async def lease(self, user_id: str, thread_id: str | None) -> StreamLease:
+        """A lease for one streaming reply, waiting up to ``THREAD_BUSY_WAIT_SECONDS`` for the
+        thread to be free. Raises ``ThreadBusyError`` or ``TooManyRequestsError``."""
+        deadline = time.monotonic() + self.settings.thread_busy_wait_seconds
+        while True:
+            lease = await self._try_lease(user_id, thread_id)
+            if lease is not None:
+                return lease
+            if time.monotonic() + BUSY_POLL_SECONDS > deadline:
+                raise ThreadBusyError()
+            await asyncio.sleep(BUSY_POLL_SECONDS)  # holding no connection
+
+    async def _try_lease(self, user_id: str, thread_id: str | None) -> StreamLease | None:
+        limit = self.settings.max_streams_per_user
+        ttl = self.settings.stream_lease_seconds
+        lease_id = new_id("lease")
+        async with self.store.connection() as conn, conn.transaction():
+            await conn.execute(LEASE_LOCK, user_id)
+            await conn.execute(SQL_LEASE_PURGE, user_id)
+            live, busy = await conn.fetchrow(SQL_LEASE_STATE, user_id, thread_id)
+            if busy:
+                return None
+            if limit > 0 and live >= limit:
+                raise TooManyRequestsError(
+                    f"At most {limit} replies may stream at once.",
+                    retry_after=STREAM_RETRY_AFTER_SECONDS,
+                )
+            await conn.execute(SQL_LEASE_TAKE, user_id, lease_id, thread_id, ttl)
+        return StreamLease(self, user_id, lease_id)
+
+
+class StreamLease:
+    """Held while a reply streams; ``hold`` wraps the stream so the lease lives exactly as long."""
+
+    def __init__(self, limits: Limits, user_id: str, lease_id: str) -> None:
+        self._limits = limits
+        self.user_id = user_id
+        self.id = lease_id
+
+    async def _renew_forever(self) -> None:
+        ttl = self._limits.settings.stream_lease_seconds
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                async with self._limits.store.connection() as conn:
+                    await conn.execute(SQL_LEASE_RENEW, self.user_id, self.id, ttl)
+            except ServiceUnavailableError:
+                # The database is away; the lease may lapse, which only lifts the limits.
+                log.warning("stream lease not renewed: database unavailable")
+
+    async def release(self) -> None:
+        try:
+            async with self._limits.store.connection() as conn:
+                await conn.execute(SQL_LEASE_RELEASE, self.user_id, self.id)
+        except ServiceUnavailableError:
+            log.warning("stream lease not released (it expires by itself)")
+
+    async def hold(self, stream: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        """``stream``, renewing the lease meanwhile and releasing it when the stream ends
+        (completed, failed or cancelled; the release runs to its end even then)."""
+        renewer = asyncio.create_task(self._renew_forever(), name="stream-lease-renewal")
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            release = self._limits.tasks.spawn(self.release(), name="stream-lease-release")
+            await asyncio.shield(release)

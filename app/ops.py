@@ -42,6 +42,12 @@ async def readyz(request: Request) -> JSONResponse:
             async with runtime.engine.connect() as conn:
                 result = await conn.execute(text("SELECT version_num FROM alembic_version"))
                 versions = frozenset(str(v) for v in result.scalars().all())
+                if runtime.row_security is None and versions == runtime.alembic_heads:
+                    enforced = await conn.scalar(
+                        text("SELECT row_security_active('chatkit_threads')")
+                    )
+                    runtime.row_security = bool(enforced)
+                    _report_row_security(runtime)
     except ProgrammingError:
         return JSONResponse({"status": "unavailable", "database": "ok", "schema": "missing"}, 503)
     except Exception as exc:
@@ -53,6 +59,20 @@ async def readyz(request: Request) -> JSONResponse:
             503,
         )
     return JSONResponse({"status": "ready", "database": "ok", "schema": "ok"})
+
+
+def _report_row_security(runtime: Runtime) -> None:
+    """Once per process: say whether row-level security guards this app's connections."""
+    if runtime.row_security:
+        log.info("row-level security is enforced for the app's database role")
+    elif runtime.settings.database_url is None:
+        log.info("row-level security is bypassed (the embedded development database)")
+    else:
+        log.warning(
+            "row-level security is bypassed: the app connects as a superuser, the tables' "
+            "owner or a BYPASSRLS role, so its own user_id filters are the only wall; "
+            "connect as the chatkit_app role (docs/rls.md)"
+        )
 
 
 @router.get("/metrics")

@@ -29,3 +29,5 @@ class Runtime:
     alembic_heads: frozenset[str]
     # Per-user limits; None when the app runs over another store (benchmarks).
     limits: Limits | None = None
+    # Whether PostgreSQL applies row-level security to our role; learnt by the first /readyz.
+    row_security: bool | None = None

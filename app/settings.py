@@ -212,6 +212,11 @@ class Settings(BaseSettings):
             return None
         return value.strip()
 
+    @field_validator("max_output_tokens", mode="before")
+    @classmethod
+    def _blank_number_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("jwt_secret", "openai_api_key")
     @classmethod
     def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:

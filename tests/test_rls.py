@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -700,3 +701,35 @@ async def test_deep_page_is_an_index_range_scan_under_the_policy(
     finally:
         await conn.close()
         await _truncate(engine)
+
+
+# --- the service says which wall it runs behind -------------------------------------------------
+
+
+@pytest.mark.parametrize("as_app_role", [False, True], ids=["owner", "app-role"])
+async def test_first_readiness_check_reports_row_security(
+    as_app_role: bool,
+    app_role_url: str,
+    database_url: str,
+    app_settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import httpx
+
+    from app.main import create_app
+
+    url = app_role_url if as_app_role else database_url
+    app = create_app(app_settings.model_copy(update={"database_url": url}))
+    caplog.set_level(logging.INFO, logger="app.ops")
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for _ in range(3):
+                assert (await http.get("/readyz")).status_code == 200
+    said = [r for r in caplog.records if "row-level security" in r.getMessage()]
+    assert len(said) == 1  # once per process, not per probe
+    assert app.state.runtime.row_security is as_app_role
+    if as_app_role:
+        assert said[0].levelno == logging.INFO and "enforced" in said[0].getMessage()
+    else:
+        assert said[0].levelno == logging.WARNING and "bypassed" in said[0].getMessage()

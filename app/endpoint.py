@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from .context import RequestContext
 from .errors import InvalidInputError, PayloadTooLargeError, ThreadBusyError
-from .limits import StreamLease
+from .limits import StreamLease, current_lease
 from .middleware import RequestInfo, request_info
 from .observability import Stopwatch, op_var, thread_id_var, user_id_var
 from .runtime import Runtime
@@ -126,6 +126,7 @@ async def chatkit_endpoint(request: Request) -> Response:
     if limits is not None and is_streaming_req(chatkit_request):
         try:
             lease = await limits.lease(user_id, thread_id if isinstance(thread_id, str) else None)
+            current_lease.set(lease)
         except ThreadBusyError as exc:
             # Inside the protocol, so ChatKit shows the message in the conversation.
             return Response(error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS)

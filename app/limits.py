@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from contextvars import ContextVar
 
 from .background import TaskRegistry
 from .errors import ServiceUnavailableError, ThreadBusyError, TooManyRequestsError
@@ -70,6 +71,10 @@ SQL_LEASE_TAKE = scoped_insert(
 SQL_LEASE_RENEW = gated(
     "UPDATE chatkit_stream_leases SET expires_at = now() + make_interval(secs => $3::float8) "
     "WHERE user_id = $1 AND id = $2"
+)
+SQL_LEASE_ATTACH = gated(
+    "UPDATE chatkit_stream_leases SET thread_id = $3 WHERE user_id = $1 AND id = $2 "
+    "AND thread_id IS NULL"
 )
 SQL_LEASE_RELEASE = gated("DELETE FROM chatkit_stream_leases WHERE user_id = $1 AND id = $2")
 
@@ -126,16 +131,30 @@ class Limits:
                     retry_after=STREAM_RETRY_AFTER_SECONDS,
                 )
             await conn.execute(SQL_LEASE_TAKE, user_id, lease_id, thread_id, ttl)
-        return StreamLease(self, user_id, lease_id)
+        return StreamLease(self, user_id, lease_id, thread_id)
+
+
+current_lease: ContextVar[StreamLease | None] = ContextVar("current_lease", default=None)
+"""The lease of the reply being streamed in this context (the stream's task inherits it)."""
 
 
 class StreamLease:
     """Held while a reply streams; ``hold`` wraps the stream so the lease lives exactly as long."""
 
-    def __init__(self, limits: Limits, user_id: str, lease_id: str) -> None:
+    def __init__(self, limits: Limits, user_id: str, lease_id: str, thread_id: str | None) -> None:
         self._limits = limits
         self.user_id = user_id
         self.id = lease_id
+        self.thread_id = thread_id
+
+    async def attach(self, thread_id: str) -> None:
+        """Claim the thread a ``threads.create`` reply has just made, so that a message sent
+        to it from elsewhere (another tab found it in the list) waits for this reply too."""
+        if self.thread_id is not None:
+            return
+        self.thread_id = thread_id
+        async with self._limits.store.connection() as conn:
+            await conn.execute(SQL_LEASE_ATTACH, self.user_id, self.id, thread_id)
 
     async def _renew_forever(self) -> None:
         ttl = self._limits.settings.stream_lease_seconds

@@ -65,6 +65,7 @@ from pydantic_core import to_json
 from .background import TaskRegistry
 from .context import RequestContext
 from .errors import InvalidInputError, UnsupportedError
+from .limits import current_lease
 from .observability import thread_id_var
 from .sanitize import clean_model
 from .stream_events import ItemIds, clean_event
@@ -295,6 +296,9 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
     ) -> AsyncIterator[ThreadStreamEvent]:
         thread_id_var.set(thread.id)
         _reply_complete.set(False)
+        lease = current_lease.get()
+        if lease is not None:
+            await lease.attach(thread.id)  # a new thread's reply claims it
         page = await self.store.load_thread_items(
             thread.id, None, self.options.history_items, "desc", context
         )

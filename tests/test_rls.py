@@ -492,6 +492,7 @@ def _statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
         "limits.SQL_LEASE_STATE": (u, t),
         "limits.SQL_LEASE_TAKE": (u, "lease_plan", t, 30.0),
         "limits.SQL_LEASE_RENEW": (u, "lease_plan", 30.0),
+        "limits.SQL_LEASE_ATTACH": (u, "lease_plan", t),
         "limits.SQL_LEASE_RELEASE": (u, "lease_plan"),
     }
     out: dict[str, tuple[str, tuple[Any, ...]]] = {}

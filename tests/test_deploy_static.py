@@ -35,11 +35,14 @@ COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 COMPOSE_SCHEMA = PROJECT_ROOT / "tests" / "data" / "compose-spec.json"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 UNIT_FILE = PROJECT_ROOT / "deploy" / "chatkit-pg.service"
+INITDB_DIR = PROJECT_ROOT / "deploy" / "postgres-init"
+APP_ROLE = "chatkit_app"
 
 # Values for the variables compose requires, as an operator's .env would give them.
 REQUIRED_ENV = {
     "SERVER_NAME": "chat.example.com",
     "POSTGRES_PASSWORD": "pg-secret",
+    "APP_DB_PASSWORD": "app-secret",
     "JWT_SECRET": "jwt-secret",
     "OPENAI_API_KEY": "sk-test",
     "ATTACHMENT_SIGNING_SECRET": "signing-secret",
@@ -386,20 +389,31 @@ def test_compose_refuses_to_start_without_each_required_variable(name: str) -> N
 
 
 def test_no_secret_is_written_in_the_compose_file() -> None:
-    secretish = re.compile(r"PASSWORD|SECRET|API_KEY|TOKEN|PRIVATE")
+    # A token is secret; a number of tokens (MAX_OUTPUT_TOKENS) is not.
+    secretish = re.compile(r"PASSWORD|SECRET|API_KEY|TOKEN(?!S)|PRIVATE")
     for service_name, service in raw_compose()["services"].items():
         for key, value in (service.get("environment") or {}).items():
             if secretish.search(key):
                 assert isinstance(value, str), (service_name, key)
                 assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", value), (service_name, key, value)
-    url = raw_compose()["x-app-environment"]["DATABASE_URL"]
-    assert url.startswith("postgresql://"), "asyncpg-compatible libpq form"
-    assert "${POSTGRES_PASSWORD:?" in url
+    app_url = raw_compose()["x-app-environment"]["DATABASE_URL"]
+    owner_url = raw_compose()["x-owner-database-url"]
+    for url in (app_url, owner_url):
+        assert url.startswith("postgresql://"), "asyncpg-compatible libpq form"
+    assert "${APP_DB_PASSWORD:?" in app_url and "POSTGRES_PASSWORD" not in app_url
+    assert "${POSTGRES_PASSWORD:?" in owner_url
 
 
 def test_compose_services_start_in_order() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "migrate", "backend", "nginx"}
+    assert set(services) == {"postgres", "migrate", "backend", "nginx", "prune"}
+    # `docker compose up` starts all but the jobs behind a profile.
+    assert {name for name, s in services.items() if not s.get("profiles")} == {
+        "postgres",
+        "migrate",
+        "backend",
+        "nginx",
+    }
 
     postgres = services["postgres"]
     assert re.fullmatch(r"postgres:\d+(-[a-z0-9.]+)?", postgres["image"]), "pin the major version"
@@ -415,7 +429,8 @@ def test_compose_services_start_in_order() -> None:
     backend = services["backend"]
     assert backend["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert "ports" not in backend, "only nginx is published"
-    assert backend["environment"]["DATABASE_URL"].startswith("postgresql://chatkit:pg-secret@")
+    assert backend["environment"]["DATABASE_URL"].startswith("postgresql://chatkit_app:app-secret@")
+    assert migrate["environment"]["DATABASE_URL"].startswith("postgresql://chatkit:pg-secret@")
     assert (
         backend["environment"]["FORWARDED_ALLOW_IPS"]
         == (services["nginx"]["networks"]["edge"]["ipv4_address"])
@@ -428,6 +443,77 @@ def test_compose_services_start_in_order() -> None:
     assert re.fullmatch(r"nginx:\d+\.\d+(-[a-z0-9.]+)?", nginx["image"])
     targets = {v.split(":")[1] for v in nginx["volumes"]}
     assert {"/etc/nginx/templates", "/etc/nginx/certs"} <= targets
+
+
+def _database_url(service: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(user, password, host, database) of a service's DATABASE_URL."""
+    match = re.fullmatch(
+        r"postgresql://([^:@/]+):([^@/]*)@([^:/]+):5432/([^/?]+)",
+        service["environment"]["DATABASE_URL"],
+    )
+    assert match, service["environment"]["DATABASE_URL"]
+    user, password, host, database = match.groups()
+    return user, password, host, database
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"POSTGRES_USER": "postgres", "POSTGRES_DB": "chat"}, {"POSTGRES_USER": "owner"}],
+    ids=["defaults", "postgres-superuser", "other-owner"],
+)
+def test_backend_connects_as_the_app_role_and_only_jobs_as_the_owner(
+    overrides: dict[str, str],
+) -> None:
+    """Row-level security applies to the backend only if it is neither the tables' owner (the
+    migrations' role, POSTGRES_USER) nor a superuser (the image's POSTGRES_USER is one)."""
+    env = {**REQUIRED_ENV, **overrides}
+    services = compose(env)["services"]
+    owner = env.get("POSTGRES_USER", "chatkit")
+    database = env.get("POSTGRES_DB", "chatkit")
+    postgres_env = services["postgres"]["environment"]
+    assert postgres_env["POSTGRES_USER"] == owner
+
+    user, password, host, db = _database_url(services["backend"])
+    assert user == APP_ROLE == postgres_env["APP_DB_USER"], "the role the init script creates"
+    assert user not in {owner, "postgres"}
+    assert password == env["APP_DB_PASSWORD"] == postgres_env["APP_DB_PASSWORD"]
+    assert password != env["POSTGRES_PASSWORD"]
+    assert (host, db) == ("postgres", database)
+
+    for job in ("migrate", "prune"):
+        assert _database_url(services[job]) == (
+            owner,
+            env["POSTGRES_PASSWORD"],
+            "postgres",
+            database,
+        ), job
+    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+    assert services["prune"]["command"] == ["python", "-m", "app", "prune"]
+    # Any other service that talks to the database (a later worker, say) gets the app's role.
+    for name, service in services.items():
+        if name not in {"migrate", "prune"} and "DATABASE_URL" in service.get("environment", {}):
+            assert _database_url(service)[0] == APP_ROLE, name
+
+
+def test_postgres_service_creates_the_app_role_on_first_start() -> None:
+    """The image runs /docker-entrypoint-initdb.d/*.sh (and *.sql) once, on an empty volume:
+    compose mounts deploy/postgres-init there, whose only top-level file is the script, which
+    reads its SQL from a subfolder the image ignores (tests/test_app_role.py runs both)."""
+    postgres = raw_compose()["services"]["postgres"]
+    mounts = [v.split(":") for v in postgres["volumes"]]
+    assert ["./deploy/postgres-init", "/docker-entrypoint-initdb.d", "ro"] in mounts
+    top_level = sorted(p.name for p in INITDB_DIR.iterdir() if not p.is_dir())
+    assert top_level == ["10-app-role.sh"], "the image would run any other *.sh or *.sql here"
+    script = INITDB_DIR / "10-app-role.sh"
+    assert os.access(script, os.X_OK)
+    assert (INITDB_DIR / "sql" / "app-role.sql").is_file()
+    assert "sql/app-role.sql" in script.read_text()
+    env = postgres["environment"]
+    assert env["APP_DB_USER"] == APP_ROLE
+    assert env["APP_DB_PASSWORD"].startswith("${APP_DB_PASSWORD:?")
+    assert "APP_DB_PASSWORD" in script.read_text() and "APP_DB_USER" in script.read_text()
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
 
 
 def test_every_path_the_compose_file_references_exists() -> None:

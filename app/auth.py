@@ -5,7 +5,13 @@ Modes, chosen by settings:
 * ``secret``: ``JWT_SECRET`` (HS256 by default).
 * ``jwks``: ``JWT_JWKS_URL``; keys are fetched with httpx (never PyJWT's blocking client on
   the event loop), cached, and refetched on an unknown ``kid`` at most once per
-  ``JWT_JWKS_MIN_REFETCH_SECONDS``.
+  ``JWT_JWKS_MIN_REFETCH_SECONDS``. Every fetch has a total deadline of
+  ``JWT_JWKS_TIMEOUT_SECONDS`` (however slowly the bytes trickle in) and a size cap. When the
+  cache is older than ``JWT_JWKS_CACHE_SECONDS`` it is refreshed in the background while the
+  keys it holds keep verifying tokens; if the issuer is down or answers garbage, the last good
+  key set stays in use (an outage of the identity provider does not log everybody out). A
+  ``kid`` that cannot be checked because the issuer's last fetch failed is a 503 (retry), not a
+  401 (a token to throw away).
 * ``dev``: neither is set; a random secret is created once in ``DATA_DIR`` and
   ``python -m app token --sub alice`` signs tokens with it. Refused when ``PRODUCTION`` is set.
 
@@ -17,6 +23,8 @@ and symmetric algorithms in JWKS mode are refused at startup. ``exp`` is require
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import re
@@ -61,6 +69,8 @@ MAX_TOKEN_CHARS = 16_384
 # their own expiry, so a busy client does not pay for signature checks on every request.
 TOKEN_CACHE_SECONDS = 60.0
 TOKEN_CACHE_SIZE = 4096
+# A JWKS document is a few kilobytes; a bigger answer is not one.
+MAX_JWKS_BYTES = 1024 * 1024
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*")
 
 
@@ -185,7 +195,15 @@ def _compatible(jwk: dict[str, Any], alg: str) -> bool:
 
 
 class JwksCache:
-    """The issuer's public keys, fetched asynchronously and refetched sparingly."""
+    """The issuer's public keys, fetched asynchronously and refetched sparingly.
+
+    * Requests whose ``kid`` is in the cached set never wait for the issuer: an expired cache
+      is refreshed by a background task while the cached keys go on verifying.
+    * A fetch that fails (unreachable, slow, an error status, not a key set) leaves the last
+      good key set in place.
+    * An unknown ``kid`` triggers a refetch at most once per ``min_refetch_seconds``; while
+      throttled it is a 401, unless the last fetch failed (then 503: the key may be new).
+    """
 
     def __init__(
         self,
@@ -199,6 +217,7 @@ class JwksCache:
         self.url = url
         self._cache_seconds = cache_seconds
         self._min_refetch = min_refetch_seconds
+        self._timeout = timeout
         self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
         self._owns_client = client is None
         self._lock = asyncio.Lock()
@@ -206,11 +225,18 @@ class JwksCache:
         self._loaded = False
         self._fetched_at = 0.0
         self._last_attempt = float("-inf")
+        self._last_failed = False
         self._generation = 0
         self._parsed: dict[tuple[int, str], PyJWK] = {}
+        self._background: asyncio.Task[bool] | None = None
         self.fetches = 0
 
     async def aclose(self) -> None:
+        task, self._background = self._background, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._owns_client:
             await self._client.aclose()
 
@@ -220,17 +246,32 @@ class JwksCache:
             if not self._loaded:
                 raise ServiceUnavailableError("The token issuer's keys are unavailable.")
         elif time.monotonic() - self._fetched_at > self._cache_seconds:
-            await self._refresh(min_interval=self._min_refetch)
+            self._refresh_in_background()
         key = self._lookup(kid, alg)
         unknown_kid = kid is not None and all(k.get("kid") != kid for k in self._keys)
         # A kid we have never seen: the issuer may have rotated its keys.
-        if key is None and unknown_kid and await self._refresh(min_interval=self._min_refetch):
-            key = self._lookup(kid, alg)
+        if key is None and unknown_kid:
+            if await self._refresh(min_interval=self._min_refetch):
+                key = self._lookup(kid, alg)
+            elif self._last_failed:
+                raise ServiceUnavailableError("The token issuer's keys are unavailable.")
         if key is None:
             raise AuthenticationError(
                 "The token's signing key is not trusted.", bearer_error="invalid_token"
             )
         return key
+
+    def _refresh_in_background(self) -> None:
+        """Start refreshing an expired key set, unless a refresh runs or was just tried."""
+        if self._background is not None and not self._background.done():
+            return
+        if time.monotonic() - self._last_attempt < self._min_refetch:
+            return
+        task = asyncio.create_task(
+            self._refresh(min_interval=self._min_refetch), name="jwks-refresh"
+        )
+        task.add_done_callback(_log_failure)
+        self._background = task
 
     def _lookup(self, kid: str | None, alg: str) -> PyJWK | None:
         candidates = [
@@ -250,6 +291,28 @@ class JwksCache:
                 return None
         return self._parsed[cache_key]
 
+    async def _fetch(self) -> list[dict[str, Any]]:
+        """One GET of the key set, within ``timeout`` seconds in all; raises on anything that
+        is not a JSON object with at least one key in its ``keys`` list."""
+        async with asyncio.timeout(self._timeout):
+            async with self._client.stream(
+                "GET", self.url, headers={"Accept": "application/json"}
+            ) as response:
+                response.raise_for_status()
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise ValueError("the JWKS document is too large")
+        document = json.loads(body)
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(keys, list):
+            raise ValueError("no 'keys' list")
+        usable = [k for k in keys if _usable(k)]
+        if not usable:
+            raise ValueError("no usable key in the 'keys' list")
+        return usable
+
     async def _refresh(self, *, min_interval: float) -> bool:
         """Fetch the key set unless one was attempted less than ``min_interval`` seconds ago."""
         generation = self._generation
@@ -261,24 +324,44 @@ class JwksCache:
             self._last_attempt = time.monotonic()
             self.fetches += 1
             try:
-                response = await self._client.get(self.url, headers={"Accept": "application/json"})
-                response.raise_for_status()
-                document = response.json()
-                keys = document["keys"] if isinstance(document, dict) else None
-                if not isinstance(keys, list):
-                    raise ValueError("no 'keys' list")
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                keys = await self._fetch()
+            # RecursionError: json refuses documents nested too deeply.
+            except (httpx.HTTPError, TimeoutError, ValueError, RecursionError) as exc:
+                # The window starts again when an attempt ends: requests that queued behind a
+                # slow failure must not each try again.
+                self._last_attempt = time.monotonic()
+                self._last_failed = True
                 log.warning(
                     "fetching the JWKS failed: %s", type(exc).__name__, extra={"url": self.url}
                 )
                 return False
-            self._keys = [k for k in keys if isinstance(k, dict) and isinstance(k.get("kty"), str)]
+            self._keys = keys
             self._parsed.clear()
             self._loaded = True
+            self._last_failed = False
             self._fetched_at = time.monotonic()
             self._generation += 1
             log.info("loaded %d JWKS keys", len(self._keys), extra={"url": self.url})
             return True
+
+
+def _usable(jwk: Any) -> bool:
+    """Whether a JWKS entry is a public signing key PyJWT can load (others are ignored; a key
+    set with none is not a key set)."""
+    if not isinstance(jwk, dict) or jwk.get("kty") not in ("RSA", "EC", "OKP"):
+        return False
+    if jwk.get("use", "sig") != "sig" or "d" in jwk:  # never a private key
+        return False
+    try:
+        PyJWK(jwk)
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _log_failure(task: asyncio.Task[bool]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("refreshing the JWKS failed", exc_info=exc)
 
 
 # --- verification ---------------------------------------------------------------------------

@@ -181,10 +181,11 @@ class Settings(BaseSettings):
         default=3, ge=0, description="Replies a user may have streaming at once; 0 turns it off."
     )
     stream_lease_seconds: float = Field(
-        default=30.0,
+        default=15.0,
         ge=3,
         description="A stream's claim on its thread and its user's stream count is renewed "
-        "every third of this; a crashed process's claims expire after it.",
+        "every third of this; a crashed process's claims expire after it (so short: a user "
+        "whose replies were cut by a crash is not locked out for long).",
     )
     thread_busy_wait_seconds: float = Field(
         default=10.0,

@@ -131,6 +131,8 @@ def _create_engine(url: str, settings: Settings) -> AsyncEngine:
         connect_args={
             "server_settings": server_settings(settings),
             "timeout": settings.db_connect_timeout,
-            "command_timeout": max(settings.db_statement_timeout_ms / 1000 * 2, 30),
+            # Client side: ends a statement the server never saw (a hung network), where
+            # statement_timeout cannot; 0 (no statement timeout) disables it too.
+            "command_timeout": settings.db_statement_timeout_ms / 1000 * 2 or None,
         },
     )

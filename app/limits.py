@@ -163,16 +163,32 @@ class StreamLease:
             try:
                 async with self._limits.store.connection() as conn:
                     await conn.execute(SQL_LEASE_RENEW, self.user_id, self.id, ttl)
-            except ServiceUnavailableError:
-                # The database is away; the lease may lapse, which only lifts the limits.
-                log.warning("stream lease not renewed: database unavailable")
+            except Exception as exc:
+                # The database is away (or worse); the lease may lapse, which only lifts the
+                # limits for this reply. The reply itself goes on.
+                log.warning("stream lease not renewed", extra={"reason": type(exc).__name__})
 
     async def release(self) -> None:
+        """Delete the lease; while the database is away, keep trying in the background (the
+        user's retry would otherwise find its thread busy until the lease expires)."""
+        if not await self._release_once():
+            self._limits.tasks.spawn(self._release_later(), name="stream-lease-release-retry")
+
+    async def _release_once(self) -> bool:
         try:
             async with self._limits.store.connection() as conn:
                 await conn.execute(SQL_LEASE_RELEASE, self.user_id, self.id)
         except ServiceUnavailableError:
-            log.warning("stream lease not released (it expires by itself)")
+            return False
+        return True
+
+    async def _release_later(self) -> None:
+        deadline = time.monotonic() + self._limits.settings.stream_lease_seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(BUSY_POLL_SECONDS)
+            if await self._release_once():
+                return
+        log.warning("stream lease not released (it has expired by itself)")
 
     async def hold(self, stream: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """``stream``, renewing the lease meanwhile and releasing it when the stream ends

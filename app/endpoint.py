@@ -18,7 +18,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .context import RequestContext
-from .errors import InvalidInputError, PayloadTooLargeError, ThreadBusyError
+from .errors import (
+    InvalidInputError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    ThreadBusyError,
+)
 from .limits import StreamLease, current_lease
 from .middleware import RequestInfo, request_info
 from .observability import Stopwatch, op_var, thread_id_var, user_id_var
@@ -121,9 +126,13 @@ async def chatkit_endpoint(request: Request) -> Response:
         request_id=info.request_id,
     )
     server = runtime.server
+    streaming = is_streaming_req(chatkit_request)
+    cap = settings.max_streams_per_process
+    if streaming and cap and runtime.open_streams >= cap:
+        raise ServiceUnavailableError("This server is busy.", retry_after=2)
     await server.precheck(chatkit_request, context)
     lease: StreamLease | None = None
-    if limits is not None and is_streaming_req(chatkit_request):
+    if limits is not None and streaming:
         try:
             lease = await limits.lease(user_id, thread_id if isinstance(thread_id, str) else None)
             current_lease.set(lease)
@@ -145,9 +154,11 @@ async def chatkit_endpoint(request: Request) -> Response:
     op = chatkit_request.type
     watch = Stopwatch()
     metrics.active_streams.inc()
+    runtime.open_streams += 1
 
     def on_close(outcome: str) -> None:
         metrics.active_streams.dec()
+        runtime.open_streams -= 1
         metrics.stream_seconds.labels(op, outcome).observe(watch.seconds)
         log.info("stream closed", extra={"outcome": outcome, "duration_ms": watch.ms})
 

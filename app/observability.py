@@ -84,7 +84,9 @@ def configure_logging(level: str, *, force: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root.handlers = [handler]
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    # chatkit's logger adds a plain-text handler of its own when LOG_LEVEL is set (our
+    # variable too), which would write each of its lines twice, once not as JSON.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "chatkit"):
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True

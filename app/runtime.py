@@ -31,3 +31,5 @@ class Runtime:
     limits: Limits | None = None
     # Whether PostgreSQL applies row-level security to our role; learnt by the first /readyz.
     row_security: bool | None = None
+    # Replies this process is streaming now (for MAX_STREAMS_PER_PROCESS).
+    open_streams: int = 0

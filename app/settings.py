@@ -180,6 +180,13 @@ class Settings(BaseSettings):
     max_streams_per_user: int = Field(
         default=3, ge=0, description="Replies a user may have streaming at once; 0 turns it off."
     )
+    max_streams_per_process: int = Field(
+        default=1000,
+        ge=0,
+        description="Replies one backend process streams at once; more get 503 + Retry-After "
+        "before any work is done (shedding load beats failing streams already started). "
+        "0 turns it off.",
+    )
     stream_lease_seconds: float = Field(
         default=15.0,
         ge=3,

@@ -7,7 +7,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run migrate test lint fmt bench clean
+.PHONY: install run migrate test lint fmt bench soak clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -39,6 +39,9 @@ fmt: install
 
 bench: install  ## benchmarks against baselines measured in the same run
 	$(VENV)/bin/python -m bench
+
+soak: install  ## 500 concurrent SSE streams for 60 s through one worker, every event checked
+	$(VENV)/bin/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

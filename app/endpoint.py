@@ -47,6 +47,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             size = int(declared)
         except ValueError:
             raise InvalidInputError("Invalid Content-Length header.") from None
+        if size < 0:
+            raise InvalidInputError("Invalid Content-Length header.")
         if size > limit:
             raise PayloadTooLargeError(f"The request body may not exceed {limit} bytes.")
     body = bytearray()

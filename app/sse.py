@@ -20,6 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .background import TaskRegistry
+from .errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,16 @@ class EventPump:
                 self._queue.put_nowait(chunk)
         except Exception as exc:
             self.failed = True
-            log.exception("stream failed after the response started")
+            if isinstance(exc, ServiceUnavailableError):
+                # A database outage: expected now and then, and said without a traceback.
+                cause = exc.__cause__
+                log.warning(
+                    "stream failed: %s",
+                    exc.message,
+                    extra={"reason": type(cause).__name__ if cause else type(exc).__name__},
+                )
+            else:
+                log.exception("stream failed after the response started")
             self._queue.put_nowait(self._error_chunk(exc))
         finally:
             self._queue.put_nowait(_END)

@@ -54,7 +54,7 @@ async def aresolve_database_url(settings: Settings) -> str:
 def server_settings(settings: Settings) -> dict[str, str]:
     """Per-connection GUCs: every session gets the timeouts, whoever checks it out."""
     return {
-        "application_name": "chatkit-pg",
+        "application_name": settings.db_application_name,
         "statement_timeout": str(settings.db_statement_timeout_ms),
         "lock_timeout": str(settings.db_lock_timeout_ms),
         "idle_in_transaction_session_timeout": "60000",

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(default=10_000, ge=0, description="0 disables it.")
     db_lock_timeout_ms: int = Field(default=5_000, ge=0, description="0 disables it.")
     db_connect_timeout: float = Field(default=5.0, gt=0)
+    db_application_name: str = Field(
+        default="chatkit-pg",
+        description="application_name of the service's connections (pg_stat_activity).",
+    )
 
     # --- HTTP server -------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Interface uvicorn binds to.")

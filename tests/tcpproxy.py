@@ -148,9 +148,15 @@ class TcpProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         try:
-            up_reader, up_writer = await asyncio.open_connection(
-                self.upstream_host, self.upstream_port
-            )
+            if self.upstream_host.startswith("/"):
+                # A socket directory (the embedded server listens on a Unix socket only).
+                up_reader, up_writer = await asyncio.open_unix_connection(
+                    f"{self.upstream_host}/.s.PGSQL.{self.upstream_port}"
+                )
+            else:
+                up_reader, up_writer = await asyncio.open_connection(
+                    self.upstream_host, self.upstream_port
+                )
         except OSError:
             _reset_on_close(writer)
             writer.transport.abort()

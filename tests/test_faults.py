@@ -154,20 +154,33 @@ class GatedModel(Model):
 
 # --- fixtures ----------------------------------------------------------------------------------
 
+PROXIED_APP = "chatkit-pg-proxied"
+
 
 @pytest.fixture
 async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
     """List it before ``make_client``: the proxy then outlives the apps, which stop first.
     Tests that stall it resume it themselves (in ``finally``), before their app stops."""
     url = make_url(database_url)
-    async with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as tcp:
+    # The embedded server listens on a Unix socket only: its URL names the socket directory.
+    socket_dir = url.query.get("host")
+    host = socket_dir if isinstance(socket_dir, str) else url.host or "127.0.0.1"
+    async with TcpProxy(host, url.port or 5432) as tcp:
         yield tcp
+
+
+@pytest.fixture
+def app_settings(app_settings: Settings) -> Settings:
+    """conftest's, with an application_name of its own: the proxied apps' backends are told
+    apart from every other connection by it (a Unix-socket server reports no client ports)."""
+    return app_settings.model_copy(update={"db_application_name": PROXIED_APP})
 
 
 @pytest.fixture
 def via_proxy(database_url: str, proxy: TcpProxy) -> str:
     """The test database's URL, through the proxy."""
-    url = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
+    url = make_url(database_url).difference_update_query(["host"])
+    url = url.set(host="127.0.0.1", port=proxy.port)
     return url.render_as_string(hide_password=False)
 
 
@@ -180,13 +193,11 @@ async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def app_backends(admin: asyncpg.Connection, proxy: TcpProxy) -> list[asyncpg.Record]:
-    """The server processes serving the app's pooled connections (they come through the
-    proxy, from its upstream ports)."""
+    """The server processes serving the proxied app's pooled connections."""
     rows: list[asyncpg.Record] = await admin.fetch(
         "SELECT pid, state, wait_event_type FROM pg_stat_activity "
-        "WHERE datname = current_database() AND application_name = 'chatkit-pg' "
-        "AND client_port = ANY($1::int[])",
-        proxy.upstream_ports,
+        "WHERE datname = current_database() AND application_name = $1",
+        PROXIED_APP,
     )
     return rows
 

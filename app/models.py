@@ -160,6 +160,8 @@ class RateLimitRow(SQLModel, table=True):
     theoretical arrival time of the next request. One row per user, updated in place."""
 
     __tablename__ = "chatkit_rate_limits"
+    # No WAL: written on every request, and losing it in a crash only lifts a limit briefly.
+    __table_args__ = {"prefixes": ["UNLOGGED"]}
 
     user_id: str = Field(sa_column=Column(Text, primary_key=True))
     tat: datetime = Field(sa_column=_ts())
@@ -170,7 +172,7 @@ class StreamLeaseRow(SQLModel, table=True):
     claims its thread. Renewed while the stream runs; a crashed process's leases expire."""
 
     __tablename__ = "chatkit_stream_leases"
-    __table_args__ = (UniqueConstraint("user_id", "thread_id"),)
+    __table_args__ = (UniqueConstraint("user_id", "thread_id"), {"prefixes": ["UNLOGGED"]})
 
     user_id: str = Field(sa_column=Column(Text, primary_key=True))
     id: str = Field(sa_column=Column(Text, primary_key=True))

@@ -184,7 +184,7 @@ def server_process(name: str, url: str, store: str, log: Path, cpu: int | None) 
         "DATA_DIR": str(RESULTS_DIR / ".data"),
         # The per-user limiter still runs on every request (its cost is measured) but never
         # refuses: one user sends everything here.
-        "RATE_LIMIT_PER_MINUTE": "100000000",
+        "RATE_LIMIT_PER_MINUTE": os.environ.get("BENCH_RATE_LIMIT_PER_MINUTE", "100000000"),
         "MAX_STREAMS_PER_USER": "0",
     }
     cmd = [

@@ -3,6 +3,11 @@
 Every backend process consults the same rows (app.limits), so the limits hold however many
 processes serve. Both tables get the row-level security policy of revision 0003.
 
+Both are UNLOGGED: their rows are short-lived counters and claims, written on every request,
+and without WAL a transaction touching only them commits without waiting for a disk flush.
+PostgreSQL empties them after a crash and does not copy them to standbys; both only lift the
+limits for a moment.
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-22
@@ -29,6 +34,7 @@ def upgrade() -> None:
         sa.Column("user_id", sa.Text(), nullable=False),
         sa.Column("tat", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("user_id", name=op.f("pk_chatkit_rate_limits")),
+        prefixes=["UNLOGGED"],
     )
     op.create_table(
         "chatkit_stream_leases",
@@ -46,6 +52,7 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "user_id", "thread_id", name=op.f("uq_chatkit_stream_leases_user_id_thread_id")
         ),
+        prefixes=["UNLOGGED"],
     )
     for table in TABLES:
         op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")

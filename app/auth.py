@@ -212,10 +212,12 @@ class JwksCache:
         cache_seconds: float,
         min_refetch_seconds: float,
         timeout: float,
+        max_stale_seconds: float = float("inf"),
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.url = url
         self._cache_seconds = cache_seconds
+        self._max_stale = max_stale_seconds
         self._min_refetch = min_refetch_seconds
         self._timeout = timeout
         self._client = client or httpx.AsyncClient(timeout=timeout, follow_redirects=False)
@@ -245,8 +247,12 @@ class JwksCache:
             await self._refresh(min_interval=min(1.0, self._min_refetch))
             if not self._loaded:
                 raise ServiceUnavailableError("The token issuer's keys are unavailable.")
-        elif time.monotonic() - self._fetched_at > self._cache_seconds:
+        elif (age := time.monotonic() - self._fetched_at) > self._cache_seconds:
             self._refresh_in_background()
+            if age > self._cache_seconds + self._max_stale:
+                # The issuer has been unreachable for too long: a key it has since revoked
+                # would still be trusted.
+                raise ServiceUnavailableError("The token issuer's keys are out of date.")
         key = self._lookup(kid, alg)
         unknown_kid = kid is not None and all(k.get("kid") != kid for k in self._keys)
         # A kid we have never seen: the issuer may have rotated its keys.
@@ -415,6 +421,7 @@ class TokenVerifier:
                 cache_seconds=settings.jwt_jwks_cache_seconds,
                 min_refetch_seconds=settings.jwt_jwks_min_refetch_seconds,
                 timeout=settings.jwt_jwks_timeout_seconds,
+                max_stale_seconds=settings.jwt_jwks_max_stale_seconds,
             )
             return cls(mode=mode, checks=checks, jwks=jwks)
         if mode == "dev":

@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="At most one JWKS refetch per this many seconds."
     )
     jwt_jwks_timeout_seconds: float = Field(default=5.0, gt=0)
+    jwt_jwks_max_stale_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="How long past JWT_JWKS_CACHE_SECONDS cached keys keep verifying tokens "
+        "while the issuer is unreachable; after that, 503.",
+    )
 
     # --- the agent ---------------------------------------------------------
     openai_api_key: SecretStr | None = Field(

@@ -327,6 +327,36 @@ async def test_issuer_down_cached_keys_keep_working_past_their_ttl(
         assert idp.fetch_count() >= 2
 
 
+async def test_issuer_down_too_long_stops_trusting_the_cached_keys(
+    test_settings: Settings, idp: FaultyIssuer
+) -> None:
+    """JWT_JWKS_MAX_STALE_SECONDS bounds how long keys the issuer may have revoked meanwhile
+    stay trusted; once it answers again, tokens work again without a restart."""
+    async with app_for(
+        test_settings,
+        idp,
+        jwt_jwks_cache_seconds=0.5,
+        jwt_jwks_min_refetch_seconds=0.2,
+        jwt_jwks_timeout_seconds=1.0,
+        jwt_jwks_max_stale_seconds=1.0,
+    ) as client:
+        assert_ok(await ask(client, idp.token("rsa-1")))
+        idp.stop()
+        await asyncio.sleep(0.8)  # past the TTL, within the stale allowance
+        assert_ok(await ask(client, idp.token("rsa-1")))
+        await asyncio.sleep(1.0)  # past TTL + allowance
+        assert_unavailable(await ask(client, idp.token("rsa-1")))
+        assert_unavailable(await ask(client, idp.token("ed-1")))
+
+        idp.start()
+        deadline = time.monotonic() + 5
+        while (answer := await ask(client, idp.token("rsa-1"))).status != 200:
+            assert_unavailable(answer)
+            assert time.monotonic() < deadline, "never trusted again"
+            await asyncio.sleep(0.1)
+        assert idp.fetch_count() >= 2
+
+
 # --- (b) the issuer is slow --------------------------------------------------------------------
 
 TIMEOUT = 1.0

@@ -8,8 +8,8 @@
 * Streams: a reply holds a lease (``chatkit_stream_leases``) while it streams. Leases count
   toward ``MAX_STREAMS_PER_USER`` and claim their thread, so a second message to a thread that
   is still answering (two tabs, a double submit) waits its turn instead of interleaving its
-  items with the first reply's. Taking a lease is one short transaction under a per-user
-  advisory lock; no connection is held while the reply streams. The lease is renewed every
+  items with the first reply's. Taking a lease is one call of a SQL function (migration
+  0004) that works under a per-user advisory lock; no connection is held while the reply streams. The lease is renewed every
   third of ``STREAM_LEASE_SECONDS`` and deleted when the stream ends; a crashed process's
   leases simply expire.
 
@@ -50,24 +50,12 @@ SQL_RATE_WAIT = gated_select(
     "FROM chatkit_rate_limits WHERE user_id = $1",
 )
 
-# Run in one transaction: the advisory lock orders every taker of this user's leases.
-# Not a SQL_ statement of the plan checks in tests/test_rls.py: it reads no table.
-LEASE_LOCK = (
-    "SELECT set_config('app.user_id', $1, true), "
-    "pg_advisory_xact_lock(hashtextextended('chatkit-pg.leases:' || $1, 0))"
-)
-SQL_LEASE_PURGE = gated(
-    "DELETE FROM chatkit_stream_leases WHERE user_id = $1 AND expires_at < now()"
-)
-SQL_LEASE_STATE = gated_select(
-    "q.live, q.busy",
-    "SELECT count(*) AS live, coalesce(bool_or(thread_id = $2::text), false) AS busy "
-    "FROM chatkit_stream_leases WHERE user_id = $1",
-)
-SQL_LEASE_TAKE = scoped_insert(
-    "chatkit_stream_leases (user_id, id, thread_id, expires_at)",
-    "$2::text, $3::text, now() + make_interval(secs => $4::float8)",
-)
+# Migration 0004's function: under a per-user advisory lock it drops the user's expired leases,
+# then answers 'busy' (the thread has a live lease), 'full' (the user is at the limit) or
+# 'taken' (the lease was inserted). Not a SQL_ statement for the plan checks of
+# tests/test_rls.py: the function sets app.user_id itself before it reads a table (that test
+# file also takes leases through a role subject to row-level security).
+TAKE_LEASE = "SELECT chatkit_take_stream_lease($1, $2, $3, $4, $5)"
 SQL_LEASE_RENEW = gated(
     "UPDATE chatkit_stream_leases SET expires_at = now() + make_interval(secs => $3::float8) "
     "WHERE user_id = $1 AND id = $2"
@@ -119,18 +107,15 @@ class Limits:
         limit = self.settings.max_streams_per_user
         ttl = self.settings.stream_lease_seconds
         lease_id = new_id("lease")
-        async with self.store.connection() as conn, conn.transaction():
-            await conn.execute(LEASE_LOCK, user_id)
-            await conn.execute(SQL_LEASE_PURGE, user_id)
-            live, busy = await conn.fetchrow(SQL_LEASE_STATE, user_id, thread_id)
-            if busy:
-                return None
-            if limit > 0 and live >= limit:
-                raise TooManyRequestsError(
-                    f"At most {limit} replies may stream at once.",
-                    retry_after=STREAM_RETRY_AFTER_SECONDS,
-                )
-            await conn.execute(SQL_LEASE_TAKE, user_id, lease_id, thread_id, ttl)
+        async with self.store.connection() as conn:
+            outcome = await conn.fetchval(TAKE_LEASE, user_id, lease_id, thread_id, limit, ttl)
+        if outcome == "busy":
+            return None
+        if outcome == "full":
+            raise TooManyRequestsError(
+                f"At most {limit} replies may stream at once.",
+                retry_after=STREAM_RETRY_AFTER_SECONDS,
+            )
         return StreamLease(self, user_id, lease_id, thread_id)
 
 

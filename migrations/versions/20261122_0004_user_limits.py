@@ -60,8 +60,44 @@ def upgrade() -> None:
             f"CREATE POLICY {POLICY} ON {table} FOR ALL "
             f"USING ({USER_MATCHES}) WITH CHECK ({USER_MATCHES})"
         )
+    op.execute(TAKE_STREAM_LEASE)
+
+
+# Taking a lease is one call (one round trip, one short implicit transaction) instead of a
+# transaction of several statements. It runs with the caller's rights, so row-level security
+# applies; it sets app.user_id itself first. The advisory lock orders every taker of one
+# user's leases, in any process, until the call's transaction ends.
+TAKE_STREAM_LEASE = """
+CREATE FUNCTION chatkit_take_stream_lease(
+    p_user text, p_lease text, p_thread text, p_limit integer, p_ttl double precision
+) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    live bigint;
+    busy boolean;
+BEGIN
+    PERFORM set_config('app.user_id', p_user, true);
+    PERFORM pg_advisory_xact_lock(hashtextextended('chatkit-pg.leases:' || p_user, 0));
+    DELETE FROM chatkit_stream_leases WHERE user_id = p_user AND expires_at < now();
+    SELECT count(*), coalesce(bool_or(thread_id = p_thread), false) INTO live, busy
+        FROM chatkit_stream_leases WHERE user_id = p_user;
+    IF busy THEN
+        RETURN 'busy';
+    END IF;
+    IF p_limit > 0 AND live >= p_limit THEN
+        RETURN 'full';
+    END IF;
+    INSERT INTO chatkit_stream_leases (user_id, id, thread_id, expires_at)
+        VALUES (p_user, p_lease, p_thread, now() + make_interval(secs => p_ttl));
+    RETURN 'taken';
+END
+$$
+"""
 
 
 def downgrade() -> None:
+    op.execute(
+        "DROP FUNCTION IF EXISTS chatkit_take_stream_lease(text, text, text, integer, "
+        "double precision)"
+    )
     op.drop_table("chatkit_stream_leases")
     op.drop_table("chatkit_rate_limits")

@@ -33,29 +33,32 @@ class MissingUserError(AppError):
     code = "internal_error"
 
 
-class ServiceUnavailableError(AppError):
+class RetryLaterError(AppError):
+    """An answer that comes with ``Retry-After``: the same request may succeed later."""
+
+    default_retry_after = 1
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        # Whole seconds, at least 1 (``Retry-After: 0`` invites a tight retry loop).
+        self.retry_after = max(1, self.default_retry_after if retry_after is None else retry_after)
+
+
+class ServiceUnavailableError(RetryLaterError):
     """A dependency (the database, the token issuer) is down or overloaded: retry later."""
 
     status_code = 503
     code = "unavailable"
     public_message = "The service is temporarily unavailable. Please retry."
-
-    def __init__(self, message: str | None = None, *, retry_after: int = 2) -> None:
-        super().__init__(message)
-        # Seconds, sent as ``Retry-After``.
-        self.retry_after = retry_after
+    default_retry_after = 2
 
 
-class TooManyRequestsError(AppError):
+class TooManyRequestsError(RetryLaterError):
     """A per-user limit (requests per minute, concurrent streams) is reached."""
 
     status_code = 429
     code = "rate_limited"
     public_message = "Too many requests. Please retry later."
-
-    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, retry_after)
 
 
 class ThreadBusyError(AppError):

@@ -38,8 +38,8 @@ from .endpoint import chatkit_endpoint
 from .errors import (
     AppError,
     AuthenticationError,
+    RetryLaterError,
     ServiceUnavailableError,
-    TooManyRequestsError,
 )
 from .files import files_router
 from .limits import Limits
@@ -226,7 +226,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def app_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AppError)
         headers: dict[str, str] | None = None
-        if isinstance(exc, ServiceUnavailableError | TooManyRequestsError):
+        if isinstance(exc, RetryLaterError):
             headers = {"Retry-After": str(exc.retry_after)}
         if exc.status_code >= 500:
             if isinstance(exc, ServiceUnavailableError):

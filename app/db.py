@@ -73,6 +73,11 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.UndefinedTableError,  # migrations not run yet (/readyz says so too)
+    # The server's FATAL goodbye (shutdown, pg_terminate_backend) read before its end of file:
+    # asyncpg's protocol is left in an error state ("cannot switch to state N; another
+    # operation is in progress") until the close arrives, so a checkout in between still
+    # looks open. A real client bug would land here too; dropping the connection is right.
+    asyncpg.exceptions.InternalClientError,
     sa_exc.TimeoutError,  # no pooled connection free within DB_POOL_TIMEOUT
 )
 
@@ -101,7 +106,8 @@ def is_disconnect(exc: BaseException) -> bool:
         | asyncpg.PostgresConnectionError
         | asyncpg.exceptions.AdminShutdownError
         | asyncpg.exceptions.CrashShutdownError
-        | asyncpg.exceptions.CannotConnectNowError,
+        | asyncpg.exceptions.CannotConnectNowError
+        | asyncpg.exceptions.InternalClientError,
     ) or (isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
 
 

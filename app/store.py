@@ -10,6 +10,7 @@ second wall behind those filters (see "row-level security" below and docs/rls.md
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from chatkit.types import (
 )
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
 from .db import is_disconnect, is_unavailable
 from .errors import InvalidInputError, MissingUserError, ServiceUnavailableError
@@ -258,10 +260,14 @@ class PostgresStore(Store[Any]):
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """Borrow a pooled asyncpg connection; it goes back as soon as the call is done."""
+        """Borrow a pooled asyncpg connection; it goes back as soon as the call is done.
+
+        Straight from the engine's pool (no SQLAlchemy ``Connection`` around it): half the
+        cost of ``engine.connect()`` per call, with the same pool, events and limits.
+        """
         try:
-            async with self.engine.connect() as sa_conn:
-                fairy = await sa_conn.get_raw_connection()
+            fairy = await greenlet_spawn(self.engine.sync_engine.raw_connection)
+            try:
                 conn = fairy.driver_connection
                 assert conn is not None
                 try:
@@ -277,8 +283,11 @@ class PostgresStore(Store[Any]):
                 except Exception as exc:
                     if is_disconnect(exc) or conn.is_closed():
                         # Never back into the pool: it would fail the next request too.
-                        await sa_conn.invalidate(exc)
+                        fairy.invalidate(exc)
                     raise
+            finally:
+                # Back to the pool even when the caller is being cancelled.
+                await asyncio.shield(greenlet_spawn(fairy.close))
         except Exception as exc:
             if is_unavailable(exc):
                 raise ServiceUnavailableError("database unavailable") from exc

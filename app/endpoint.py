@@ -132,31 +132,43 @@ async def chatkit_endpoint(request: Request) -> Response:
     cap = settings.max_streams_per_process
     if streaming and cap and runtime.open_streams >= cap:
         raise ServiceUnavailableError("This server is busy.", retry_after=2)
-    await server.precheck(chatkit_request, context)
+    # The slot is taken now, not once the response exists: requests arriving together would
+    # otherwise all pass the check above while the first is still awaiting the database.
+    if streaming:
+        runtime.open_streams += 1
+    handed_over = False
     lease: StreamLease | None = None
-    if limits is not None and streaming:
-        try:
-            lease = await limits.lease(user_id, thread_id if isinstance(thread_id, str) else None)
-            current_lease.set(lease)
-        except ThreadBusyError as exc:
-            # Inside the protocol, so ChatKit shows the message in the conversation.
-            return Response(error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        result = await server.process_parsed(chatkit_request, context)
-    except BaseException:
-        if lease is not None:
-            await lease.release()
-        raise
-
-    if not isinstance(result, StreamingResult):
-        return Response(result.json, media_type="application/json")
+        await server.precheck(chatkit_request, context)
+        if limits is not None and streaming:
+            try:
+                lease = await limits.lease(
+                    user_id, thread_id if isinstance(thread_id, str) else None
+                )
+                current_lease.set(lease)
+            except ThreadBusyError as exc:
+                # Inside the protocol, so ChatKit shows the message in the conversation.
+                return Response(
+                    error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS
+                )
+        try:
+            result = await server.process_parsed(chatkit_request, context)
+        except BaseException:
+            if lease is not None:
+                await lease.release()
+            raise
+        if not isinstance(result, StreamingResult):
+            return Response(result.json, media_type="application/json")
+        handed_over = True  # from here on_close gives the slot back
+    finally:
+        if streaming and not handed_over:
+            runtime.open_streams -= 1
 
     info.streaming = True
     metrics = runtime.metrics
     op = chatkit_request.type
     watch = Stopwatch()
     metrics.active_streams.inc()
-    runtime.open_streams += 1
 
     def on_close(outcome: str) -> None:
         metrics.active_streams.dec()

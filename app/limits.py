@@ -19,15 +19,16 @@ Every statement sets ``app.user_id`` like the store's do (row-level security, do
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextvars import ContextVar
 
+import asyncpg
+
 from .background import TaskRegistry
-from .errors import ServiceUnavailableError, ThreadBusyError, TooManyRequestsError
+from .errors import ThreadBusyError, TooManyRequestsError
 from .ids import new_id
 from .settings import Settings
 from .store import PostgresStore, gated, gated_select, scoped_insert
@@ -137,9 +138,15 @@ class StreamLease:
         to it from elsewhere (another tab found it in the list) waits for this reply too."""
         if self.thread_id is not None:
             return
+        try:
+            async with self._limits.store.connection() as conn:
+                await conn.execute(SQL_LEASE_ATTACH, self.user_id, self.id, thread_id)
+        except asyncpg.UniqueViolationError:
+            # A message from elsewhere took the thread first (it saw the thread in the list
+            # before this reply claimed it): this reply goes on, that one waited its turn.
+            log.warning("stream lease could not claim its new thread")
+            return
         self.thread_id = thread_id
-        async with self._limits.store.connection() as conn:
-            await conn.execute(SQL_LEASE_ATTACH, self.user_id, self.id, thread_id)
 
     async def _renew_forever(self) -> None:
         ttl = self._limits.settings.stream_lease_seconds
@@ -157,13 +164,15 @@ class StreamLease:
         """Delete the lease; while the database is away, keep trying in the background (the
         user's retry would otherwise find its thread busy until the lease expires)."""
         if not await self._release_once():
+            log.warning("stream lease not released; retrying in the background")
             self._limits.tasks.spawn(self._release_later(), name="stream-lease-release-retry")
 
     async def _release_once(self) -> bool:
         try:
             async with self._limits.store.connection() as conn:
                 await conn.execute(SQL_LEASE_RELEASE, self.user_id, self.id)
-        except ServiceUnavailableError:
+        except Exception as exc:  # never in the way of the reply or of the error it ends with
+            log.debug("stream lease not released yet", extra={"reason": type(exc).__name__})
             return False
         return True
 
@@ -184,7 +193,6 @@ class StreamLease:
                 yield chunk
         finally:
             renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await asyncio.wait({renewer})  # (a cancellation of ours is not swallowed here)
             release = self._limits.tasks.spawn(self.release(), name="stream-lease-release")
             await asyncio.shield(release)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import asyncpg
 import pytest
 
 from app.background import TaskRegistry
@@ -15,6 +16,7 @@ from app.errors import ThreadBusyError, TooManyRequestsError
 from app.limits import Limits, StreamLease
 from app.settings import Settings
 from app.store import PostgresStore
+from tests.pgharness import PgServer
 
 
 def _limits(store: PostgresStore, settings: Settings, **overrides: object) -> Limits:
@@ -187,3 +189,45 @@ async def test_holding_renews_and_always_releases(
     assert len(chunks) == 3
     await asyncio.sleep(0.1)  # the release runs in a task of its own
     assert await _leases(store) == []
+
+
+async def test_a_claim_that_loses_the_race_leaves_the_reply_going(
+    store: PostgresStore, test_settings: Settings
+) -> None:
+    """Another tab took the new thread first (it found it in the list before the reply
+    claimed it): the claim gives way instead of failing the reply."""
+    limits = _limits(store, test_settings, thread_busy_wait_seconds=0)
+    creating = await limits.lease("alice", None)
+    other_tab = await limits.lease("alice", "thr_new")
+    await creating.attach("thr_new")  # no UniqueViolationError
+    assert creating.thread_id is None
+    assert sorted(await _leases(store), key=str) == sorted(
+        [("alice", None), ("alice", "thr_new")], key=str
+    )
+    await other_tab.release()
+    await creating.release()
+
+
+async def test_a_lease_racing_an_uncommitted_claim_is_busy_not_an_error(
+    store: PostgresStore, test_settings: Settings, database_url: str
+) -> None:
+    """The claim (an UPDATE outside the per-user lock) is in flight when a lease for the same
+    thread is taken: the lease waits for it and then answers busy."""
+    limits = _limits(store, test_settings, thread_busy_wait_seconds=0)
+    owner = await asyncpg.connect(PgServer.dsn(database_url))
+    try:
+        claim = owner.transaction()
+        await claim.start()
+        await owner.execute(
+            "INSERT INTO chatkit_stream_leases (user_id, id, thread_id, expires_at) "
+            "VALUES ('alice', 'lease_claim', 'thr_new', now() + interval '30 seconds')"
+        )
+        racing = asyncio.create_task(limits.lease("alice", "thr_new"))
+        await asyncio.sleep(0.3)
+        assert not racing.done()  # waiting on the uncommitted row
+        await claim.commit()
+        with pytest.raises(ThreadBusyError):
+            await asyncio.wait_for(racing, 5)
+    finally:
+        await owner.close()
+    assert await _leases(store) == [("alice", "thr_new")]

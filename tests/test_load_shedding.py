@@ -36,3 +36,16 @@ async def test_streams_over_the_process_cap_are_shed_before_any_work(
     thread_id, _ = await client.create_thread("again", user="u3")
     listed = await client.call("threads.list", {}, user="u3")
     assert [t["id"] for t in listed["data"]] == [thread_id]
+
+
+async def test_a_burst_cannot_slip_past_the_cap(make_client: MakeClient) -> None:
+    """The slot is taken at the check, before the awaits that follow it (precheck, lease)."""
+    client = await make_client(max_streams_per_process=1, offline_word_delay_seconds=0.01)
+    answers = await asyncio.gather(
+        *(
+            client.request("threads.create", {"input": user_input("hi")}, user=f"u{n}")
+            for n in range(6)
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [200, 503, 503, 503, 503, 503]
+    assert client.app.state.runtime.open_streams == 0

@@ -86,8 +86,13 @@ BEGIN
     IF p_limit > 0 AND live >= p_limit THEN
         RETURN 'full';
     END IF;
+    -- A new thread's reply may claim the thread (an UPDATE, without this lock) meanwhile.
     INSERT INTO chatkit_stream_leases (user_id, id, thread_id, expires_at)
-        VALUES (p_user, p_lease, p_thread, now() + make_interval(secs => p_ttl));
+        VALUES (p_user, p_lease, p_thread, now() + make_interval(secs => p_ttl))
+        ON CONFLICT (user_id, thread_id) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN 'busy';
+    END IF;
     RETURN 'taken';
 END
 $$

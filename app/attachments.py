@@ -596,12 +596,12 @@ class PgAttachmentStore(AttachmentStore[Any]):
         return attachment
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
-        """Delete the bytes; the server then calls ``Store.delete_attachment`` for the row."""
-        user_id = user_id_of(context)
+        """Delete the bytes; the server then calls ``Store.delete_attachment`` for the row.
+
+        Idempotent like the store's deletes: whoever handles the request checks that the
+        attachment exists (and is the user's) first, so a client still gets a 404."""
         async with self.store.connection() as conn:
-            if await conn.fetchval(SQL_EXISTS, user_id, attachment_id) is None:
-                raise NotFoundError(f"Attachment {attachment_id} not found")
-            await conn.execute(SQL_DELETE_BLOBS, user_id, attachment_id)
+            await conn.execute(SQL_DELETE_BLOBS, user_id_of(context), attachment_id)
 
     # --- URLs ---------------------------------------------------------------------------
 

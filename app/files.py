@@ -195,6 +195,8 @@ def files_router(
     async def delete(request: Request, attachment_id: str, user_id: User) -> Response:
         store = store_of(request)
         context = {"user_id": user_id}
+        # The deletes are idempotent; a missing or foreign id must still be a 404.
+        await store.store.load_attachment(attachment_id, context)
         await store.delete_attachment(attachment_id, context)
         await store.store.delete_attachment(attachment_id, context)
         return Response(status_code=204)

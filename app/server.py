@@ -44,6 +44,7 @@ from chatkit.types import (
     ThreadsAddUserMessageReq,
     ThreadsCreateReq,
     ThreadsCustomActionReq,
+    ThreadsDeleteReq,
     ThreadsListReq,
     ThreadsRetryAfterItemReq,
     ThreadsSyncCustomActionReq,
@@ -274,9 +275,16 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             case ItemsFeedbackReq():
                 # With no item ids the store would not look at the thread at all.
                 await store.load_thread(request.params.thread_id, context)
-            case AttachmentsCreateReq() | AttachmentsDeleteReq():
+            case ThreadsDeleteReq():
+                # The store's delete is idempotent (the SDK's contract); the client gets a 404.
+                await store.load_thread(request.params.thread_id, context)
+            case AttachmentsCreateReq():
                 if self.attachment_store is None:
                     raise UnsupportedError("This server does not accept attachments.")
+            case AttachmentsDeleteReq():
+                if self.attachment_store is None:
+                    raise UnsupportedError("This server does not accept attachments.")
+                await store.load_attachment(request.params.attachment_id, context)
             case InputTranscribeReq():
                 raise UnsupportedError("This server does not transcribe audio.")
             case _:

@@ -334,10 +334,11 @@ class PostgresStore(Store[Any]):
                     raise NotFoundError("cursor not found")
         has_more = len(rows) > n
         rows = rows[:n]
+        # The SDK's contract: ``after`` is the cursor for the next page, so the last page has none.
         return Page(
             data=[decode(r[1]) for r in rows],
             has_more=has_more,
-            after=rows[-1][0] if rows else None,
+            after=rows[-1][0] if has_more else None,
         )
 
     # --- ids ----------------------------------------------------------------------------
@@ -381,10 +382,11 @@ class PostgresStore(Store[Any]):
         )
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
-        """Items, feedback, attachments and their bytes go with the thread (ON DELETE CASCADE)."""
-        status = await self._execute(SQL_DELETE_THREAD, user_id_of(context), thread_id)
-        if status == "DELETE 0":
-            raise NotFoundError(f"Thread {thread_id} not found")
+        """Items, feedback, attachments and their bytes go with the thread (ON DELETE CASCADE).
+
+        Idempotent, like the SDK's reference store: a missing (or another user's) thread is a
+        no-op. The HTTP layer checks existence first, so clients still get a 404."""
+        await self._execute(SQL_DELETE_THREAD, user_id_of(context), thread_id)
 
     # --- items --------------------------------------------------------------------------
 
@@ -461,9 +463,9 @@ class PostgresStore(Store[Any]):
         return attachment if hook is None else hook(attachment, user_id)
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
-        status = await self._execute(SQL_DELETE_ATTACHMENT, user_id_of(context), attachment_id)
-        if status == "DELETE 0":
-            raise NotFoundError(f"Attachment {attachment_id} not found")
+        """Idempotent: the SDK's ``attachments.delete`` calls the attachment store's delete and
+        then this one for the same id, so the row may already be gone."""
+        await self._execute(SQL_DELETE_ATTACHMENT, user_id_of(context), attachment_id)
 
     # --- feedback -----------------------------------------------------------------------
 

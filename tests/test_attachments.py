@@ -562,11 +562,12 @@ async def test_another_user_is_refused_in_every_operation(
     assert rows[0][0] is None
     assert server.inputs == []
 
-    # delete through ChatKit's attachments.delete
-    with pytest.raises(NotFoundError):
-        await chatkit(
-            server, {"type": "attachments.delete", "params": {"attachment_id": mine["id"]}}, BOB
-        )
+    # delete through the SDK's own attachments.delete: the stores' deletes are idempotent (the
+    # SDK's contract), so for bob it is a no-op on his own (empty) rows; alice's file stays.
+    # Our /chatkit answers 404 first (tests/test_server_isolation.py).
+    await chatkit(
+        server, {"type": "attachments.delete", "params": {"attachment_id": mine["id"]}}, BOB
+    )
     # read through the converter bound to bob
     part = await AttachmentConverter(attachments, "bob").attachment_to_message_content(
         await store.load_attachment(mine["id"], ALICE)
@@ -592,6 +593,14 @@ async def test_owner_deletes_through_chatkit_and_http(
     assert r.status_code == 204
     assert await counts(engine) == (0, 0)
     assert (await client.get(f"/files/{b['id']}", headers={"X-User": "alice"})).status_code == 404
+    # Deleting again: the SDK's server over our stores succeeds (reference-store behaviour),
+    # while the HTTP route still says 404 (it checks before deleting).
+    again = await chatkit(
+        server, {"type": "attachments.delete", "params": {"attachment_id": a["id"]}}, ALICE
+    )
+    assert again == {}
+    r = await client.delete(f"/files/{b['id']}", headers={"X-User": "alice"})
+    assert r.status_code == 404
 
 
 # --- limits and types ---------------------------------------------------------------------

@@ -260,8 +260,9 @@ async def test_two_users_every_operation_with_cascades(
     await files.delete_attachment(alice["upload"], ALICE)
     await store.delete_attachment(alice["upload"], ALICE)
     await store.delete_thread(alice["thread"].id, ALICE)
+    await store.delete_thread(alice["thread"].id, ALICE)  # idempotent: a no-op
     with pytest.raises(NotFoundError):
-        await store.delete_thread(alice["thread"].id, ALICE)
+        await store.load_thread(alice["thread"].id, ALICE)
     owner = await _counts_by_user(engine)
     assert owner == {
         "chatkit_threads": {"bob": 1},

@@ -70,6 +70,7 @@ def _operations(ids: dict[str, str], bobs_thread: str) -> list[tuple[str, dict[s
             {"thread_id": t, "item_id": ids["widget"], "action": ACTION},
         ),
         ("threads.list", {"after": t}),
+        ("attachments.delete", {"attachment_id": ids["attachment"]}),
         # Bob's own thread, but Alice's item or attachment inside the request:
         ("items.list", {"thread_id": bobs_thread, "after": ids["reply"]}),
         ("threads.retry_after_item", {"thread_id": bobs_thread, "item_id": ids["question"]}),

@@ -76,7 +76,9 @@ async def test_threads_list_paginates(make_client: MakeClient, store: PostgresSt
         seen += [t["title"] for t in page["data"]]
         assert all(t["items"] == {"data": [], "has_more": False} for t in page["data"])
         if not page["has_more"]:
+            assert page.get("after") is None  # the last page carries no cursor
             break
+        assert page["after"] == page["data"][-1]["id"]
         after = page["after"]
     assert seen == ["t4", "t3", "t2", "t1", "t0"]  # newest first by default
     assert pages == 3
@@ -122,7 +124,9 @@ async def test_items_list_pages_in_both_orders(
             page = await client.call("items.list", params | ({"after": after} if after else {}))
             got += [i["id"] for i in page["data"]]
             if not page["has_more"]:
+                assert page.get("after") is None
                 break
+            assert page["after"] == page["data"][-1]["id"]
             after = page["after"]
         assert got == [m.id for m in expected]
 

@@ -48,8 +48,9 @@ async def _all_items(
         page = await store.load_thread_items(thread_id, after, limit, order, ctx)
         out.extend(page.data)
         if not page.has_more:
-            assert page.after == (page.data[-1].id if page.data else None)
+            assert page.after is None  # the SDK's contract: the last page has no cursor
             return out
+        assert page.after == page.data[-1].id
         after = page.after
 
 
@@ -170,9 +171,14 @@ async def test_delete_thread_cascades(store: PostgresStore, engine) -> None:  # 
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
 
 
-async def test_delete_missing_thread_is_not_found(store: PostgresStore) -> None:
+async def test_delete_missing_thread_is_a_no_op(store: PostgresStore) -> None:
+    """As in the SDK's reference store; the HTTP layer answers 404 before calling it."""
+    tid = await _thread(store, ALICE)
+    await store.delete_thread("thr_missing", ALICE)
+    await store.delete_thread(tid, ALICE)
+    await store.delete_thread(tid, ALICE)  # again: still no error
     with pytest.raises(NotFoundError):
-        await store.delete_thread("thr_missing", ALICE)
+        await store.load_thread(tid, ALICE)
 
 
 async def test_delete_item(store: PostgresStore) -> None:
@@ -191,8 +197,9 @@ async def test_delete_attachment(store: PostgresStore) -> None:
     await store.delete_attachment(att.id, ALICE)
     with pytest.raises(NotFoundError):
         await store.load_attachment(att.id, ALICE)
-    with pytest.raises(NotFoundError):
-        await store.delete_attachment(att.id, ALICE)
+    # The SDK's attachments.delete may reach here after the row is gone: a no-op.
+    await store.delete_attachment(att.id, ALICE)
+    await store.delete_attachment("atc_never_there", ALICE)
 
 
 # --- pagination ---------------------------------------------------------------------------
@@ -236,13 +243,39 @@ async def test_page_fields(store: PostgresStore) -> None:
         [i.id for i in items[:2]],
     )
     p3 = await store.load_thread_items(tid, items[3].id, 2, "asc", ALICE)
-    assert (p3.has_more, p3.after, [i.id for i in p3.data]) == (False, items[4].id, [items[4].id])
+    assert (p3.has_more, p3.after, [i.id for i in p3.data]) == (False, None, [items[4].id])
     end = await store.load_thread_items(tid, items[4].id, 2, "asc", ALICE)
     assert (end.has_more, end.after, end.data) == (False, None, [])
     d = await store.load_thread_items(tid, None, 1, "desc", ALICE)
     assert [i.id for i in d.data] == [items[4].id] and d.has_more
     empty = await store.load_thread_items(tid, None, 0 + 5, "asc", {"user_id": "nobody"})
     assert (empty.data, empty.has_more, empty.after) == ([], False, None)
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_last_page_has_no_cursor(store: PostgresStore, order: str) -> None:
+    """The SDK's contract for both lists: ``after`` is the last id while ``has_more``, then None
+    (also when the last page is exactly full)."""
+    tids = [await _thread(store, ALICE, created_at=f.T0 + timedelta(seconds=i)) for i in range(4)]
+    items = [f.user_message(tids[0], str(i), f.T0 + timedelta(seconds=i)) for i in range(4)]
+    for item in items:
+        await store.add_thread_item(tids[0], item, ALICE)
+    threads_in_order = tids if order == "asc" else tids[::-1]
+    items_in_order = [i.id for i in (items if order == "asc" else items[::-1])]
+
+    t1 = await store.load_threads(2, None, order, ALICE)
+    assert (t1.has_more, t1.after) == (True, threads_in_order[1])
+    t2 = await store.load_threads(2, t1.after, order, ALICE)
+    assert ([t.id for t in t2.data], t2.has_more, t2.after) == (threads_in_order[2:], False, None)
+    whole = await store.load_threads(4, None, order, ALICE)
+    assert (len(whole.data), whole.has_more, whole.after) == (4, False, None)
+
+    i1 = await store.load_thread_items(tids[0], None, 3, order, ALICE)
+    assert (i1.has_more, i1.after) == (True, items_in_order[2])
+    i2 = await store.load_thread_items(tids[0], i1.after, 3, order, ALICE)
+    assert ([i.id for i in i2.data], i2.has_more, i2.after) == (items_in_order[3:], False, None)
+    exact = await store.load_thread_items(tids[0], None, 4, order, ALICE)
+    assert (len(exact.data), exact.has_more, exact.after) == (4, False, None)
 
 
 async def test_unknown_cursor_is_not_found(store: PostgresStore) -> None:
@@ -282,7 +315,9 @@ async def test_threads_pagination(store: PostgresStore, order: str) -> None:
             page = await store.load_threads(limit, after, order, ALICE)
             got += [t.id for t in page.data]
             if not page.has_more:
+                assert page.after is None
                 break
+            assert page.after == page.data[-1].id
             after = page.after
         assert got == expected
 
@@ -350,10 +385,8 @@ async def test_other_users_objects_look_missing(store: PostgresStore) -> None:
         await store.load_item(tid, items[0].id, BOB)
     with pytest.raises(NotFoundError):
         await store.load_attachment(att.id, BOB)
-    with pytest.raises(NotFoundError):
-        await store.delete_thread(tid, BOB)
-    with pytest.raises(NotFoundError):
-        await store.delete_attachment(att.id, BOB)
+    await store.delete_thread(tid, BOB)  # a no-op for Bob (idempotent deletes)
+    await store.delete_attachment(att.id, BOB)
     with pytest.raises(NotFoundError):
         await store.add_thread_item(tid, f.user_message(tid, "intrusion"), BOB)
     with pytest.raises(NotFoundError):

@@ -34,7 +34,7 @@ from app.offline_model import text_response_events
 from app.runtime import Runtime
 from app.settings import Settings
 from app.store import PostgresStore
-from tests.chatkit_client import done_items, of_type, token_for, user_input
+from tests.chatkit_client import done_items, error_text, of_type, token_for, user_input
 from tests.conftest import MakeClient
 from tests.loopback import serve
 from tests.pgharness import PgServer
@@ -87,7 +87,8 @@ def assert_unavailable(response: httpx.Response) -> None:
     assert error["code"] == "unavailable"
     assert error["message"] == ServiceUnavailableError.public_message
     assert set(error) <= {"code", "message", "request_id"}
-    assert not any(word in response.text.lower() for word in LEAKS), response.text
+    text = error_text(response).lower()
+    assert not any(word in text for word in LEAKS), response.text
 
 
 def stream_error(events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -91,8 +92,12 @@ from tests.chatkit_client import JWT_TEST_SECRET, ChatKitClient, done_items, par
 
 # --- the two users and their world ----------------------------------------------------------
 
-USERS = ("alice", "bob")
-MARKER = {"alice": "alice-secret-q7Vd", "bob": "bob-secret-Z3kp"}
+ALICE_ID = "alice@hostile.example"
+BOB_ID = "bob@hostile.example"
+USERS = (ALICE_ID, BOB_ID)
+"""User ids with ``@`` and ``.``: no base64url or hex token (signatures, ids) can contain one,
+so finding a user id in an answer is a real leak, never a coincidence of random text."""
+MARKER = {ALICE_ID: "alice-secret-q7Vd", BOB_ID: "bob-secret-Z3kp"}
 """A word only that user's own messages (and thread titles) contain."""
 BODY_LIMIT = 256 * 1024
 """``max_body_bytes`` of the app under test: 10-20k deep nesting fits, oversize stays cheap."""
@@ -119,7 +124,7 @@ KEY_COLUMNS = ("id", "thread_id", "item_id", "attachment_id")
 
 
 def other(user: str) -> str:
-    return "bob" if user == "alice" else "alice"
+    return BOB_ID if user == ALICE_ID else ALICE_ID
 
 
 SDK_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
@@ -429,7 +434,8 @@ class World:
         return user if ref.name == "@user" else self.ids[user][ref.name]
 
     def secrets(self, user: str) -> set[str]:
-        return {*self.ids[user].values(), MARKER[user], user}
+        # The id also as a URL spells it (signed file URLs carry it in their query).
+        return {*self.ids[user].values(), MARKER[user], user, quote(user, safe="")}
 
     def known_ids(self) -> set[str]:
         return {i for ids in self.ids.values() for i in ids.values()} | set(self.missing.values())
@@ -589,8 +595,8 @@ async def world(test_settings: Settings, engine: AsyncEngine) -> AsyncIterator[W
             httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30)
         )
         client = ChatKitClient(app, http, settings)
-        ids = {user: await _seed(client, store, raw, user) for user in ("bob", "alice")}
-        w = World(client, raw, ids, _missing_ids(ids["alice"]), tables)
+        ids = {user: await _seed(client, store, raw, user) for user in (BOB_ID, ALICE_ID)}
+        w = World(client, raw, ids, _missing_ids(ids[ALICE_ID]), tables)
         for user in USERS:
             w.current[user] = await w.snapshot(user)
             w.data_baseline[user] = data_of(w.current[user])
@@ -2169,11 +2175,11 @@ def _explicit() -> dict[str, list[Case]]:
             ),
         ],
     }
-    explicit = {cls: [Case(cls, "alice", **row) for row in rows[cls]] for cls in CLASSES}
+    explicit = {cls: [Case(cls, ALICE_ID, **row) for row in rows[cls]] for cls in CLASSES}
     # The same from bob's side, for a few.
     for cls in ("foreign_ids", "unknown_ids", "well_formed"):
         explicit[cls] += [
-            replace(c, actor="bob", note=f"{c.note} (as bob)".strip()) for c in explicit[cls][:3]
+            replace(c, actor=BOB_ID, note=f"{c.note} (as bob)".strip()) for c in explicit[cls][:3]
         ]
     return explicit
 

@@ -10,7 +10,7 @@ from chatkit.types import ClientToolCallItem, StructuredInputItem, WidgetItem
 
 from app.store import PostgresStore
 from tests import factories as f
-from tests.chatkit_client import ChatKitClient, done_items, user_input
+from tests.chatkit_client import ChatKitClient, done_items, error_text, user_input
 from tests.conftest import MakeClient
 
 ALICE = {"user_id": "alice"}
@@ -106,7 +106,7 @@ async def test_other_users_objects_are_404_everywhere(
         assert response.status_code == 404, (type_, params, response.text)
         assert response.headers["content-type"].startswith("application/json"), type_
         assert response.json()["error"]["code"] == "not_found", type_
-        assert "alice" not in response.text.lower()
+        assert "alice" not in error_text(response).lower()
         # Exactly the answer a missing object gets.
         missing = await client.request(type_, _as_missing(params, ids), user="bob")
         assert missing.status_code == 404, (type_, missing.text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -11,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db import create_engine
 from app.settings import Settings
 from app.store import PostgresStore
-from tests.pgharness import PgServer, migrate, postgres_server
+from tests.pgharness import PgServer, header_line, migrate, postgres_server
 
 TABLES = (
     "chatkit_feedback, chatkit_items, chatkit_attachments, chatkit_threads, "
@@ -19,11 +20,33 @@ TABLES = (
 )
 
 
+_PG = pytest.StashKey[tuple[ExitStack, PgServer]]()
+
+
+def _session_server(config: pytest.Config) -> PgServer:
+    """The session's PostgreSQL, started once, on first need: the report header (so it can
+    name the server) or the first test that uses the database."""
+    if _PG not in config.stash:
+        stack = ExitStack()
+        server = stack.enter_context(postgres_server())
+        config.stash[_PG] = (stack, server)
+    return config.stash[_PG][1]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [header_line(_session_server(config))]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PG in config.stash:
+        stack, _ = config.stash[_PG]
+        del config.stash[_PG]
+        stack.close()
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    with postgres_server() as server:
-        print(f"\n[tests] PostgreSQL from {server.kind}")
-        yield server
+def pg_server(pytestconfig: pytest.Config) -> PgServer:
+    return _session_server(pytestconfig)
 
 
 @pytest.fixture(scope="session")

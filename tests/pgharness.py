@@ -1,11 +1,14 @@
 """Choose a real PostgreSQL for tests and benchmarks, and make throwaway databases on it.
 
-Order: ``TEST_DATABASE_URL`` → a testcontainers container when a Docker engine answers →
-the embedded ``pgserver`` PostgreSQL in a temporary folder.
+Order: ``TEST_DATABASE_URL`` → a testcontainers container (``TEST_POSTGRES_IMAGE``) when a
+Docker engine answers → the embedded ``pgserver`` PostgreSQL in a temporary folder. A container
+that cannot start (offline, no image, registry limits) falls back to the embedded server, and
+the report header says so with the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -32,7 +35,8 @@ class PgServer:
     """A server we may create databases on; ``kind`` says which of the three it is."""
 
     admin_url: str  # postgresql+asyncpg URL of a maintenance database
-    kind: str
+    kind: str  # "TEST_DATABASE_URL", "testcontainers <image>" or "embedded"
+    note: str = ""  # why a preferred kind was not used (said once, in the report header)
     _created: list[str] = field(default_factory=list)
 
     def url_for(self, database: str) -> str:
@@ -79,26 +83,84 @@ def _docker_answers() -> bool:
         return False
 
 
+def postgres_image() -> str:
+    """``TEST_POSTGRES_IMAGE``: the image testcontainers starts (CI builds a local one)."""
+    return os.environ.get("TEST_POSTGRES_IMAGE", "").strip() or POSTGRES_IMAGE
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for the report header: the first line of the error, bounded."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _container(image: str) -> Iterator[PgServer]:
+    from testcontainers.community.postgres import PostgresContainer
+
+    container = PostgresContainer(image, driver="asyncpg")
+    try:
+        container.start()
+    except BaseException:
+        # A container that was created but never became ready must not outlive the session.
+        with contextlib.suppress(Exception):
+            container.stop()
+        raise
+    try:
+        yield PgServer(container.get_connection_url(), f"testcontainers {image}")
+    finally:
+        container.stop()
+
+
+@contextlib.contextmanager
+def _embedded(note: str = "") -> Iterator[PgServer]:
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="ckpg-pg-") as tmp:
+        server = pgserver.get_server(tmp, cleanup_mode="delete")
+        try:
+            yield PgServer(normalise_database_url(server.get_uri()), "embedded", note=note)
+        finally:
+            server.cleanup()
+
+
 @contextlib.contextmanager
 def postgres_server() -> Iterator[PgServer]:
     url = os.environ.get("TEST_DATABASE_URL", "").strip()
     if url:
         yield PgServer(normalise_database_url(url), "TEST_DATABASE_URL")
         return
-    if _docker_answers():
-        from testcontainers.postgres import PostgresContainer
+    with contextlib.ExitStack() as stack:
+        server: PgServer | None = None
+        note = ""
+        if _docker_answers():
+            image = postgres_image()
+            try:
+                server = stack.enter_context(_container(image))
+            except Exception as exc:
+                # Offline, a registry limit, no such image: the suite still runs, and says why.
+                note = f"testcontainers could not start {image} ({_reason(exc)})"
+        if server is None:
+            server = stack.enter_context(_embedded(note))
+        yield server
 
-        with PostgresContainer(POSTGRES_IMAGE, driver="asyncpg") as pg:
-            yield PgServer(pg.get_connection_url(), "testcontainers")
-        return
-    import pgserver
 
-    with tempfile.TemporaryDirectory(prefix="ckpg-pg-") as tmp:
-        server = pgserver.get_server(tmp, cleanup_mode="delete")
+def server_version(server: PgServer) -> str:
+    """The server's own version string (``SHOW server_version``), for the report header."""
+
+    async def ask() -> str:
+        conn = await asyncpg.connect(server.dsn(server.admin_url))
         try:
-            yield PgServer(normalise_database_url(server.get_uri()), "embedded")
+            return str(await conn.fetchval("SHOW server_version"))
         finally:
-            server.cleanup()
+            await conn.close()
+
+    return asyncio.run(ask())
+
+
+def header_line(server: PgServer) -> str:
+    line = f"PostgreSQL: {server.kind}, server {server_version(server)}"
+    return f"{line}; {server.note}" if server.note else line
 
 
 def alembic_config(database_url: str) -> Config:

@@ -58,17 +58,24 @@ class ModelSetup:
             await self.client.close()
 
 
+def check_model_settings(settings: Settings) -> None:
+    """The model settings' mistakes, found before anything starts (``python -m app serve``
+    checks them up front so the operator reads one line, not a traceback from the lifespan)."""
+    if settings.openai_base_url and not settings.model_name:
+        raise ConfigurationError(
+            "OPENAI_BASE_URL is set: also set MODEL_NAME to a model that server serves"
+        )
+
+
 def choose_model(settings: Settings, override: Model | None = None) -> ModelSetup:
     """The model the settings ask for (``override`` wins: tests and embedding apps)."""
     if override is not None:
         offline = isinstance(override, OfflineModel)
         return ModelSetup(override, "offline" if offline else "custom", type(override).__name__)
+    check_model_settings(settings)
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     if settings.openai_base_url:
-        if not settings.model_name:
-            raise ConfigurationError(
-                "OPENAI_BASE_URL is set: also set MODEL_NAME to a model that server serves"
-            )
+        assert settings.model_name  # check_model_settings
         client = AsyncOpenAI(
             base_url=settings.openai_base_url,
             api_key=key or "not-needed",

@@ -6,11 +6,16 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
+from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 
 from . import prune
+from .agent import check_model_settings, load_instructions
 from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
 from .errors import ConfigurationError
@@ -19,27 +24,57 @@ from .settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger("app.cli")
 
+# What "the database is not there, or will not let us in" looks like while migrating.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, unreachable, DNS
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, bad password
+    asyncpg.InvalidCatalogNameError,  # no such database
+)
 
-def alembic_config(database_url: str) -> Config:
+
+def alembic_config(database_url: str, *, quiet: bool = False) -> Config:
     cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
     cfg.attributes["database_url"] = database_url
+    # alembic.ini's logging section prints a line per revision: right for `migrate`, noise
+    # before `serve`'s first screen.
+    cfg.attributes["skip_logging_config"] = quiet
     return cfg
 
 
-def migrate(settings: Settings) -> str:
-    """Bring the database to the Alembic head; returns the URL it used."""
+def migrate(settings: Settings, *, quiet: bool = False) -> str:
+    """Bring the database to the Alembic head; returns the URL it used.
+
+    A database that cannot be reached or entered is the operator's setting to fix: it is
+    reported as one line naming ``DATABASE_URL`` (password hidden), not a driver traceback."""
     url = resolve_database_url(settings)
-    command.upgrade(alembic_config(url), "head")
+    try:
+        command.upgrade(alembic_config(url, quiet=quiet), "head")
+    except UNREACHABLE as exc:
+        where = make_url(url).render_as_string(hide_password=True)
+        raise ConfigurationError(
+            f"cannot migrate the database at DATABASE_URL={where} "
+            f"({type(exc).__name__}: {first_line(exc)}); check DATABASE_URL and that "
+            "PostgreSQL is running"
+        ) from exc
     return url
+
+
+def preflight(settings: Settings) -> None:
+    """Every check of the settings alone, before the database or the server starts: the
+    lifespan would find the same mistakes, but as a traceback after uvicorn has started."""
+    check_auth_settings(settings)
+    check_model_settings(settings)
+    load_instructions(settings)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = get_settings()
-    url = migrate(settings)
+    migrate(settings)
     where = "embedded PostgreSQL" if not settings.database_url else "DATABASE_URL"
     print(f"database is at the latest migration ({where})")
-    log.debug("migrated %s", url)
     return 0
 
 
@@ -47,17 +82,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run_uvicorn, try_it
 
     settings = get_settings()
-    try:
-        check_auth_settings(settings)
-    except ConfigurationError as exc:
-        print(f"chatkit-pg cannot start: {exc}", file=sys.stderr)
-        return 2
-    url = migrate(settings)
+    preflight(settings)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    url = migrate(settings, quiet=True)
     # The server process (and anything it spawns) must use the same database.
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()
     settings = get_settings()
-    # After alembic, whose env.py installs its own logging configuration.
     configure_logging(settings.log_level, force=True)
     print(try_it(settings), flush=True)
     run_uvicorn(settings)
@@ -66,11 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Print a token this server accepts (only the token, on stdout)."""
-    try:
-        print(mint_token(get_settings(), args.sub, ttl_seconds=args.ttl))
-    except ConfigurationError as exc:
-        print(f"cannot issue a token: {exc}", file=sys.stderr)
-        return 2
+    print(mint_token(get_settings(), args.sub, ttl_seconds=args.ttl))
     return 0
 
 
@@ -99,7 +126,39 @@ COMMANDS = {
 }
 
 
+FAILED = {"serve": "cannot start", "token": "cannot issue a token"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Run a command. A configuration mistake is one line on stderr naming the setting, and
+    exit status 2: no traceback, no log noise before it."""
+    # pgserver (through platformdirs) warns when XDG_RUNTIME_DIR is unset, as in containers.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # dumps of its process objects
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigurationError as exc:
+        print(f"chatkit-pg {FAILED.get(args.command, args.command)}: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(
+            f"chatkit-pg {FAILED.get(args.command, args.command)}: {settings_problem(exc)}",
+            file=sys.stderr,
+        )
+    return 2
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """Pydantic's settings errors as "NAME: what is wrong", by environment variable name and
+    without the offending value (it may be a secret)."""
+    problems = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"][:1]).upper() or "settings"
+        problems.append(f"{name}: {error['msg']}")
+    return "invalid setting " + "; ".join(problems)
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""

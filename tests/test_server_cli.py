@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.settings import PROJECT_ROOT
 from app.store import PostgresStore
@@ -91,3 +92,74 @@ async def test_serve_prints_a_working_curl(
     access = [r for r in records if r.get("path") == "/chatkit"]
     assert access and access[0]["user_id"] == "dev" and access[0]["status"] == 200
     assert "Hello! What can you do?" not in stderr  # no message text in the logs
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a fresh checkout: no settings of the developer's own shell."""
+    keep = {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT"}
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    return env | {"DATA_DIR": str(tmp_path)} | extra
+
+
+async def test_first_screen_of_serve_on_the_embedded_database(tmp_path: Path) -> None:
+    """What a newcomer sees first: where the embedded database lives, the endpoint, the token
+    and the curl line; no library chatter (pgserver's INFO dumps, alembic's revision lines,
+    platformdirs' RuntimeDirWarning) before them."""
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        "serve",
+        cwd=PROJECT_ROOT,
+        env=_clean_env(tmp_path, PORT=str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    try:
+        printed: list[str] = []
+        while not any("curl -N" in line for line in printed):
+            line = await asyncio.wait_for(process.stdout.readline(), 120)
+            assert line, f"serve exited before printing its curl line: {printed}"
+            printed.append(line.decode().rstrip("\n"))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 60)
+    assert printed[0] == f"starting embedded PostgreSQL in {tmp_path / 'postgres'}"
+    assert printed[1] == f"chatkit-pg: ChatKit endpoint at http://127.0.0.1:{port}/chatkit"
+    assert printed[2].startswith('A token for user "dev"')
+    assert printed[3].startswith("  export TOKEN=ey")
+    assert printed[4] == "Create a thread and stream a reply:"
+    assert printed[5].startswith(f"  curl -N http://127.0.0.1:{port}/chatkit ")
+    assert len(printed) == 6, printed
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}, "MODEL_NAME"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"DB_POOL_SIZE": "-3"}, "DB_POOL_SIZE"),
+        ({"PRODUCTION": "true"}, "JWT_SECRET"),
+        ({"AGENT_INSTRUCTIONS_FILE": "/nonexistent/prompt.md"}, "AGENT_INSTRUCTIONS_FILE"),
+        ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:9/none"}, "DATABASE_URL"),
+    ],
+)
+def test_configuration_mistakes_are_one_line_and_exit_2(
+    tmp_path: Path, settings: dict[str, str], named: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve"],
+        cwd=PROJECT_ROOT,
+        env=_clean_env(tmp_path, **settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("chatkit-pg cannot start: ") and named in lines[0], lines[0]
+    assert "Traceback" not in result.stderr

@@ -29,13 +29,13 @@ test: install  ## the whole suite against a real PostgreSQL
 	$(VENV)/bin/pytest
 
 lint: install
-	$(VENV)/bin/ruff check app tests bench migrations
-	$(VENV)/bin/ruff format --check app tests bench migrations
+	$(VENV)/bin/ruff check app tests bench migrations examples
+	$(VENV)/bin/ruff format --check app tests bench migrations examples
 	$(VENV)/bin/mypy
 
 fmt: install
-	$(VENV)/bin/ruff check --fix app tests bench migrations
-	$(VENV)/bin/ruff format app tests bench migrations
+	$(VENV)/bin/ruff check --fix app tests bench migrations examples
+	$(VENV)/bin/ruff format app tests bench migrations examples
 
 bench: install  ## benchmarks against baselines measured in the same run
 	$(VENV)/bin/python -m bench

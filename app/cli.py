@@ -14,6 +14,7 @@ from . import prune
 from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
 from .errors import ConfigurationError
+from .identity import load_identity
 from .observability import configure_logging
 from .settings import PROJECT_ROOT, Settings, get_settings
 
@@ -49,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         check_auth_settings(settings)
+        load_identity(settings)  # the MCP identity key (generated once in development)
     except ConfigurationError as exc:
         print(f"chatkit-pg cannot start: {exc}", file=sys.stderr)
         return 2

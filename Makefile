@@ -7,7 +7,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run migrate test lint fmt bench soak clean
+.PHONY: install run migrate test lint fmt bench soak clean example-mcp
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -21,6 +21,9 @@ install: $(VENV)/.synced
 
 run: install  ## migrate (embedded PostgreSQL unless DATABASE_URL is set) and serve
 	$(VENV)/bin/python -m app serve
+
+example-mcp: install  ## the task-manager MCP example (examples/mcp_tasks), next to `make run`
+	$(VENV)/bin/python -m examples.mcp_tasks
 
 migrate: install
 	$(VENV)/bin/python -m app migrate

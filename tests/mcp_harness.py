@@ -165,13 +165,11 @@ def identity_meta(token: str) -> dict[str, Any]:
     return {IDENTITY_META_KEY: token}
 
 
-async def empty_tasks(database_url: str) -> None:
+async def drop_tasks_schema(database_url: str) -> None:
+    """Leave the shared test database as migrated (the example creates its schema at startup)."""
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        await conn.execute(
-            "DO $$ BEGIN IF to_regclass('mcp_tasks.tasks') IS NOT NULL THEN "
-            "TRUNCATE mcp_tasks.tasks; END IF; END $$"
-        )
+        await conn.execute("DROP SCHEMA IF EXISTS mcp_tasks CASCADE")
     finally:
         await conn.close()
 
@@ -211,4 +209,4 @@ async def task_stack(settings: Settings, database_url: str, model: Model) -> Asy
                 database_url,
             )
     finally:
-        await empty_tasks(database_url)
+        await drop_tasks_schema(database_url)

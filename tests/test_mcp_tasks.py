@@ -20,7 +20,8 @@ from typing import Any
 
 import jwt
 import pytest
-from agents.testing import ModelCall, ScriptedModel, assistant_message, function_call
+from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from app.identity import DEV_KEY_FILE, IdentitySigner, public_jwk
@@ -55,8 +56,6 @@ def tool_outputs(call: ModelCall) -> list[Any]:
 def backend_signer(stack: Stack, **overrides: Any) -> IdentitySigner:
     """A signer holding the backend's own key (from its DATA_DIR), for crafting tokens the
     backend would never issue (expired ones)."""
-    from cryptography.hazmat.primitives import serialization
-
     key = serialization.load_pem_private_key(
         (stack.settings.data_dir / DEV_KEY_FILE).read_bytes(), password=None
     )
@@ -255,8 +254,6 @@ async def test_concurrent_users_each_get_their_own_identity(
 
     users = ["alice", "bob", "carol"]
     per_user = 3
-    from agents.testing import ModelStep
-
     model.extend([ModelStep.respond(respond) for _ in range(2 * len(users) * per_user)])
     await asyncio.gather(
         *(

@@ -111,7 +111,7 @@ class TasksServer:
         async def list_tasks(ctx: Context, include_done: bool = False) -> dict[str, Any]:
             """The user's open tasks (with include_done, completed ones too), oldest first."""
             who = await self.caller(ctx)
-            return {"tasks": await self.store.list(who.user_id, include_done=include_done)}
+            return {"tasks": await self.store.tasks_of(who.user_id, include_done=include_done)}
 
         @mcp.tool()
         async def complete_task(task_id: int, ctx: Context) -> dict[str, Any]:

@@ -76,7 +76,7 @@ class TaskStore:
         )
         return _task(row)
 
-    async def list(self, user_id: str, *, include_done: bool) -> list[dict[str, Any]]:
+    async def tasks_of(self, user_id: str, *, include_done: bool) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
             "SELECT id, title, done, thread_id, created_at, completed_at FROM mcp_tasks.tasks "
             "WHERE user_id = $1 AND ($2 OR NOT done) ORDER BY id LIMIT 200",

@@ -293,3 +293,18 @@ async def test_jwks_is_served_over_real_http(make_client: MakeClient) -> None:
     async with serve(client.app, lifespan="off") as base, httpx.AsyncClient() as http:
         response = await http.get(f"{base}/.well-known/jwks.json")
     assert response.status_code == 200 and len(response.json()["keys"]) == 1
+
+
+async def test_jwks_serves_the_previous_key_during_a_rotation(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    current, previous = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    client = await make_client(
+        identity_signing_key_file=write_key(tmp_path / "current.pem", current),
+        identity_previous_public_key_file=write_public(tmp_path / "previous.pub", previous),
+    )
+    response = await client.http.get("/.well-known/jwks.json")
+    assert response.json()["keys"] == [
+        public_jwk(current.public_key()),
+        public_jwk(previous.public_key()),
+    ]

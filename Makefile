@@ -7,7 +7,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run migrate test lint fmt bench soak clean
+.PHONY: install run migrate test lint fmt bench soak clean example-mcp
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -22,6 +22,9 @@ install: $(VENV)/.synced
 run: install  ## migrate (embedded PostgreSQL unless DATABASE_URL is set) and serve
 	$(VENV)/bin/python -m app serve
 
+example-mcp: install  ## the task-manager MCP example (examples/mcp_tasks), next to `make run`
+	$(VENV)/bin/python -m examples.mcp_tasks
+
 migrate: install
 	$(VENV)/bin/python -m app migrate
 
@@ -29,13 +32,13 @@ test: install  ## the whole suite against a real PostgreSQL
 	$(VENV)/bin/pytest
 
 lint: install
-	$(VENV)/bin/ruff check app tests bench migrations
-	$(VENV)/bin/ruff format --check app tests bench migrations
+	$(VENV)/bin/ruff check app tests bench migrations examples
+	$(VENV)/bin/ruff format --check app tests bench migrations examples
 	$(VENV)/bin/mypy
 
 fmt: install
-	$(VENV)/bin/ruff check --fix app tests bench migrations
-	$(VENV)/bin/ruff format app tests bench migrations
+	$(VENV)/bin/ruff check --fix app tests bench migrations examples
+	$(VENV)/bin/ruff format app tests bench migrations examples
 
 bench: install  ## benchmarks against baselines measured in the same run
 	$(VENV)/bin/python -m bench

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,13 +22,14 @@ from agents import (
     OpenAIResponsesModel,
     RunContextWrapper,
 )
-from agents.mcp import MCPServer, MCPServerStreamableHttp
+from agents.mcp import MCPServer, MCPServerStreamableHttp, MCPToolMetaContext
 from agents.models.default_models import get_default_model
 from chatkit.agents import AgentContext
 from openai import AsyncOpenAI
 
 from .context import RequestContext
 from .errors import ConfigurationError
+from .identity import IDENTITY_META_KEY, IdentitySigner
 from .offline_model import OFFLINE_MODEL_NAME, OfflineModel
 from .settings import Settings
 
@@ -141,8 +143,34 @@ def build_title_agent(model: Model) -> Agent[Any]:
     return Agent(name="titler", instructions=TITLE_INSTRUCTIONS, model=model)
 
 
-async def connect_mcp_servers(settings: Settings, stack: AsyncExitStack) -> list[MCPServer]:
-    """Connect every ``MCP_SERVER_URLS`` entry; ``stack`` closes them at shutdown."""
+def identity_meta_resolver(
+    signer: IdentitySigner, audience: str
+) -> Callable[[MCPToolMetaContext], dict[str, Any]]:
+    """The ``_meta`` of every ``tools/call`` to the MCP server at ``audience``.
+
+    The MCP session is shared by every user, so who is asking is decided per call, from the
+    run context of the reply that makes the call (never from anything the session keeps).
+    Only our own signed token goes out, never the user's bearer token."""
+
+    def resolve(call: MCPToolMetaContext) -> dict[str, Any]:
+        agent_context = call.run_context.context
+        if not isinstance(agent_context, AgentContext):
+            # A tool call outside a ChatKit reply: there is nobody to vouch for.
+            raise RuntimeError("MCP tool called outside a ChatKit reply")
+        request: RequestContext = agent_context.request_context
+        token = signer.mint(
+            user_id=request.user_id, audience=audience, thread_id=agent_context.thread.id
+        )
+        return {IDENTITY_META_KEY: token}
+
+    return resolve
+
+
+async def connect_mcp_servers(
+    settings: Settings, stack: AsyncExitStack, identity: IdentitySigner | None = None
+) -> list[MCPServer]:
+    """Connect every ``MCP_SERVER_URLS`` entry; ``stack`` closes them at shutdown. With
+    ``identity``, each tool call carries a token for its user, addressed to that URL."""
     servers: list[MCPServer] = []
     for index, url in enumerate(settings.mcp_server_urls):
         server = MCPServerStreamableHttp(
@@ -151,6 +179,9 @@ async def connect_mcp_servers(settings: Settings, stack: AsyncExitStack) -> list
             name=f"mcp{index}",
             client_session_timeout_seconds=settings.mcp_timeout_seconds,
             max_retry_attempts=2,
+            tool_meta_resolver=(
+                identity_meta_resolver(identity, url) if identity is not None else None
+            ),
         )
         try:
             await server.connect()  # type: ignore[no-untyped-call]

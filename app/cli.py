@@ -19,6 +19,7 @@ from .agent import check_model_settings, load_instructions
 from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
 from .errors import ConfigurationError
+from .identity import load_identity
 from .observability import configure_logging
 from .settings import PROJECT_ROOT, Settings, get_settings
 
@@ -68,6 +69,7 @@ def preflight(settings: Settings) -> None:
     check_auth_settings(settings)
     check_model_settings(settings)
     load_instructions(settings)
+    load_identity(settings)  # the MCP identity key (generated once in development)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -42,6 +42,8 @@ from .errors import (
     ServiceUnavailableError,
 )
 from .files import files_router
+from .identity import load_identity
+from .identity import router as identity_router
 from .limits import Limits
 from .metered_store import MeteredStore
 from .middleware import RequestContextMiddleware, request_info
@@ -83,6 +85,7 @@ def create_app(
 
     install_error_handlers(app)
     app.include_router(ops_router)
+    app.include_router(identity_router)  # GET /.well-known/jwks.json, for MCP servers
     # A plain Starlette route: the endpoint reads the request itself, so FastAPI's dependency
     # machinery would only add cost to every ChatKit call.
     app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
@@ -127,7 +130,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         model = choose_model(settings, app.state.model_override)
         stack.push_async_callback(model.aclose)
-        mcp_servers = await connect_mcp_servers(settings, stack)
+        # The key signing MCP identity tokens (cmd_serve has checked it already).
+        identity = app.state.identity = load_identity(settings)
+        mcp_servers = await connect_mcp_servers(settings, stack, identity)
         agent = build_agent(
             load_instructions(settings),
             model.model,

@@ -324,6 +324,29 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    # --- identity tokens for MCP servers (issue 12, app/identity.py) -------------------------
+    identity_signing_key_file: Path | None = Field(
+        default=None,
+        description="PEM Ed25519 private key signing the identity tokens sent to MCP servers; "
+        "required with PRODUCTION when MCP_SERVER_URLS is set (replicas share it); unset in "
+        "development: generated once in DATA_DIR.",
+    )
+    identity_previous_public_key_file: Path | None = Field(
+        default=None,
+        description="PEM public key of the previous signing key, still served in the JWKS "
+        "during a rotation.",
+    )
+    identity_ttl_seconds: int = Field(
+        default=300, ge=10, le=300, description="Lifetime of an identity token (at most 300 s)."
+    )
+
+    @field_validator(
+        "identity_signing_key_file", "identity_previous_public_key_file", mode="before"
+    )
+    @classmethod
+    def _blank_path_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @property
     def embedded_pg_dir(self) -> Path:
         return self.data_dir / "postgres"

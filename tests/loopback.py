@@ -17,12 +17,22 @@ class _Server(uvicorn.Server):
         yield
 
 
-@contextlib.asynccontextmanager
-async def serve(app: Any, *, lifespan: str = "on") -> AsyncIterator[str]:
-    """Run ``app`` with uvicorn (httptools) on a loopback port; yields its base URL."""
+def bound_socket() -> socket.socket:
+    """A socket bound to a free loopback port (serve() listens on it)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    app: Any, *, lifespan: str = "on", sock: socket.socket | None = None
+) -> AsyncIterator[str]:
+    """Run ``app`` with uvicorn (httptools) on a loopback port; yields its base URL.
+
+    ``sock`` (from ``bound_socket()``) lets a test know the URL before the app is built."""
+    sock = sock or bound_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,

@@ -406,7 +406,7 @@ def test_no_secret_is_written_in_the_compose_file() -> None:
 
 def test_compose_services_start_in_order() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "migrate", "backend", "nginx", "prune"}
+    assert set(services) == {"postgres", "migrate", "backend", "nginx", "prune", "mcp-tasks"}
     # `docker compose up` starts all but the jobs behind a profile.
     assert {name for name, s in services.items() if not s.get("profiles")} == {
         "postgres",

@@ -1,0 +1,272 @@
+"""The task-manager MCP example (examples/mcp_tasks) behind the backend, over real HTTP.
+
+Alice's tasks are hers: added and listed through /chatkit with a scripted model, invisible to
+Bob, and the example refuses any call whose identity token is missing, forged, expired or for
+another server. The user's bearer token never reaches the MCP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from app.identity import DEV_KEY_FILE, IdentitySigner, public_jwk
+from app.settings import Settings
+from app.store import PostgresStore
+from tests.chatkit_client import assistant_text, done_items
+from tests.mcp_harness import Stack, identity_meta, task_stack
+
+
+@pytest.fixture
+async def stack(
+    app_settings: Settings, database_url: str, store: PostgresStore, tmp_path: Path
+) -> AsyncIterator[tuple[Stack, ScriptedModel]]:
+    model = ScriptedModel([])
+    settings = app_settings.model_copy(update={"data_dir": tmp_path})
+    async with task_stack(settings, database_url, model) as running:
+        yield running, model
+
+
+def tool_outputs(call: ModelCall) -> list[Any]:
+    """The JSON of every function_call_output the model was shown in this call."""
+    outputs = []
+    for item in call.input:
+        if item.get("type") == "function_call_output":
+            output = item["output"]
+            if not isinstance(output, str):  # a list of content parts
+                output = "".join(part.get("text", "") for part in output)
+            outputs.append(json.loads(output) if output.startswith("{") else output)
+    return outputs
+
+
+def backend_signer(stack: Stack, **overrides: Any) -> IdentitySigner:
+    """A signer holding the backend's own key (from its DATA_DIR), for crafting tokens the
+    backend would never issue (expired ones)."""
+    key = serialization.load_pem_private_key(
+        (stack.settings.data_dir / DEV_KEY_FILE).read_bytes(), password=None
+    )
+    assert isinstance(key, Ed25519PrivateKey)
+    return IdentitySigner(key, issuer=stack.backend_url, **overrides)
+
+
+async def test_alice_adds_and_lists_tasks_bob_sees_none(
+    stack: tuple[Stack, ScriptedModel],
+) -> None:
+    s, model = stack
+    alice, bob = s.bearer("alice"), s.bearer("bob")
+    model.extend(
+        [
+            [function_call("add_task", {"title": "Buy milk"}, call_id="call_add")],
+            [assistant_message("Added: Buy milk.")],
+            [function_call("list_tasks", {}, call_id="call_list_alice")],
+            [assistant_message("You have one task.")],
+            [function_call("list_tasks", {}, call_id="call_list_bob")],
+            [assistant_message("You have no tasks.")],
+        ]
+    )
+    thread_id, events = await s.create_thread("Remind me to buy milk", token=alice)
+    assert assistant_text(done_items(events, "assistant_message")[-1]) == "Added: Buy milk."
+    await s.send(thread_id, "What is on my list?", token=alice)
+    await s.create_thread("What is on my list?", token=bob)
+    model.assert_complete()
+
+    (added,) = tool_outputs(model.calls[1])
+    assert added["title"] == "Buy milk" and added["done"] is False
+    (alice_list,) = tool_outputs(model.calls[3])[-1:]
+    assert [t["title"] for t in alice_list["tasks"]] == ["Buy milk"]
+    (bob_list,) = tool_outputs(model.calls[5])
+    assert bob_list == {"tasks": []}
+
+    rows = await s.rows()
+    assert [(r["user_id"], r["title"], r["thread_id"]) for r in rows] == [
+        ("alice", "Buy milk", thread_id)
+    ]
+
+    # Every tool call carried a token for its user, addressed to this server, from the backend.
+    calls = s.recorder.tool_calls()
+    assert [c["name"] for c in calls] == ["add_task", "list_tasks", "list_tasks"]
+    users = []
+    for call in calls:
+        claims = await s.decode_identity(call["_meta"]["chatkit-pg/identity"])
+        users.append((claims["sub"], claims["thread_id"] == thread_id))
+    assert users == [("alice", True), ("alice", True), ("bob", False)]
+
+
+async def test_complete_task_only_for_its_owner(stack: tuple[Stack, ScriptedModel]) -> None:
+    s, _ = stack
+    signer = backend_signer(s)
+    meta = {
+        u: identity_meta(signer.mint(user_id=u, audience=s.mcp_url, thread_id=None))
+        for u in ("alice", "bob")
+    }
+    added = await s.call_tool("add_task", {"title": "Water the plants"}, meta["alice"])
+    assert not added.is_error
+    task_id = added.structured_content["id"]  # type: ignore[index]
+
+    by_bob = await s.call_tool("complete_task", {"task_id": task_id}, meta["bob"])
+    missing = await s.call_tool("complete_task", {"task_id": task_id + 1000}, meta["bob"])
+    assert by_bob.is_error and missing.is_error
+    # Another user's task answers exactly like a missing one (apart from the id asked for).
+    assert by_bob.content[0].text.replace(str(task_id), "N") == missing.content[0].text.replace(  # type: ignore[union-attr]
+        str(task_id + 1000), "N"
+    )
+    assert [r["done"] for r in await s.rows()] == [False]
+
+    done = await s.call_tool("complete_task", {"task_id": task_id}, meta["alice"])
+    assert not done.is_error and done.structured_content["done"] is True  # type: ignore[index]
+    listed = await s.call_tool("list_tasks", {}, meta["alice"])
+    assert listed.structured_content == {"tasks": []}
+    listed = await s.call_tool("list_tasks", {"include_done": True}, meta["alice"])
+    assert [t["title"] for t in listed.structured_content["tasks"]] == ["Water the plants"]  # type: ignore[index]
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _refusal(result: Any) -> str:
+    assert result.is_error, result
+    text: str = result.content[0].text
+    assert "Refused: " in text
+    return text
+
+
+async def test_bad_identity_tokens_are_refused(stack: tuple[Stack, ScriptedModel]) -> None:
+    s, _ = stack
+    signer = backend_signer(s)
+    now = time.time()
+    real_kid = signer.kid
+    forged_key = Ed25519PrivateKey.generate()
+
+    def forged(kid: str) -> str:
+        claims = {
+            "iss": s.backend_url,
+            "sub": "alice",
+            "aud": s.mcp_url,
+            "iat": int(now),
+            "exp": int(now) + 300,
+        }
+        return jwt.encode(claims, forged_key, algorithm="EdDSA", headers={"kid": kid})
+
+    expired = backend_signer(s, clock=lambda: now - 400).mint(
+        user_id="alice", audience=s.mcp_url, thread_id=None
+    )
+    other_audience = signer.mint(user_id="alice", audience="http://127.0.0.1:1/mcp", thread_id=None)
+    other_issuer = IdentitySigner(signer.private_key, issuer="https://evil.example").mint(
+        user_id="alice", audience=s.mcp_url, thread_id=None
+    )
+    # Algorithm confusion: HS256 "signed" with the public key (built by hand: PyJWT refuses to).
+    signing_input = ".".join(
+        b64url(json.dumps(part).encode())
+        for part in (
+            {"alg": "HS256", "typ": "JWT", "kid": real_kid},
+            {
+                "iss": s.backend_url,
+                "sub": "alice",
+                "aud": s.mcp_url,
+                "iat": int(now),
+                "exp": int(now) + 60,
+            },
+        )
+    )
+    public = json.dumps(public_jwk(signer.private_key.public_key())).encode()
+    mac = hmac.new(public, signing_input.encode(), hashlib.sha256).digest()
+    hs256 = f"{signing_input}.{b64url(mac)}"
+    cases = {
+        "missing": (None, "no identity token"),
+        "empty": (identity_meta(""), "no identity token"),
+        "garbage": (identity_meta("not.a.jwt"), "malformed"),
+        "forged with the backend's kid": (identity_meta(forged(real_kid)), "signature is invalid"),
+        "forged with its own kid": (
+            identity_meta(forged(public_jwk(forged_key.public_key())["kid"])),
+            "unknown key",
+        ),
+        "expired": (identity_meta(expired), "expired"),
+        "wrong audience": (identity_meta(other_audience), "another server"),
+        "wrong issuer": (identity_meta(other_issuer), "another issuer"),
+        "HS256 with the public key as secret": (identity_meta(hs256), "EdDSA-signed"),
+        "user's own bearer token": (identity_meta(s.bearer("alice")), "EdDSA-signed"),
+    }
+    for name, (meta, reason) in cases.items():
+        result = await s.call_tool("add_task", {"title": f"sneaky {name}"}, meta)
+        assert reason in _refusal(result), name
+        listed = await s.call_tool("list_tasks", {}, meta)
+        assert reason in _refusal(listed), name
+    assert await s.rows() == []
+
+    # The same server accepts the backend's genuine token (the refusals were about the tokens).
+    good = identity_meta(signer.mint(user_id="alice", audience=s.mcp_url, thread_id=None))
+    assert not (await s.call_tool("add_task", {"title": "genuine"}, good)).is_error
+    assert [r["user_id"] for r in await s.rows()] == ["alice"]
+
+
+async def test_bearer_token_never_reaches_the_mcp_server(
+    stack: tuple[Stack, ScriptedModel],
+) -> None:
+    s, model = stack
+    token = s.bearer("alice")
+    model.extend(
+        [
+            [function_call("add_task", {"title": "Call mum"}, call_id="call_1")],
+            [assistant_message("Done.")],
+        ]
+    )
+    await s.create_thread("Add: call mum", token=token)
+    model.assert_complete()
+    received = s.recorder.everything()
+    assert s.recorder.tool_calls(), "the tool was called"
+    assert token not in received
+    assert token.split(".")[2] not in received  # not even its signature
+    for request in s.recorder.requests:
+        assert "authorization" not in {name.lower() for name, _ in request.headers}
+    # The only JWTs the server saw are the backend's EdDSA identity tokens.
+    jwts = re.findall(r"eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+", received)
+    assert jwts and {jwt.get_unverified_header(t)["alg"] for t in jwts} == {"EdDSA"}
+
+
+async def test_concurrent_users_each_get_their_own_identity(
+    stack: tuple[Stack, ScriptedModel],
+) -> None:
+    """One MCP session serves every user: identity is decided per call, never shared."""
+    s, model = stack
+
+    def respond(call: ModelCall) -> Any:
+        last = call.input[-1]
+        if last.get("type") == "function_call_output":
+            return [assistant_message("Added.")]
+        text = last["content"] if isinstance(last["content"], str) else last["content"][0]["text"]
+        title = text.removeprefix("add ")
+        return [function_call("add_task", {"title": title}, call_id=f"call_{title}")]
+
+    users = ["alice", "bob", "carol"]
+    per_user = 3
+    model.extend([ModelStep.respond(respond) for _ in range(2 * len(users) * per_user)])
+    await asyncio.gather(
+        *(
+            s.create_thread(f"add {user}-{n}", token=s.bearer(user))
+            for n in range(per_user)
+            for user in users
+        )
+    )
+    model.assert_complete()
+    rows = await s.rows()
+    assert len(rows) == len(users) * per_user
+    for row in rows:
+        assert row["title"].split("-")[0] == row["user_id"], row
+    for call in s.recorder.tool_calls():
+        claims = await s.decode_identity(call["_meta"]["chatkit-pg/identity"])
+        assert call["arguments"]["title"].split("-")[0] == claims["sub"]

@@ -47,8 +47,11 @@ def instructions() -> list[tuple[str, str]]:
 
 def test_frontend_dockerfile_passes_hadolint() -> None:
     result = subprocess.run(
-        [hadolint_binary(), "--no-color", "--format", "json", "--failure-threshold", "style"]
-        + [str(DOCKERFILE)],
+        [
+            hadolint_binary(),
+            *("--no-color", "--format", "json", "--failure-threshold", "style"),
+            str(DOCKERFILE),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -35,13 +35,13 @@ function useComponentMissing(): boolean {
       defined = true;
       setMissing(false);
     });
-    const script = document.querySelector<HTMLScriptElement>('script[src*="chatkit.js"]');
     const onError = () => setMissing(!defined);
-    script?.addEventListener("error", onError);
-    const timer = setTimeout(onError, CDN_WAIT_MS);
+    if (window.chatkitScriptFailed) onError();
+    window.addEventListener("chatkit-script-error", onError);
+    const timer = setTimeout(onError, CDN_WAIT_MS); // a script that hangs instead of failing
     return () => {
       clearTimeout(timer);
-      script?.removeEventListener("error", onError);
+      window.removeEventListener("chatkit-script-error", onError);
     };
   }, []);
   return missing;

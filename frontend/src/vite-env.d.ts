@@ -12,3 +12,8 @@ interface ImportMetaEnv {
 interface ImportMeta {
   readonly env: ImportMetaEnv;
 }
+
+interface Window {
+  /** Set by index.html when ChatKit's CDN script fails to load. */
+  chatkitScriptFailed?: boolean;
+}

@@ -135,6 +135,8 @@ class DevServer:
                 "DATABASE_URL": self.database_url,
                 "DATA_DIR": str(self.data_dir),
                 "PORT": str(self.port),
+                # Two-phase upload URLs are built from it (docs/frontend.md).
+                "PUBLIC_BASE_URL": self.base_url,
                 "OFFLINE_WORD_DELAY_SECONDS": "0",
                 "THREAD_TITLES": "off",
                 "LOG_LEVEL": "WARNING",

@@ -112,6 +112,51 @@ async def test_make_run_names_the_page_and_it_mounts_chatkit_against_this_backen
         await page.close()
 
 
+# What ChatKit does with uploadStrategy two_phase: attachments.create through the page's fetch,
+# then the bytes to the descriptor's URL (signed, no token), as multipart.
+TWO_PHASE_UPLOAD = """async (text) => {
+  const options = window.__chatkitOptions;
+  const created = await options.api.fetch(options.api.url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ type: "attachments.create",
+                           params: { name: "note.txt", size: text.length, mime_type: "text/plain" } }),
+  });
+  const attachment = await created.json();
+  const descriptor = attachment.upload_descriptor;
+  const form = new FormData();
+  form.append("file", new Blob([text], { type: "text/plain" }), "note.txt");
+  const uploaded = await fetch(descriptor.url, { method: descriptor.method, body: form });
+  return { created: created.status, descriptor, uploaded: uploaded.status,
+           attachment: await uploaded.json() };
+}"""
+
+
+async def test_two_phase_upload_from_the_page_reaches_this_backend(
+    dev_server: DevServer, browser: Browser
+) -> None:
+    page = await browser.new_page()
+    try:
+        await page.route(CHATKIT_SCRIPT_URL, serve_stand_in)
+        await page.goto(dev_server.page_url())
+        options = (await chatkit_options(page))["options"]
+        assert options["api"]["uploadStrategy"] == {"type": "two_phase"}
+        result = await page.evaluate(TWO_PHASE_UPLOAD, "hello, postgres")
+        assert result["created"] == 200, result
+        assert result["descriptor"]["url"].startswith(f"{dev_server.base_url}/files/")
+        assert result["uploaded"] == 200, result
+        assert result["attachment"]["upload_descriptor"] is None, "the upload completed"
+        async with httpx.AsyncClient(timeout=10) as http:
+            token = (await http.get(f"{dev_server.base_url}/dev/token")).json()["token"]
+            download = await http.get(
+                f"{dev_server.base_url}/files/{result['attachment']['id']}",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert download.status_code == 200 and download.content == b"hello, postgres"
+    finally:
+        await page.close()
+
+
 async def test_page_says_so_when_the_chatkit_script_cannot_load(
     dev_server: DevServer, browser: Browser
 ) -> None:

@@ -1,7 +1,8 @@
 // The one place where this app learns who the user is.
 //
-// chatkit-pg accepts `Authorization: Bearer <JWT>` on every request (README, "Authentication"):
-// tokens signed with its JWT_SECRET, or issued by your identity provider (JWT_JWKS_URL).
+// chatkit-pg accepts `Authorization: Bearer <JWT>` on every request: tokens signed with its
+// JWT_SECRET, or issued by your identity provider (JWT_JWKS_URL); docs/configuration.md,
+// "Authentication".
 // Replace the body of getAuthToken with your sign-in library's call, for example
 //   return (await auth0.getTokenSilently()) ?? null;
 //   return (await supabase.auth.getSession()).data.session?.access_token ?? null;

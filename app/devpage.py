@@ -27,7 +27,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import auth_mode, mint_token
-from .serve import DEV_USER
 from .settings import Settings
 
 PAGE_FILE = Path(__file__).with_name("devpage.html")
@@ -37,6 +36,8 @@ CHATKIT_SCRIPT_URL = "https://cdn.platform.openai.com/deployments/chatkit/chatki
 LOCAL_DOMAIN_KEY = "domain_pk_localhost_dev"
 TOKEN_PATH = "/dev/token"  # noqa: S105 (a path)
 TOKEN_TTL_SECONDS = 24 * 3600
+# The user of the token `make run` prints (app/serve.py), so the curl's threads show up here.
+DEV_USER = "dev"
 _LOOPBACK_NAMES = frozenset({"localhost"})
 _NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
@@ -118,8 +119,7 @@ async def chat_page(request: Request) -> HTMLResponse:
 @router.get(TOKEN_PATH)
 async def dev_token(request: Request) -> JSONResponse:
     _require_local(request)
-    # The same user as the token `make run` prints, so the curl's threads show up here too.
-    # (A thread: mint_token may create the development secret file on first use.)
+    # In a thread: mint_token may create the development secret file on first use.
     token = await asyncio.to_thread(
         mint_token, request.app.state.settings, DEV_USER, ttl_seconds=TOKEN_TTL_SECONDS
     )

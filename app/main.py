@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import devpage
 from .agent import (
     build_agent,
     build_title_agent,
@@ -86,6 +87,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(ops_router)
     app.include_router(identity_router)  # GET /.well-known/jwks.json, for MCP servers
+    devpage.install(app, settings)  # GET / and /dev/token, development mode only
     # A plain Starlette route: the endpoint reads the request itself, so FastAPI's dependency
     # machinery would only add cost to every ChatKit call.
     app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])

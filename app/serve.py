@@ -22,6 +22,8 @@ def try_it(settings: Settings) -> str:
     base = f"http://{_public_host(settings.host)}:{settings.port}"
     lines = [f"chatkit-pg: ChatKit endpoint at {base}{settings.chatkit_path}"]
     mode = auth_mode(settings)
+    if mode == "dev" and not settings.production:  # app/devpage.py
+        lines.append(f"Chat page (development, this machine only): {base}/")
     if mode == "jwks":
         lines.append("Use a token from your identity provider:  export TOKEN=<jwt>")
     elif settings.production:

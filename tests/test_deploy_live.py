@@ -1,6 +1,6 @@
 """The deployment, live: the repository's nginx templates in a real nginx, in front of the real
 app under uvicorn (uvloop, httptools, --proxy-headers), with a model that paces its reply, over
-HTTPS and HTTP/2 on loopback ports; and a real headless Chromium reading the stream.
+HTTPS and HTTP/2 on loopback ports; and a real headless Chromium (Playwright) reading the stream.
 
 nginx and Chromium are real components: when one is missing these tests skip, except in CI (the
 CI variable set), where they fail: .ci/run installs both from Debian.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import ssl
 import statistics
@@ -22,15 +21,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.async_api import async_playwright
 
+from tests.browserharness import launch_chromium
 from tests.deployharness import (
     GZIP_EVERYTHING,
     Backend,
-    Chromium,
     Nginx,
     StreamResult,
     bearer_token,
-    find_chromium,
     find_nginx,
     pace_prompt,
     read_stream,
@@ -389,22 +388,20 @@ async def test_per_ip_rate_limit_on_chatkit_and_files(backend: Backend, tmp_path
 # --- a real browser ------------------------------------------------------------------------------
 
 
-async def test_headless_chromium_reads_the_stream_incrementally(
-    edge: Nginx, tmp_path: Path
-) -> None:
-    require(find_chromium(), "chromium")
+async def test_headless_chromium_reads_the_stream_incrementally(edge: Nginx) -> None:
     fragment = urllib.parse.urlencode(
         {"token": bearer_token("browser-user"), "prompt": pace_prompt(DELTAS, INTERVAL_MS)}
     )
-    url = f"{edge.https_url}/#{fragment}"
-    browser = Chromium(user_data_dir=tmp_path / "profile").start(url)
-    try:
-        raw = await browser.wait_for_value(
-            edge.https_url, "window.__result ? JSON.stringify(window.__result) : null"
-        )
-    finally:
-        browser.stop()
-    result = json.loads(raw)
+    async with async_playwright() as playwright:
+        browser = await launch_chromium(playwright)
+        try:
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+            await page.goto(f"{edge.https_url}/#{fragment}")
+            await page.wait_for_function("() => window.__result !== undefined", timeout=60_000)
+            result = await page.evaluate("() => window.__result")
+        finally:
+            await browser.close()
     assert result["error"] is None, result["error"]
     assert result["status"] == 200
     assert result["contentType"].startswith("text/event-stream")

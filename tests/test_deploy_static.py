@@ -440,7 +440,10 @@ def test_compose_services_start_in_order() -> None:
     nginx = services["nginx"]
     assert nginx["depends_on"]["backend"]["condition"] == "service_healthy"
     assert {p.split(":")[-1] for p in nginx["ports"]} == {"80", "443"}
-    assert re.fullmatch(r"nginx:\d+\.\d+(-[a-z0-9.]+)?", nginx["image"])
+    # Built from frontend/Dockerfile: a pinned nginx plus the built frontend
+    # (tests/test_frontend_static.py checks that file).
+    assert nginx["build"]["context"] == "./frontend"
+    assert nginx["image"] == "chatkit-pg-web:local"
     targets = {v.split(":")[1] for v in nginx["volumes"]}
     assert {"/etc/nginx/templates", "/etc/nginx/certs"} <= targets
 

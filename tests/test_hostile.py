@@ -47,7 +47,7 @@ Deterministic ``EXPLICIT`` cases cover every input class as well. ``STATS`` coun
 class, the cases sent (property and explicit, twins not counted), their answers by status
 class, streams carrying a ChatKit error event, twins compared, and what was lost (checks that
 failed, by kind; a shrinking failure counts each replay). The last test prints it as the
-README's Reliability table and fails if anything was lost.
+Reliability table (docs/reliability.md) and fails if anything was lost.
 """
 
 from __future__ import annotations

@@ -1,0 +1,93 @@
+import { ChatKit, useChatKit } from "@openai/chatkit-react";
+import { useEffect, useState } from "react";
+
+import { authFetch } from "./auth";
+import {
+  CHATKIT_API_URL,
+  CHATKIT_DOMAIN_KEY,
+  GREETING,
+  MAX_UPLOAD_BYTES,
+  STARTER_PROMPTS,
+} from "./config";
+
+const CDN_WAIT_MS = 20_000;
+
+/** Follows the operating system's light/dark setting. */
+function useColorScheme(): "light" | "dark" {
+  const query = "(prefers-color-scheme: dark)";
+  const [dark, setDark] = useState(() => matchMedia(query).matches);
+  useEffect(() => {
+    const media = matchMedia(query);
+    const onChange = (event: MediaQueryListEvent) => setDark(event.matches);
+    media.addEventListener("change", onChange);
+    return () => media.removeEventListener("change", onChange);
+  }, []);
+  return dark ? "dark" : "light";
+}
+
+/** The component is loaded by index.html's CDN script; say so plainly when it never arrives. */
+function useComponentMissing(): boolean {
+  const [missing, setMissing] = useState(false);
+  useEffect(() => {
+    if (customElements.get("openai-chatkit")) return;
+    let defined = false;
+    void customElements.whenDefined("openai-chatkit").then(() => {
+      defined = true;
+      setMissing(false);
+    });
+    const onError = () => setMissing(!defined);
+    if (window.chatkitScriptFailed) onError();
+    window.addEventListener("chatkit-script-error", onError);
+    const timer = setTimeout(onError, CDN_WAIT_MS); // a script that hangs instead of failing
+    return () => {
+      clearTimeout(timer);
+      window.removeEventListener("chatkit-script-error", onError);
+    };
+  }, []);
+  return missing;
+}
+
+export function App() {
+  const colorScheme = useColorScheme();
+  const componentMissing = useComponentMissing();
+  const [error, setError] = useState<string | null>(null);
+
+  const chatkit = useChatKit({
+    api: {
+      url: CHATKIT_API_URL,
+      domainKey: CHATKIT_DOMAIN_KEY,
+      fetch: authFetch,
+      // chatkit-pg answers attachments.create with a signed upload URL (two-phase upload).
+      uploadStrategy: { type: "two_phase" },
+    },
+    theme: { colorScheme, radius: "round" },
+    history: { enabled: true },
+    startScreen: { greeting: GREETING, prompts: STARTER_PROMPTS },
+    composer: {
+      placeholder: "Message the assistant",
+      attachments: { enabled: true, maxSize: MAX_UPLOAD_BYTES },
+    },
+    onError: ({ error }) => setError(error.message || "Something went wrong."),
+    onResponseStart: () => setError(null),
+  });
+
+  return (
+    <div className="app">
+      {componentMissing && (
+        <div className="banner" role="alert">
+          The chat component could not be loaded from OpenAI's CDN
+          (cdn.platform.openai.com). Check the network connection and any content blocker.
+        </div>
+      )}
+      {error && (
+        <div className="banner" role="alert">
+          {error}
+          <button type="button" onClick={() => setError(null)} aria-label="Dismiss">
+            ×
+          </button>
+        </div>
+      )}
+      <ChatKit control={chatkit.control} className="chatkit" />
+    </div>
+  );
+}

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
@@ -15,28 +17,38 @@ from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
 from .errors import ConfigurationError
 from .observability import configure_logging
+from .plugins import load_plugins
 from .settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger("app.cli")
 
 
-def alembic_config(database_url: str) -> Config:
+def alembic_config(database_url: str, plugin_locations: Sequence[Path] = ()) -> Config:
     cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    if plugin_locations:  # each plugin's revisions are a branch of their own (app.plugins)
+        locations = [PROJECT_ROOT / "migrations" / "versions", *plugin_locations]
+        cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in locations))
     cfg.attributes["database_url"] = database_url
     return cfg
 
 
 def migrate(settings: Settings) -> str:
-    """Bring the database to the Alembic head; returns the URL it used."""
+    """Bring the database to the Alembic heads (the app's and every plugin's branch); returns
+    the URL it used. A bad ``CHATKIT_PLUGINS`` raises ``ConfigurationError`` first."""
+    locations = load_plugins(settings.chatkit_plugins).migration_locations
     url = resolve_database_url(settings)
-    command.upgrade(alembic_config(url), "head")
+    command.upgrade(alembic_config(url, locations), "heads")
     return url
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = get_settings()
-    url = migrate(settings)
+    try:
+        url = migrate(settings)
+    except ConfigurationError as exc:
+        print(f"chatkit-pg cannot migrate: {exc}", file=sys.stderr)
+        return 2
     where = "embedded PostgreSQL" if not settings.database_url else "DATABASE_URL"
     print(f"database is at the latest migration ({where})")
     log.debug("migrated %s", url)
@@ -49,10 +61,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         check_auth_settings(settings)
+        url = migrate(settings)
     except ConfigurationError as exc:
         print(f"chatkit-pg cannot start: {exc}", file=sys.stderr)
         return 2
-    url = migrate(settings)
     # The server process (and anything it spawns) must use the same database.
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()

@@ -112,9 +112,14 @@ class ActionContext:
         return self.db
 
 
-StreamingActionHandler = Callable[[ActionContext], Awaitable[AsyncIterator[ThreadStreamEvent]]]
-"""Checks the payload and does the work when awaited (raise ``ActionRejectedError`` there, before
-any byte is sent), then returns the events to stream (``replace_widget`` is the common one).
+StreamingActionHandler = Callable[
+    [ActionContext],
+    Awaitable[AsyncIterator[ThreadStreamEvent]] | AsyncIterator[ThreadStreamEvent],
+]
+"""Best: an async function that checks the payload and does the work when awaited (raise
+``ActionRejectedError`` there, before any byte is sent: a 400), then returns the events to stream
+(``replace_widget`` is the common one). An async generator function works too, but everything in
+it runs after the response started: a rejection there becomes an ``error`` event.
 Replaced and finished items are saved by the server as they stream."""
 
 SyncActionHandler = Callable[[ActionContext], Awaitable[WidgetRoot | None]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -65,7 +66,7 @@ from pydantic_core import to_json
 from .background import TaskRegistry
 from .context import RequestContext
 from .dictation import Transcriber
-from .errors import InvalidInputError, UnsupportedError
+from .errors import ActionRejectedError, InvalidInputError, UnsupportedError
 from .limits import current_lease
 from .observability import thread_id_var
 from .plugins import ActionContext, PluginAgentContext, PluginSet, UserDatabase
@@ -460,10 +461,19 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             params.thread_id, params.item_id, params.action, context
         )
         thread_id_var.set(action_context.thread.id)
-        events = await handler(action_context)
+        started = handler(action_context)
+        # An async generator function works too, but its checks run after the 200 is sent.
+        events = await started if inspect.isawaitable(started) else started
+
+        async def guarded() -> AsyncIterator[ThreadStreamEvent]:
+            try:
+                async for event in events:
+                    yield event
+            except ActionRejectedError as exc:  # too late for a 400: an error event says it
+                raise CustomStreamError(exc.message, allow_retry=False) from exc
 
         async def stream() -> AsyncGenerator[bytes, None]:
-            async for event in self._process_events(action_context.thread, context, lambda: events):
+            async for event in self._process_events(action_context.thread, context, guarded):
                 yield b"data: " + self._serialize(event) + b"\n\n"
 
         return stream()

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from agents.testing import ScriptedModel, assistant_message, function_call
 from alembic import command
 from chatkit.types import WidgetItem
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cli import alembic_config
@@ -408,3 +411,100 @@ async def test_serve_stops_with_one_line(database_url: str, tmp_path: Path) -> N
         "chatkit-pg cannot start: CHATKIT_PLUGINS entry 'examples.no_such_plugin:plugin': "
         "cannot import examples.no_such_plugin (ModuleNotFoundError"
     ), lines
+
+
+GENERATOR_PLUGIN = """
+from app.plugins import ActionRejectedError, Plugin, replace_widget
+from examples.plugin_tasks.plugin import Task, task_widget
+
+async def stamp(ctx):
+    async for event in replace_widget(ctx.sender, task_widget([Task(7, "From a generator", True)])):
+        yield event
+
+async def refuse(ctx):
+    raise ActionRejectedError("Refused while streaming.")
+    yield
+
+plugin = Plugin(name="gen", actions={"gen.stamp": stamp, "gen.refuse": refuse})
+"""
+
+
+async def test_async_generator_handlers_stream_and_reject_with_an_error_event(
+    make_client: MakeClient, plugin_db: str, pstore: PostgresStore, tmp_path: Path
+) -> None:
+    (tmp_path / "ckpg_gen_plugin.py").write_text(GENERATOR_PLUGIN)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        await add_tasks(pstore, "alice", "Buy milk")
+        client = await make_client(
+            model=show_tasks_model(),
+            database_url=plugin_db,
+            chatkit_plugins=[PLUGIN, "ckpg_gen_plugin:plugin"],
+        )
+        thread_id, widget = await show_widget(client, pstore)
+
+        events = await client.stream(
+            "threads.custom_action", action(thread_id, widget["id"], "gen.refuse", {})
+        )
+        (error,) = of_type(events, "error")
+        assert (error["code"], error["message"], error["allow_retry"]) == (
+            "custom",
+            "Refused while streaming.",
+            False,
+        )
+        assert not of_type(events, "thread.item.replaced")
+
+        events = await client.stream(
+            "threads.custom_action", action(thread_id, widget["id"], "gen.stamp", {})
+        )
+        (replaced,) = of_type(events, "thread.item.replaced")
+        stored = await pstore.load_item(thread_id, widget["id"], ALICE)
+        assert isinstance(stored, WidgetItem)
+        assert rows_of(stored.widget.model_dump(mode="json"))[0][:2] == ("From a generator", "Undo")
+        assert rows_of(replaced["item"]["widget"]) == rows_of(stored.widget.model_dump(mode="json"))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("ckpg_gen_plugin", None)
+
+
+async def test_user_database_is_held_by_row_level_security(
+    plugin_db: str, pstore: PostgresStore, test_settings: Settings
+) -> None:
+    """Through a role that does not bypass row-level security (as the app connects in
+    production), even SQL that forgets its ``user_id`` filter sees and writes only the user's
+    rows of the plugin's table."""
+    await add_tasks(pstore, "alice", "Alice's secret")
+    await add_tasks(pstore, "bob", "Bob's chore")
+    role = f"ckpg_plugin_{secrets.token_hex(6)}"
+    password = secrets.token_urlsafe(18)
+    admin = await asyncpg.connect(PgServer.dsn(plugin_db))
+    engine = None
+    try:
+        await admin.execute(
+            f"CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOBYPASSRLS"
+        )
+        await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        await admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON plugin_tasks TO {role}")
+        url = make_url(plugin_db).set(username=role, password=password)
+        engine = create_engine(url.render_as_string(hide_password=False), test_settings)
+        bob = UserDatabase(PostgresStore(engine), "bob")
+        async with bob.transaction() as conn:
+            assert await conn.fetch("SELECT title FROM plugin_tasks") == [("Bob's chore",)]
+            assert await conn.execute("UPDATE plugin_tasks SET done = true") == "UPDATE 1"
+            # The identity column needs no grant of its own.
+            await conn.execute("INSERT INTO plugin_tasks (user_id, title) VALUES ('bob', 'more')")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with bob.transaction() as conn:
+                await conn.execute(
+                    "INSERT INTO plugin_tasks (user_id, title) VALUES ('alice', 'planted')"
+                )
+        async with PostgresStore(engine).connection() as conn:  # no user set: nothing
+            assert await conn.fetchval("SELECT count(*) FROM plugin_tasks") == 0
+        assert await done_flags(pstore, "alice") == {"Alice's secret": False}
+        assert await done_flags(pstore, "bob") == {"Bob's chore": True, "more": False}
+    finally:
+        if engine is not None:
+            await engine.dispose()
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()

@@ -82,6 +82,11 @@ CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
 # Set once the model's reply is complete (in the stream's own task): a cancellation after that
 # point (while the title is made) has no partial reply to save and nothing to mark.
 _reply_complete: ContextVar[bool] = ContextVar("reply_complete", default=False)
+# The thread and widget an action's precheck loaded, reused by ``process_parsed`` (the endpoint
+# awaits both in one context), so an action reads them once.
+_action_target: ContextVar[tuple[ThreadMetadata, WidgetItem] | None] = ContextVar(
+    "action_target", default=None
+)
 
 TitleMode = Literal["model", "first_message", "off"]
 ConverterFactory = Callable[[RequestContext], ThreadItemConverter]
@@ -220,6 +225,13 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             return NonStreamingResult(thread_list_json(threads))
         if isinstance(request, ThreadsCustomActionReq):
             return StreamingResult(await self._start_action(request, context))
+        if isinstance(request, ThreadsSyncCustomActionReq):
+            action = request.params
+            target = await self._action_context(
+                action.thread_id, action.item_id, action.action, context
+            )
+            answer = await self.sync_action(target.thread, action.action, target.sender, context)
+            return NonStreamingResult(self._serialize(answer))
         if isinstance(request, InputTranscribeReq):
             return NonStreamingResult(await self._transcribe(request, context))
         if is_streaming_req(request):
@@ -281,13 +293,15 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                 if not isinstance(item, UserMessageItem):
                     raise InvalidInputError("Only a user message can be retried.")
             case ThreadsCustomActionReq() | ThreadsSyncCustomActionReq():
-                await store.load_thread(request.params.thread_id, context)
+                _action_target.set(None)
+                thread = await store.load_thread(request.params.thread_id, context)
                 if request.params.item_id:
                     item = await store.load_item(
                         request.params.thread_id, request.params.item_id, context
                     )
                     if not isinstance(item, WidgetItem):
                         raise InvalidInputError("Actions can only come from a widget.")
+                    _action_target.set((thread, item))
                 streaming = isinstance(request, ThreadsCustomActionReq)
                 if not self.plugins.handles(request.params.action.type, streaming=streaming):
                     # Says nothing of which types exist, nor echoes the client's.
@@ -435,8 +449,13 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         action: Action[str, Any],
         context: RequestContext,
     ) -> ActionContext:
-        thread = await self.store.load_thread(thread_id, context)
-        sender = await self.store.load_item(thread_id, item_id, context) if item_id else None
+        checked = _action_target.get()
+        sender: ThreadItem | None
+        if checked is not None and (checked[0].id, checked[1].id) == (thread_id, item_id):
+            thread, sender = checked
+        else:  # not prechecked (a caller of process_parsed alone)
+            thread = await self.store.load_thread(thread_id, context)
+            sender = await self.store.load_item(thread_id, item_id, context) if item_id else None
         if not isinstance(sender, WidgetItem):  # precheck refused these already
             raise InvalidInputError("Actions can only come from a widget.")
         return ActionContext(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from agents import RunContextWrapper, function_tool
 from chatkit.agents import AgentContext
 from chatkit.types import ThreadStreamEvent
@@ -48,25 +49,31 @@ class Task:
 # Every statement names the user too: row-level security is the second wall, not the only one.
 
 
-async def list_tasks(db: UserDatabase) -> list[Task]:
-    async with db.transaction() as conn:
-        rows = await conn.fetch(
-            "SELECT id, title, done FROM plugin_tasks WHERE user_id = $1 ORDER BY id LIMIT $2",
-            db.user_id,
-            MAX_TASKS_SHOWN,
-        )
+async def fetch_tasks(conn: asyncpg.Connection, user_id: str) -> list[Task]:
+    rows = await conn.fetch(
+        "SELECT id, title, done FROM plugin_tasks WHERE user_id = $1 ORDER BY id LIMIT $2",
+        user_id,
+        MAX_TASKS_SHOWN,
+    )
     return [Task(r["id"], r["title"], r["done"]) for r in rows]
 
 
-async def add_task_row(db: UserDatabase, title: str) -> None:
+async def list_tasks(db: UserDatabase) -> list[Task]:
+    async with db.transaction() as conn:
+        return await fetch_tasks(conn, db.user_id)
+
+
+async def add_and_list(db: UserDatabase, title: str) -> list[Task]:
     async with db.transaction() as conn:
         await conn.execute(
             "INSERT INTO plugin_tasks (user_id, title) VALUES ($1, $2)", db.user_id, title
         )
+        return await fetch_tasks(conn, db.user_id)
 
 
-async def set_done(db: UserDatabase, task_id: int, done: bool) -> bool:
-    """Whether the user has that task (another user's is as missing as an unknown one)."""
+async def set_done_and_list(db: UserDatabase, task_id: int, done: bool) -> list[Task]:
+    """The tasks after the change; the user must have that task (another user's is as missing
+    as an unknown one), or the payload is rejected."""
     async with db.transaction() as conn:
         status = await conn.execute(
             "UPDATE plugin_tasks SET done = $3 WHERE user_id = $1 AND id = $2",
@@ -74,7 +81,9 @@ async def set_done(db: UserDatabase, task_id: int, done: bool) -> bool:
             task_id,
             done,
         )
-    return bool(status == "UPDATE 1")
+        if status != "UPDATE 1":
+            raise ActionRejectedError("There is no such task.")
+        return await fetch_tasks(conn, db.user_id)
 
 
 # --- the widget ----------------------------------------------------------------------------------
@@ -136,9 +145,7 @@ async def add_task(ctx: ToolContext, title: str) -> str:
     title = " ".join(title.split())[:200]
     if not title:
         return "A task needs a title."
-    db = user_database(ctx.context)
-    await add_task_row(db, title)
-    tasks = await list_tasks(db)
+    tasks = await add_and_list(user_database(ctx.context), title)
     await ctx.context.stream_widget(task_widget(tasks), copy_text=copy_text(tasks))
     return f"Added the task. The user now sees {len(tasks)} task(s)."
 
@@ -167,18 +174,14 @@ def _task_id(ctx: ActionContext) -> int:
 
 async def complete(ctx: ActionContext) -> AsyncIterator[ThreadStreamEvent]:
     """Streaming action: mark the task done, then stream the widget's replacement."""
-    db = ctx.database()
-    if not await set_done(db, _task_id(ctx), True):
-        raise ActionRejectedError("There is no such task.")
-    return replace_widget(ctx.sender, task_widget(await list_tasks(db)))
+    tasks = await set_done_and_list(ctx.database(), _task_id(ctx), True)
+    return replace_widget(ctx.sender, task_widget(tasks))
 
 
 async def reopen(ctx: ActionContext) -> WidgetRoot | None:
     """Sync action: mark the task not done; the new widget is the answer."""
-    db = ctx.database()
-    if not await set_done(db, _task_id(ctx), False):
-        raise ActionRejectedError("There is no such task.")
-    return task_widget(await list_tasks(db))
+    tasks = await set_done_and_list(ctx.database(), _task_id(ctx), False)
+    return task_widget(tasks)
 
 
 plugin = Plugin(

@@ -23,6 +23,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+NO_TRANSCRIPTION = "Dictation needs a speech-to-text provider; this server has none."
+
 OPENAI_TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"
 COMPATIBLE_TRANSCRIPTION_MODEL = "whisper-1"
 

@@ -65,7 +65,7 @@ from pydantic_core import to_json
 
 from .background import TaskRegistry
 from .context import RequestContext
-from .dictation import Transcriber
+from .dictation import NO_TRANSCRIPTION, Transcriber
 from .errors import ActionRejectedError, InvalidInputError, UnsupportedError
 from .limits import current_lease
 from .observability import thread_id_var
@@ -316,9 +316,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                     raise UnsupportedError("This server does not accept attachments.")
             case InputTranscribeReq():
                 if self.transcriber is None:
-                    raise UnsupportedError(
-                        "Dictation needs a speech-to-text provider; this server has none."
-                    )
+                    raise UnsupportedError(NO_TRANSCRIPTION)
                 self.transcriber.check(request.params)
             case _:
                 pass
@@ -427,16 +425,13 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         self, audio_input: AudioInput, context: RequestContext
     ) -> TranscriptionResult:
         if self.transcriber is None:
-            raise UnsupportedError(
-                "Dictation needs a speech-to-text provider; this server has none."
-            )
+            raise UnsupportedError(NO_TRANSCRIPTION)
         return await self.transcriber.transcribe(audio_input)
 
     async def _transcribe(self, request: InputTranscribeReq, context: RequestContext) -> bytes:
+        """Strict base64 (the SDK's decoding skips bad characters), then ``transcribe``."""
         if self.transcriber is None:
-            raise UnsupportedError(
-                "Dictation needs a speech-to-text provider; this server has none."
-            )
+            raise UnsupportedError(NO_TRANSCRIPTION)
         audio = self.transcriber.decode(request.params)
         return self._serialize(await self.transcribe(audio, context))
 

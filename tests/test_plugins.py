@@ -7,6 +7,7 @@ CHATKIT_PLUGINS entry stops startup with one line."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import subprocess
@@ -508,3 +509,30 @@ async def test_user_database_is_held_by_row_level_security(
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE {role}")
         await admin.close()
+
+
+async def test_migrate_runs_every_plugin_branch(pg_server: PgServer, tmp_path: Path) -> None:
+    """``app.cli.migrate`` (what ``python -m app migrate`` and ``serve`` run) upgrades the
+    app's branch and the plugin's, which ``/readyz`` then expects."""
+    from app.cli import migrate
+    from app.ops import alembic_heads
+
+    url = await pg_server.create_database("ckpg_plugin_migrate")
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        settings = Settings(database_url=url, data_dir=tmp_path, chatkit_plugins=[PLUGIN])
+        await asyncio.to_thread(migrate, settings)
+        conn = await asyncpg.connect(PgServer.dsn(url))
+        try:
+            versions = {r[0] for r in await conn.fetch("SELECT version_num FROM alembic_version")}
+            assert await conn.fetchval("SELECT to_regclass('plugin_tasks') IS NOT NULL")
+        finally:
+            await conn.close()
+        heads = alembic_heads(load_plugins([PLUGIN]).migration_locations)
+        assert versions == heads and "plugin_tasks_0001" in heads and len(heads) == 2
+        assert alembic_heads() == heads - {"plugin_tasks_0001"}
+    finally:
+        root.setLevel(level)  # alembic.ini's logging configuration, undone
+        root.handlers[:] = handlers
+        await pg_server.drop_database(url)

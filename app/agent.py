@@ -21,6 +21,7 @@ from agents import (
     OpenAIChatCompletionsModel,
     OpenAIResponsesModel,
     RunContextWrapper,
+    Tool,
 )
 from agents.mcp import MCPServer, MCPServerStreamableHttp, MCPToolMetaContext
 from agents.models.default_models import get_default_model
@@ -117,6 +118,7 @@ def build_agent(
     mcp_servers: list[MCPServer],
     *,
     max_output_tokens: int | None = None,
+    tools: list[Tool] | None = None,
 ) -> ChatAgent:
     def system_prompt(
         ctx: RunContextWrapper[AgentContext[RequestContext]], agent: ChatAgent
@@ -134,6 +136,7 @@ def build_agent(
         instructions=system_prompt,
         model=model,
         mcp_servers=mcp_servers,
+        tools=tools or [],  # plugins' function tools (app.plugins)
         # Bounds every model call of a reply (each turn of a tool loop gets the same bound).
         model_settings=ModelSettings(max_tokens=max_output_tokens),
     )

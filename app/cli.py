@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 
 import asyncpg
 from alembic import command
@@ -21,6 +23,7 @@ from .db import resolve_database_url
 from .errors import ConfigurationError
 from .identity import load_identity
 from .observability import configure_logging
+from .plugins import load_plugins
 from .settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger("app.cli")
@@ -35,9 +38,14 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def alembic_config(database_url: str, *, quiet: bool = False) -> Config:
+def alembic_config(
+    database_url: str, plugin_locations: Sequence[Path] = (), *, quiet: bool = False
+) -> Config:
     cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    if plugin_locations:  # each plugin's revisions are a branch of their own (app.plugins)
+        locations = [PROJECT_ROOT / "migrations" / "versions", *plugin_locations]
+        cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in locations))
     cfg.attributes["database_url"] = database_url
     # alembic.ini's logging section prints a line per revision: right for `migrate`, noise
     # before `serve`'s first screen.
@@ -46,13 +54,15 @@ def alembic_config(database_url: str, *, quiet: bool = False) -> Config:
 
 
 def migrate(settings: Settings, *, quiet: bool = False) -> str:
-    """Bring the database to the Alembic head; returns the URL it used.
+    """Bring the database to the Alembic heads (the app's and every plugin's branch); returns
+    the URL it used. A bad ``CHATKIT_PLUGINS`` raises ``ConfigurationError`` first.
 
     A database that cannot be reached or entered is the operator's setting to fix: it is
     reported as one line naming ``DATABASE_URL`` (password hidden), not a driver traceback."""
+    locations = load_plugins(settings.chatkit_plugins).migration_locations
     url = resolve_database_url(settings)
     try:
-        command.upgrade(alembic_config(url, quiet=quiet), "head")
+        command.upgrade(alembic_config(url, locations, quiet=quiet), "heads")
     except UNREACHABLE as exc:
         where = make_url(url).render_as_string(hide_password=True)
         raise ConfigurationError(
@@ -70,6 +80,7 @@ def preflight(settings: Settings) -> None:
     check_model_settings(settings)
     load_instructions(settings)
     load_identity(settings)  # the MCP identity key (generated once in development)
+    load_plugins(settings.chatkit_plugins)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -128,7 +139,7 @@ COMMANDS = {
 }
 
 
-FAILED = {"serve": "cannot start", "token": "cannot issue a token"}
+FAILED = {"serve": "cannot start", "migrate": "cannot migrate", "token": "cannot issue a token"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,3 +118,13 @@ class UnsupportedError(AppError):
 
 class ConfigurationError(Exception):
     """The service cannot start with the settings it was given; the message says what to fix."""
+
+
+class ActionRejectedError(InvalidInputError):
+    """A plugin's widget-action handler refused the action's payload (app.plugins).
+
+    Raised by plugin code before any event is streamed, so the client gets a 400 with this
+    message; write it for the user, never with exception text inside."""
+
+    code = "action_rejected"
+    public_message = "The action was rejected."

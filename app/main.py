@@ -35,6 +35,7 @@ from .background import TaskRegistry
 from .context import RequestContext
 from .converter import AttachmentConverter
 from .db import aresolve_database_url, create_engine
+from .dictation import build_transcriber
 from .endpoint import chatkit_endpoint
 from .errors import (
     AppError,
@@ -51,6 +52,7 @@ from .middleware import RequestContextMiddleware, request_info
 from .observability import Metrics, configure_logging, user_id_var
 from .ops import alembic_heads
 from .ops import router as ops_router
+from .plugins import load_plugins
 from .runtime import Runtime
 from .server import ChatKitPgServer, ServerOptions
 from .settings import Settings, get_settings
@@ -130,16 +132,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         app.state.attachment_store = attachments
 
+        plugins = load_plugins(settings.chatkit_plugins)
         model = choose_model(settings, app.state.model_override)
         stack.push_async_callback(model.aclose)
+        transcriber = build_transcriber(settings)
+        if transcriber is not None:
+            stack.push_async_callback(transcriber.aclose)
         # The key signing MCP identity tokens (cmd_serve has checked it already).
         identity = app.state.identity = load_identity(settings)
         mcp_servers = await connect_mcp_servers(settings, stack, identity)
         agent = build_agent(
-            load_instructions(settings),
+            plugins.instructions(load_instructions(settings)),
             model.model,
             mcp_servers,
             max_output_tokens=settings.max_output_tokens,
+            tools=plugins.tools,
         )
 
         tasks = TaskRegistry()
@@ -156,6 +163,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks=tasks,
             attachment_store=attachments,
             converter=_converter_factory(attachments),
+            plugins=plugins,
+            plugin_store=inner if isinstance(inner, PostgresStore) else None,
+            transcriber=transcriber,
         )
         app.state.runtime = Runtime(
             settings=settings,
@@ -166,7 +176,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             verifier=verifier,
             tasks=tasks,
             model=model,
-            alembic_heads=await asyncio.to_thread(alembic_heads),
+            alembic_heads=await asyncio.to_thread(alembic_heads, plugins.migration_locations),
             limits=Limits(inner, settings, tasks) if isinstance(inner, PostgresStore) else None,
         )
         # The parts other code most often needs, also directly on app.state.

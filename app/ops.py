@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -22,10 +25,15 @@ router = APIRouter()
 READY_TIMEOUT_SECONDS = 3.0
 
 
-def alembic_heads() -> frozenset[str]:
-    """The revisions ``alembic upgrade head`` leads to (read from the migration scripts)."""
+def alembic_heads(plugin_locations: Sequence[Path] = ()) -> frozenset[str]:
+    """The revisions ``python -m app migrate`` leads to (read from the migration scripts):
+    the app's head and the head of each plugin's branch."""
     cfg = Config()
     cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    if plugin_locations:
+        locations = [PROJECT_ROOT / "migrations" / "versions", *plugin_locations]
+        cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in locations))
+        cfg.set_main_option("path_separator", "os")
     return frozenset(ScriptDirectory.from_config(cfg).get_heads())
 
 

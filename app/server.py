@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -65,10 +66,13 @@ from pydantic_core import to_json
 
 from .background import TaskRegistry
 from .context import RequestContext
-from .errors import InvalidInputError, UnsupportedError
+from .dictation import NO_TRANSCRIPTION, Transcriber
+from .errors import ActionRejectedError, InvalidInputError, UnsupportedError
 from .limits import current_lease
 from .observability import thread_id_var
+from .plugins import ActionContext, PluginAgentContext, PluginSet, UserDatabase
 from .sanitize import clean_model
+from .store import PostgresStore
 from .stream_events import ItemIds, clean_event
 from .titles import make_title
 
@@ -79,6 +83,11 @@ CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
 # Set once the model's reply is complete (in the stream's own task): a cancellation after that
 # point (while the title is made) has no partial reply to save and nothing to mark.
 _reply_complete: ContextVar[bool] = ContextVar("reply_complete", default=False)
+# The thread and widget an action's precheck loaded, reused by ``process_parsed`` (the endpoint
+# awaits both in one context), so an action reads them once.
+_action_target: ContextVar[tuple[ThreadMetadata, WidgetItem] | None] = ContextVar(
+    "action_target", default=None
+)
 
 TitleMode = Literal["model", "first_message", "off"]
 ConverterFactory = Callable[[RequestContext], ThreadItemConverter]
@@ -151,8 +160,6 @@ class ServerOptions:
 
 
 class ChatKitPgServer(ChatKitServer[RequestContext]):
-    supports_actions = False
-
     def __init__(
         self,
         store: Store[RequestContext],
@@ -163,6 +170,9 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         tasks: TaskRegistry | None = None,
         attachment_store: AttachmentStore[RequestContext] | None = None,
         converter: ThreadItemConverter | ConverterFactory | None = None,
+        plugins: PluginSet | None = None,
+        plugin_store: PostgresStore | None = None,
+        transcriber: Transcriber | None = None,
     ) -> None:
         super().__init__(store, attachment_store)
         self.agent = agent
@@ -172,11 +182,21 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         self.tasks = tasks or TaskRegistry()
         # A converter, or a factory making one per request (for converters bound to a user).
         self.converter = converter or PgThreadItemConverter()
+        # Widget actions go to plugins (app.plugins), whose tables live in the store's database.
+        self.plugins = plugins or PluginSet()
+        self.plugin_store = plugin_store
+        # None: no speech-to-text provider (the offline model), so dictation is refused.
+        self.transcriber = transcriber
         self.run_config = RunConfig(
             tracing_disabled=not self.options.tracing,
             trace_include_sensitive_data=False,
             workflow_name="chatkit-pg",
         )
+
+    def user_database(self, context: RequestContext) -> UserDatabase | None:
+        if self.plugin_store is None:
+            return None
+        return UserDatabase(self.plugin_store, context.user_id)
 
     def converter_for(self, context: RequestContext) -> ThreadItemConverter:
         if isinstance(self.converter, ThreadItemConverter):
@@ -204,6 +224,17 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                 params.limit or DEFAULT_PAGE_SIZE, params.after, params.order, context
             )
             return NonStreamingResult(thread_list_json(threads))
+        if isinstance(request, ThreadsCustomActionReq):
+            return StreamingResult(await self._start_action(request, context))
+        if isinstance(request, ThreadsSyncCustomActionReq):
+            action = request.params
+            target = await self._action_context(
+                action.thread_id, action.item_id, action.action, context
+            )
+            answer = await self.sync_action(target.thread, action.action, target.sender, context)
+            return NonStreamingResult(self._serialize(answer))
+        if isinstance(request, InputTranscribeReq):
+            return NonStreamingResult(await self._transcribe(request, context))
         if is_streaming_req(request):
             return StreamingResult(self._process_streaming(request, context))
         return NonStreamingResult(await self._process_non_streaming(request, context))
@@ -263,15 +294,21 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                 if not isinstance(item, UserMessageItem):
                     raise InvalidInputError("Only a user message can be retried.")
             case ThreadsCustomActionReq() | ThreadsSyncCustomActionReq():
-                await store.load_thread(request.params.thread_id, context)
+                _action_target.set(None)
+                thread = await store.load_thread(request.params.thread_id, context)
                 if request.params.item_id:
                     item = await store.load_item(
                         request.params.thread_id, request.params.item_id, context
                     )
                     if not isinstance(item, WidgetItem):
                         raise InvalidInputError("Actions can only come from a widget.")
-                if not self.supports_actions:
-                    raise UnsupportedError("This server does not handle custom actions.")
+                    _action_target.set((thread, item))
+                streaming = isinstance(request, ThreadsCustomActionReq)
+                if not self.plugins.handles(request.params.action.type, streaming=streaming):
+                    # Says nothing of which types exist, nor echoes the client's.
+                    raise UnsupportedError("This server does not handle this action.")
+                if not request.params.item_id:
+                    raise InvalidInputError("Actions can only come from a widget.")
             case ItemsFeedbackReq():
                 # With no item ids the store would not look at the thread at all.
                 await store.load_thread(request.params.thread_id, context)
@@ -286,7 +323,9 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                     raise UnsupportedError("This server does not accept attachments.")
                 await store.load_attachment(request.params.attachment_id, context)
             case InputTranscribeReq():
-                raise UnsupportedError("This server does not transcribe audio.")
+                if self.transcriber is None:
+                    raise UnsupportedError(NO_TRANSCRIPTION)
+                self.transcriber.check(request.params)
             case _:
                 pass
 
@@ -313,8 +352,11 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         history = list(reversed(page.data))
         agent_input = await self.converter_for(context).to_agent_input(history)
 
-        agent_context = AgentContext[RequestContext](
-            thread=thread, store=self.store, request_context=context
+        agent_context = PluginAgentContext(
+            thread=thread,
+            store=self.store,
+            request_context=context,
+            db=self.user_database(context),
         )
         result = Runner.run_streamed(
             self.agent,
@@ -390,7 +432,83 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
     async def transcribe(
         self, audio_input: AudioInput, context: RequestContext
     ) -> TranscriptionResult:
-        raise UnsupportedError("This server does not transcribe audio.")
+        if self.transcriber is None:
+            raise UnsupportedError(NO_TRANSCRIPTION)
+        return await self.transcriber.transcribe(audio_input)
+
+    async def _transcribe(self, request: InputTranscribeReq, context: RequestContext) -> bytes:
+        """Strict base64 (the SDK's decoding skips bad characters), then ``transcribe``."""
+        if self.transcriber is None:
+            raise UnsupportedError(NO_TRANSCRIPTION)
+        audio = self.transcriber.decode(request.params)
+        return self._serialize(await self.transcribe(audio, context))
+
+    # --- widget actions (app.plugins) ----------------------------------------------------------
+
+    async def _action_context(
+        self,
+        thread_id: str,
+        item_id: str | None,
+        action: Action[str, Any],
+        context: RequestContext,
+    ) -> ActionContext:
+        checked = _action_target.get()
+        sender: ThreadItem | None
+        if checked is not None and (checked[0].id, checked[1].id) == (thread_id, item_id):
+            thread, sender = checked
+        else:  # not prechecked (a caller of process_parsed alone)
+            thread = await self.store.load_thread(thread_id, context)
+            sender = await self.store.load_item(thread_id, item_id, context) if item_id else None
+        if not isinstance(sender, WidgetItem):  # precheck refused these already
+            raise InvalidInputError("Actions can only come from a widget.")
+        return ActionContext(
+            thread=thread,
+            action=action,
+            sender=sender,
+            request=context,
+            db=self.user_database(context),
+        )
+
+    async def _start_action(
+        self, request: ThreadsCustomActionReq, context: RequestContext
+    ) -> AsyncGenerator[bytes, None]:
+        """Run the handler's checks and work before the response starts (so a rejected payload
+        is a 400), then stream its events the way the SDK streams a reply: items replaced or
+        finished are saved as they pass."""
+        params = request.params
+        handler = self.plugins.actions.get(params.action.type)
+        if handler is None:
+            raise UnsupportedError("This server does not handle this action.")
+        action_context = await self._action_context(
+            params.thread_id, params.item_id, params.action, context
+        )
+        thread_id_var.set(action_context.thread.id)
+        started = handler(action_context)
+        # An async generator function works too, but its checks run after the 200 is sent.
+        events = await started if inspect.isawaitable(started) else started
+
+        async def guarded() -> AsyncIterator[ThreadStreamEvent]:
+            try:
+                async for event in events:
+                    yield event
+            except ActionRejectedError as exc:  # too late for a 400: an error event says it
+                raise CustomStreamError(exc.message, allow_retry=False) from exc
+
+        async def stream() -> AsyncGenerator[bytes, None]:
+            async for event in self._process_events(action_context.thread, context, guarded):
+                yield b"data: " + self._serialize(event) + b"\n\n"
+
+        return stream()
+
+    def action(
+        self,
+        thread: ThreadMetadata,
+        action: Action[str, Any],
+        sender: WidgetItem | None,
+        context: RequestContext,
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        # Streaming actions are run by ``_start_action``; the SDK's path is never taken.
+        raise UnsupportedError("This server does not handle this action.")
 
     async def sync_action(
         self,
@@ -399,4 +517,22 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         sender: WidgetItem | None,
         context: RequestContext,
     ) -> SyncCustomActionResponse:
-        raise UnsupportedError("This server does not handle custom actions.")
+        """The plugin's handler returns the sender's new widget, which is saved and sent back."""
+        handler = self.plugins.sync_actions.get(action.type)
+        if handler is None or sender is None:
+            raise UnsupportedError("This server does not handle this action.")
+        thread_id_var.set(thread.id)
+        widget = await handler(
+            ActionContext(
+                thread=thread,
+                action=action,
+                sender=sender,
+                request=context,
+                db=self.user_database(context),
+            )
+        )
+        if widget is None:
+            return SyncCustomActionResponse()
+        updated = sender.model_copy(update={"widget": widget})
+        await self.store.save_item(thread.id, updated, context)
+        return SyncCustomActionResponse(updated_item=updated)

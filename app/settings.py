@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,16 @@ def normalise_database_url(url: str) -> str:
     if url.startswith("postgresql+asyncpg://"):
         return url
     raise ValueError("DATABASE_URL must be a postgresql:// or postgres:// URL")
+
+
+# Room left in a dictation request for everything but the audio (type, MIME type, metadata).
+TRANSCRIBE_ENVELOPE_BYTES = 1024
+
+
+def audio_bytes_fitting(max_body_bytes: int) -> int:
+    """The most audio an ``input.transcribe`` body of ``max_body_bytes`` can carry: base64 spends
+    4 bytes per 3, and the JSON around it gets ``TRANSCRIBE_ENVELOPE_BYTES``."""
+    return max(0, (max_body_bytes - TRANSCRIBE_ENVELOPE_BYTES) // 4 * 3)
 
 
 class Settings(BaseSettings):
@@ -346,6 +356,52 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_path_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    # --- plugins and dictation (issue 12) -------------------------------------------------
+    chatkit_plugins: CommaList = Field(
+        default_factory=list,
+        description="Comma-separated `module:attribute` plugins loaded at startup (app.plugins, "
+        "docs/customising.md).",
+    )
+    transcription_model: str | None = Field(
+        default=None,
+        description="Speech-to-text model of `input.transcribe`; default gpt-4o-mini-transcribe "
+        "on OpenAI, whisper-1 with OPENAI_BASE_URL.",
+    )
+    transcription_max_audio_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest dictation audio (decoded bytes); default and upper bound: what "
+        "fits base64-encoded in MAX_BODY_BYTES.",
+    )
+
+    @field_validator("chatkit_plugins", mode="before")
+    @classmethod
+    def _plugin_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("transcription_model", "transcription_max_audio_bytes", mode="before")
+    @classmethod
+    def _blank_transcription_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _audio_fits_in_a_body(self) -> Settings:
+        fits = audio_bytes_fitting(self.max_body_bytes)
+        wanted = self.transcription_max_audio_bytes
+        if wanted is not None and wanted > fits:
+            raise ValueError(
+                f"TRANSCRIPTION_MAX_AUDIO_BYTES={wanted} cannot arrive in a request of "
+                f"MAX_BODY_BYTES={self.max_body_bytes} (base64 grows by 4/3): at most {fits}, "
+                "or raise MAX_BODY_BYTES"
+            )
+        return self
+
+    @property
+    def max_audio_bytes(self) -> int:
+        """The dictation audio bound actually applied (see ``audio_bytes_fitting``)."""
+        wanted = self.transcription_max_audio_bytes
+        return audio_bytes_fitting(self.max_body_bytes) if wanted is None else wanted
 
     @property
     def embedded_pg_dir(self) -> Path:

@@ -93,3 +93,34 @@ def message_texts(body: dict[str, Any]) -> list[tuple[str, str]]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         out.append((message["role"], content or ""))
     return out
+
+
+class FakeTranscriptions:
+    """``POST /v1/audio/transcriptions`` (multipart, as the ``openai`` client sends it): records
+    each upload's model, file name, content type and bytes; answers ``{"text": text}``, or
+    ``status`` with an OpenAI-style error body when it is not 200."""
+
+    def __init__(self, text: str = "Transcribed words.") -> None:
+        self.text = text
+        self.status = 200
+        self.uploads: list[dict[str, Any]] = []
+        self.app = Starlette(
+            routes=[Route("/v1/audio/transcriptions", self.handle, methods=["POST"])]
+        )
+
+    async def handle(self, request: Request) -> Response:
+        async with request.form() as form:
+            upload = form["file"]
+            assert not isinstance(upload, str)
+            self.uploads.append(
+                {
+                    "model": form["model"],
+                    "filename": upload.filename,
+                    "content_type": upload.content_type,
+                    "data": await upload.read(),
+                }
+            )
+        if self.status != 200:
+            error = {"message": "refused by the fake", "type": "invalid_request_error"}
+            return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse({"text": self.text})

@@ -91,5 +91,5 @@ STOPSIGNAL SIGTERM
 
 # exec: uvicorn replaces the shell and is PID 1, so it receives SIGTERM from `docker stop`.
 # Migrations are not run here: the compose `migrate` service (or the operator) runs
-# `alembic upgrade head` once, before any replica starts.
+# `python -m app migrate` once, before any replica starts.
 CMD ["sh", "-c", "exec uvicorn app.main:create_app --factory --host 0.0.0.0 --port \"$PORT\" --loop uvloop --http httptools --proxy-headers --forwarded-allow-ips \"$FORWARDED_ALLOW_IPS\" --timeout-keep-alive \"$KEEPALIVE_SECONDS\" --timeout-graceful-shutdown \"$GRACEFUL_SHUTDOWN_SECONDS\" --no-server-header --no-access-log"]

@@ -422,7 +422,8 @@ def test_compose_services_start_in_order() -> None:
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
 
     migrate = services["migrate"]
-    assert migrate["command"] == ["alembic", "upgrade", "head"]
+    # The app's and every plugin's Alembic heads (plain `alembic upgrade head` misses plugins).
+    assert migrate["command"] == ["python", "-m", "app", "migrate"]
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert migrate["restart"] == "no"
 
@@ -490,7 +491,7 @@ def test_backend_connects_as_the_app_role_and_only_jobs_as_the_owner(
             "postgres",
             database,
         ), job
-    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+    assert services["migrate"]["command"] == ["python", "-m", "app", "migrate"]
     assert services["prune"]["command"] == ["python", "-m", "app", "prune"]
     # Any other service that talks to the database (a later worker, say) gets the app's role.
     for name, service in services.items():
@@ -798,7 +799,7 @@ def test_systemd_unit_runs_hardened_as_a_service_user() -> None:
     assert service["User"] not in ("root", "0")
     assert service["EnvironmentFile"].startswith("/etc/")
     assert service["Restart"] == "on-failure"
-    assert "alembic" in service["ExecStartPre"] and "upgrade head" in service["ExecStartPre"]
+    assert service["ExecStartPre"].endswith("/.venv/bin/python -m app migrate")
     start = service["ExecStart"]
     for flag in ("--proxy-headers", "--loop uvloop", "--http httptools", "--factory"):
         assert flag in start, flag

@@ -40,6 +40,7 @@ from .endpoint import chatkit_endpoint
 from .errors import (
     AppError,
     AuthenticationError,
+    ConfigurationError,
     RetryLaterError,
     ServiceUnavailableError,
 )
@@ -113,6 +114,21 @@ def create_app(
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        async with _resources(app):
+            yield
+    except ConfigurationError as exc:
+        if getattr(app.state, "runtime", None) is not None:
+            raise
+        # Started as `uvicorn app.main:create_app` (the image), not `python -m app serve`: the
+        # operator reads one line naming the setting; the traceback uvicorn would add is
+        # dropped by the log handler (observability.StartupTracebackFilter).
+        log.error("chatkit-pg cannot start: %s", exc)
+        raise
+
+
+@asynccontextmanager
+async def _resources(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     async with AsyncExitStack() as stack:

@@ -72,6 +72,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class StartupTracebackFilter(logging.Filter):
+    """Drops the traceback uvicorn logs when the lifespan stops on a configuration mistake:
+    the lifespan has already logged it as one line naming the setting."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "uvicorn.error":
+            return True
+        text = record.getMessage()
+        return not (text.startswith("Traceback") and "ConfigurationError: " in text)
+
+
 def configure_logging(level: str, *, force: bool = False) -> None:
     """Route every logger (uvicorn's too) through one JSON handler on stderr.
 
@@ -83,6 +94,7 @@ def configure_logging(level: str, *, force: bool = False) -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(StartupTracebackFilter())
     root.handlers = [handler]
     # chatkit's logger adds a plain-text handler of its own when LOG_LEVEL is set (our
     # variable too), which would write each of its lines twice, once not as JSON.

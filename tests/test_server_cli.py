@@ -163,3 +163,25 @@ def test_configuration_mistakes_are_one_line_and_exit_2(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("chatkit-pg cannot start: ") and named in lines[0], lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_configuration_mistake_under_plain_uvicorn_is_one_log_line(tmp_path: Path) -> None:
+    """The image starts `uvicorn app.main:create_app --factory` directly: a mistake found in
+    the lifespan is one JSON error line naming the setting, without uvicorn's traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", "0"],
+        cwd=PROJECT_ROOT,
+        env=_clean_env(
+            tmp_path,
+            OPENAI_BASE_URL="http://127.0.0.1:9/v1",
+            DATABASE_URL="postgresql://postgres@127.0.0.1:9/none",  # never reached
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    errors = [r for r in records if r["level"] == "ERROR" and "cannot start" in r["msg"]]
+    assert len(errors) == 1 and "MODEL_NAME" in errors[0]["msg"], result.stderr

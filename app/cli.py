@@ -10,7 +10,7 @@ import sys
 from alembic import command
 from alembic.config import Config
 
-from . import prune
+from . import distribute, prune
 from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
 from .errors import ConfigurationError
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="delete never-attached uploads and, with RETENTION_DAYS, idle threads",
         )
     )
+    sub.add_parser(
+        "distribute",
+        help="after migrate: distribute the chatkit_ tables on a Citus cluster (docs/citus.md)",
+    )
     return parser
 
 
@@ -96,6 +100,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "token": cmd_token,
     "prune": prune.cmd_prune,
+    "distribute": distribute.cmd_distribute,
 }
 
 

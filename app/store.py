@@ -281,12 +281,10 @@ SQL_LOAD_FEEDBACK = gated_select(
 )
 
 
-SQL_HAS_CITUS = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+CITUS_INSTALLED = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 # Followed by the user id as a literal (SET takes no parameters). SET LOCAL is recorded by
 # Citus and sent to each worker the transaction uses, before the statement.
-SQL_CITUS_BEGIN = (
-    "BEGIN; SET LOCAL citus.propagate_set_commands TO local; SET LOCAL app.user_id TO "
-)
+CITUS_BEGIN = "BEGIN; SET LOCAL citus.propagate_set_commands TO local; SET LOCAL app.user_id TO "
 
 
 def _literal(value: str) -> str:
@@ -384,7 +382,7 @@ class PostgresStore(Store[Any]):
     async def on_citus(self, conn: asyncpg.Connection) -> bool:
         """Whether the database is a Citus cluster (the extension is installed); asked once."""
         if self._citus is None:
-            self._citus = bool(await conn.fetchval(SQL_HAS_CITUS))
+            self._citus = bool(await conn.fetchval(CITUS_INSTALLED))
         return self._citus
 
     async def modify(
@@ -402,7 +400,7 @@ class PostgresStore(Store[Any]):
         if not await self.on_citus(conn):
             return await getattr(conn, fetch)(sql, *args)
         user_id = args[0] if rows is None else rows[0][0]
-        await conn.execute(f"{SQL_CITUS_BEGIN}{_literal(user_id)}")
+        await conn.execute(f"{CITUS_BEGIN}{_literal(user_id)}")
         try:
             if rows is not None:
                 result: Any = await conn.executemany(sql, rows)

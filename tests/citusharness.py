@@ -17,14 +17,18 @@ fails: .ci/run builds Citus first.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import asyncpg
 import pytest
@@ -157,3 +161,54 @@ def citus_cluster(workers: int = WORKERS) -> Iterator[CitusCluster]:
     finally:
         for node in nodes:
             node.cleanup()
+
+
+# --- fixtures (imported by the tests/test_citus*.py modules) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def citus() -> Iterator[CitusCluster]:
+    """A fresh cluster for the module (about two seconds to start), torn down after it."""
+    require_citus()
+    with citus_cluster() as cluster:
+        yield cluster
+
+
+async def distributed_database(cluster: CitusCluster) -> str:
+    """A new database on ``cluster`` as an operator makes it: ``alembic upgrade head``, then
+    ``python -m app distribute`` (its function; tests/test_citus.py runs the command itself)."""
+    from app.distribute import distribute, plain_dsn
+    from tests.pgharness import migrate
+
+    url = await cluster.create_database()
+    await asyncio.to_thread(migrate, url)
+    await distribute(plain_dsn(url))
+    return url
+
+
+async def worker_fetch(cluster: CitusCluster, index: int, database: str, sql: str) -> list[Any]:
+    """Rows of ``sql`` run directly on one worker (as the superuser), bypassing the coordinator."""
+    conn = await asyncpg.connect(cluster.worker_dsn(index, database))
+    try:
+        # Citus hides shards from pg_class on workers unless asked not to.
+        await conn.execute("SET citus.override_table_visibility = off")
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+def rerun(suite: ModuleType, into: dict[str, Any], skip: Collection[str] = ()) -> list[str]:
+    """Collect ``suite``'s async tests again in the module whose globals are ``into``, where
+    that module's fixtures (the cluster's ``database_url``, ``engine``, ``store``...) apply."""
+    names = []
+    for name, fn in vars(suite).items():
+        if (
+            name.startswith("test_")
+            and inspect.iscoroutinefunction(fn)
+            and fn.__module__ == suite.__name__
+            and name not in skip
+        ):
+            assert name not in into, f"{name} would shadow a test of this module"
+            into[name] = fn
+            names.append(name)
+    return names

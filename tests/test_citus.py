@@ -12,12 +12,11 @@ Here, as the tables' owner on the coordinator:
 * a later Alembic revision (a throwaway one adding a column and an index) applies to every shard
   and rolls back;
 * the limits contract (tests/test_limits_store.py: exact budgets under races, one stream lease per
-  thread, concurrent takers) and the ChatKit protocol through ``create_app``
-  (tests/test_server_protocol.py) run again here, their tests re-collected in this module so that
-  the conftest fixtures they use (``store``, ``engine``, ``make_client``) target the cluster.
+  thread, concurrent takers) runs again here, its tests re-collected in this module so that the
+  fixtures they use (``store``, ``engine``, ``test_settings``) target the cluster.
 
-The contracts through the app's role (row-level security on the workers) are in
-tests/test_citus_rls.py.
+The store, attachment and protocol contracts through the app's role (row-level security on the
+workers) are in tests/test_citus_rls.py.
 """
 
 from __future__ import annotations
@@ -43,23 +42,26 @@ import app.store as store_sql
 from app.db import create_engine
 from app.distribute import COORDINATOR_LOCAL, DISTRIBUTED
 from app.settings import PROJECT_ROOT, Settings
+from app.store import PostgresStore
 from tests import test_limits_store as limits_suite
-from tests import test_server_protocol as protocol_suite
 from tests.citusharness import (
     CitusCluster,
-    citus,  # noqa: F401  (the module's cluster)
+    citus_fixture,
     distributed_database,
+    empty_tables,
     rerun,
     worker_fetch,
 )
 from tests.pgharness import PgServer, alembic_config, migrate
 from tests.test_rls import _literal, _statements
 
+citus = citus_fixture  # the module's cluster
+
 # --- the module's database: on the cluster, migrated and distributed ------------------------
 
 
 @pytest.fixture(scope="module")
-async def database_url(citus: CitusCluster) -> str:  # noqa: F811
+async def database_url(citus: CitusCluster) -> str:
     """Overrides conftest's: a database on the coordinator, as an operator sets it up."""
     return await distributed_database(citus)
 
@@ -76,6 +78,13 @@ async def engine(database_url: str, test_settings: Settings) -> AsyncIterator[As
     await eng.dispose()
 
 
+@pytest.fixture
+async def store(engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
+    """Overrides conftest's: the same store, emptied by DELETE (see citusharness)."""
+    yield PostgresStore(engine)
+    await empty_tables(engine)
+
+
 async def _owner(url: str) -> asyncpg.Connection:
     return await asyncpg.connect(PgServer.dsn(url))
 
@@ -86,15 +95,14 @@ def _database(url: str) -> str:
 
 # --- the suites run again on the cluster ----------------------------------------------------
 
-RERUN = rerun(limits_suite, globals()) + rerun(protocol_suite, globals())
+RERUN = rerun(limits_suite, globals())
 
 
-def test_the_limits_and_protocol_suites_are_rerun_here() -> None:
+def test_the_limits_suite_is_rerun_here() -> None:
     assert "test_concurrent_requests_get_exactly_the_budget" in RERUN
     assert "test_concurrent_takers_never_exceed_the_count" in RERUN
     assert "test_a_busy_thread_waits_its_turn" in RERUN
-    assert "test_threads_create_streams_the_whole_exchange" in RERUN
-    assert len(RERUN) >= 15, RERUN
+    assert len(RERUN) >= 10, RERUN
 
 
 # --- python -m app distribute ----------------------------------------------------------------
@@ -114,7 +122,7 @@ def _distribute(url: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 async def test_distribute_command_refuses_distributes_and_is_idempotent(
-    citus: CitusCluster,  # noqa: F811
+    citus: CitusCluster,
     tmp_path: Path,
 ) -> None:
     url = await citus.create_database()
@@ -157,7 +165,7 @@ async def test_distribute_command_refuses_distributes_and_is_idempotent(
 
 async def test_content_tables_are_distributed_by_user_and_colocated(
     database_url: str,
-    citus: CitusCluster,  # noqa: F811
+    citus: CitusCluster,
 ) -> None:
     conn = await _owner(database_url)
     try:
@@ -324,7 +332,7 @@ def throwaway_scripts(tmp_path: Path) -> Iterator[Path]:
 
 
 async def test_a_later_revision_applies_on_every_shard(
-    citus: CitusCluster,  # noqa: F811
+    citus: CitusCluster,
     throwaway_scripts: Path,
 ) -> None:
     url = await distributed_database(citus)

@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, each against a baseline measured in the same run.
 
 ``python -m bench`` runs them all; ``python -m bench store server`` (any subset of
-store, server, attachments, deploy) runs those. Results land in ``bench/results/*.json``.
+store, server, attachments, deploy, citus) runs those. Results land in ``bench/results/*.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ BENCHES = {
     "server": "bench.server_bench",
     "attachments": "bench.attachments_bench",
     "deploy": "bench.deploy_bench",
+    "citus": "bench.citus_bench",
 }
 
 

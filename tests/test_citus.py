@@ -11,6 +11,7 @@ Here, as the tables' owner on the coordinator:
   with custom and with generic plans;
 * a later Alembic revision (a throwaway one adding a column and an index) applies to every shard
   and rolls back;
+* ``prune`` counts on the cluster and refuses to delete there (see docs/citus.md);
 * the limits contract (tests/test_limits_store.py: exact budgets under races, one stream lease per
   thread, concurrent takers) runs again here, its tests re-collected in this module so that the
   fixtures they use (``store``, ``engine``, ``test_settings``) target the cluster.
@@ -41,6 +42,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import app.store as store_sql
 from app.db import create_engine
 from app.distribute import COORDINATOR_LOCAL, DISTRIBUTED
+from app.errors import ConfigurationError
+from app.prune import prune
 from app.settings import PROJECT_ROOT, Settings
 from app.store import PostgresStore
 from tests import test_limits_store as limits_suite
@@ -374,3 +377,30 @@ async def test_a_later_revision_applies_on_every_shard(
     await asyncio.to_thread(command.downgrade, cfg, "-1")
     assert await on_workers(SHARDS_WITH_NOTE) == [0, 0]
     assert await on_workers(SHARDS_WITH_INDEX) == [0, 0]
+
+
+# --- prune ------------------------------------------------------------------------------------
+
+
+async def test_prune_counts_on_the_cluster_and_refuses_to_delete(
+    store: PostgresStore, engine: AsyncEngine, database_url: str, test_settings: Settings
+) -> None:
+    conn = await _owner(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO chatkit_threads (user_id, id, created_at, updated_at, data) VALUES "
+            "('alice', 'old', now() - interval '400 days', now() - interval '400 days', '{}'), "
+            "('bob', 'new', now(), now(), '{}')"
+        )
+    finally:
+        await conn.close()
+    settings = test_settings.model_copy(update={"retention_days": 30})
+    report = await prune(engine, settings, dry_run=True)
+    assert (report.threads, report.orphan_attachments) == (1, 0)
+    with pytest.raises(ConfigurationError, match="Citus cluster"):
+        await prune(engine, settings, dry_run=False)
+    conn = await _owner(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM chatkit_threads") == 2  # untouched
+    finally:
+        await conn.close()

@@ -355,3 +355,15 @@ async def test_every_shard_has_the_policy_enabled(
         expected = "(user_id = current_setting('app.user_id'::text, true))"
         for r in rows:
             assert (r[1], r[2], r[3], r[4]) == (True, False, expected, expected), r[0]
+
+
+async def test_an_awkward_user_id_reaches_the_worker_intact(store: PostgresStore) -> None:
+    """The write path spells the user as a literal (SET takes no parameters): quotes,
+    backslashes and the like must arrive as they are, and only for that user."""
+    awkward = {"user_id": "o'brien \\' \\\\x41 \"; SET app.user_id = 'bob' -- é"}
+    thread = f.thread(title="t")
+    await store.save_thread(thread, awkward)
+    assert await store.load_thread(thread.id, awkward) == thread
+    assert (await store.load_threads(5, None, "asc", BOB)).data == []
+    await store.delete_thread(thread.id, awkward)
+    assert (await store.load_threads(5, None, "asc", awkward)).data == []

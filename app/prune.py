@@ -30,10 +30,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .citus import CITUS_INSTALLED
 from .db import aresolve_database_url, create_engine
 from .errors import ConfigurationError
 from .settings import Settings, get_settings
-from .store import CITUS_INSTALLED
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
+from .citus import CITUS_INSTALLED, Fetch, write_as
 from .db import is_disconnect, is_unavailable
 from .errors import InvalidInputError, MissingUserError, ServiceUnavailableError
 from .ids import new_id
@@ -119,21 +120,11 @@ class _PageSQL:
 
 # --- on a Citus cluster ------------------------------------------------------------------------
 #
-# Distributed (python -m app distribute, docs/citus.md), a table's rows live in shards on the
-# workers, and the worker that holds the user's shard runs the statement and applies the policy
-# there, so ``app.user_id`` must be set in the *worker's* transaction. Reads keep their one
-# statement: Citus sends a router SELECT to the worker as it is (only parameters are filled in),
-# so the worker runs the gate's set_config itself. Writes cannot: Citus evaluates the functions
-# of an INSERT, UPDATE or DELETE on the coordinator before it ships the statement (the gate would
-# set the coordinator's transaction, and the worker would see no rows and refuse every new one),
-# and it plans ``INSERT ... SELECT`` from a subquery as a pull to the coordinator plus COPY,
-# which row-level security forbids. So on a cluster a write runs in a transaction that begins
-# with ``SET LOCAL app.user_id``, which Citus replays on the worker
-# (``citus.propagate_set_commands = local``), and the statement itself is the Citus form that the
-# builders below record next to the one-node form: the same statement without the gate, and an
-# insert from ``VALUES``; both route to exactly one shard. One node keeps one round trip per
-# write; a cluster pays two more (BEGIN with the SETs, COMMIT). tests/test_citus.py proves the
-# setting reaches the worker and that every statement is single-shard.
+# Reads run as they are on a cluster (the worker runs the gate itself); writes need the user set
+# for the worker's transaction, and a statement Citus routes to one shard: app.citus runs them.
+# The builders below record each write's Citus form next to its one-node form: the same
+# statement without the gate, and an insert from VALUES. tests/test_citus*.py prove the setting
+# reaches the worker and that every statement is single-shard.
 
 CITUS_FORMS: dict[str, str] = {}
 """One-node statement -> its Citus form, for every write built by the helpers below."""
@@ -281,32 +272,6 @@ SQL_LOAD_FEEDBACK = gated_select(
 )
 
 
-CITUS_INSTALLED = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
-# Followed by the user id as a literal (SET takes no parameters). SET LOCAL is recorded by
-# Citus and sent to each worker the transaction uses, before the statement.
-CITUS_BEGIN = "BEGIN; SET LOCAL citus.propagate_set_commands TO local; SET LOCAL app.user_id TO "
-
-
-def _literal(value: str) -> str:
-    """``value`` as an escape-string literal: right whatever ``standard_conforming_strings``
-    says. A NUL cannot be part of a query's text at all."""
-    if not isinstance(value, str):
-        raise MissingUserError("store called without a user_id in its context")
-    if "\x00" in value:
-        raise InvalidInputError("Text may not contain NUL characters or unpaired surrogates.")
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"E'{escaped}'"
-
-
-async def _rollback(conn: asyncpg.Connection) -> None:
-    """End a failed write's transaction; a connection that cannot is closed (and so dropped
-    by the pool at its next checkout), never handed out inside a transaction."""
-    try:
-        await conn.execute("ROLLBACK")
-    except Exception:
-        conn.terminate()
-
-
 class PostgresStore(Store[Any]):
     """A ``chatkit.store.Store`` whose every call is one short statement or transaction."""
 
@@ -386,31 +351,13 @@ class PostgresStore(Store[Any]):
         return self._citus
 
     async def modify(
-        self,
-        conn: asyncpg.Connection,
-        sql: str,
-        *args: Any,
-        fetch: Literal["execute", "fetchval", "fetchrow"] = "execute",
-        rows: Sequence[Sequence[Any]] | None = None,
+        self, conn: asyncpg.Connection, sql: str, *args: Any, fetch: Fetch = "execute"
     ) -> Any:
         """Run a write built by ``gated`` or ``scoped_insert`` ($1 the user): one statement on
-        one node; on a Citus cluster, its Citus form in a transaction that sets the user for
-        the worker first (see "on a Citus cluster" above). With ``rows``, ``sql`` is a Citus
-        statement run once per row of arguments (executemany, one round trip)."""
+        one node; on a Citus cluster, its Citus form through app.citus."""
         if not await self.on_citus(conn):
             return await getattr(conn, fetch)(sql, *args)
-        user_id = args[0] if rows is None else rows[0][0]
-        await conn.execute(f"{CITUS_BEGIN}{_literal(user_id)}")
-        try:
-            if rows is not None:
-                result: Any = await conn.executemany(sql, rows)
-            else:
-                result = await getattr(conn, fetch)(CITUS_FORMS[sql], *args)
-        except BaseException:
-            await asyncio.shield(_rollback(conn))
-            raise
-        await conn.execute("COMMIT")
-        return result
+        return await write_as(conn, args[0], CITUS_FORMS[sql], args, fetch=fetch)
 
     async def _page(
         self,
@@ -577,7 +524,7 @@ class PostgresStore(Store[Any]):
             try:
                 if await self.on_citus(conn):
                     rows = [(user_id, thread_id, item_id, kind) for item_id in ids]
-                    await self.modify(conn, CITUS_SAVE_FEEDBACK_ROW, rows=rows)
+                    await write_as(conn, user_id, CITUS_SAVE_FEEDBACK_ROW, rows=rows)
                 else:
                     await conn.execute(SQL_SAVE_FEEDBACK, user_id, thread_id, ids, kind)
             except asyncpg.ForeignKeyViolationError as exc:

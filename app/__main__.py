@@ -1,4 +1,4 @@
-"""Command line: ``python -m app {serve,migrate}``."""
+"""Command line: ``python -m app {serve,migrate,token,prune,distribute}``."""
 
 from __future__ import annotations
 

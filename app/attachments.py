@@ -584,7 +584,8 @@ class PgAttachmentStore(AttachmentStore[Any]):
             user_id, attachment_id, sanitise_filename(input.name), mime, upload=True
         )
         async with self.store.connection() as conn:
-            await conn.execute(
+            await self.store.modify(
+                conn,
                 SQL_INSERT,
                 user_id,
                 attachment_id,
@@ -601,7 +602,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         Idempotent like the store's deletes: whoever handles the request checks that the
         attachment exists (and is the user's) first, so a client still gets a 404."""
         async with self.store.connection() as conn:
-            await conn.execute(SQL_DELETE_BLOBS, user_id_of(context), attachment_id)
+            await self.store.modify(conn, SQL_DELETE_BLOBS, user_id_of(context), attachment_id)
 
     # --- URLs ---------------------------------------------------------------------------
 
@@ -680,7 +681,8 @@ class PgAttachmentStore(AttachmentStore[Any]):
             nonlocal created
             attachment = self._build(user_id, attachment_id, name, mime, upload=False)
             async with self.store.connection() as conn:
-                await conn.execute(
+                await self.store.modify(
+                    conn,
                     SQL_INSERT,
                     user_id,
                     attachment_id,
@@ -719,7 +721,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         The caller has verified the signed URL. Any failure deletes the attachment.
         """
         async with self.store.connection() as conn:
-            row = await conn.fetchrow(SQL_CLAIM, user_id, attachment_id)
+            row = await self.store.modify(conn, SQL_CLAIM, user_id, attachment_id, fetch="fetchrow")
             if row is None:
                 if await conn.fetchval(SQL_EXISTS, user_id, attachment_id) is None:
                     raise NotFoundError(f"Attachment {attachment_id} not found")
@@ -802,13 +804,15 @@ class PgAttachmentStore(AttachmentStore[Any]):
     async def _insert_chunk(self, user_id: str, attachment_id: str, no: int, data: bytes) -> None:
         async with self.store.connection() as conn:
             try:
-                await conn.execute(SQL_INSERT_CHUNK, user_id, attachment_id, no, data)
+                await self.store.modify(conn, SQL_INSERT_CHUNK, user_id, attachment_id, no, data)
             except asyncpg.ForeignKeyViolationError as exc:  # deleted while uploading
                 raise NotFoundError(f"Attachment {attachment_id} not found") from exc
 
     async def _finish(self, user_id: str, attachment_id: str, size: int, mime: str) -> Attachment:
         async with self.store.connection() as conn:
-            data = await conn.fetchval(SQL_FINISH, user_id, attachment_id, size, mime)
+            data = await self.store.modify(
+                conn, SQL_FINISH, user_id, attachment_id, size, mime, fetch="fetchval"
+            )
         if data is None:
             raise NotFoundError(f"Attachment {attachment_id} not found")
         return self.refresh(_ATTACHMENT.validate_json(data), user_id)
@@ -819,7 +823,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         async def run() -> None:
             try:
                 async with self.store.connection() as conn:
-                    await conn.execute(SQL_DISCARD, user_id, attachment_id)
+                    await self.store.modify(conn, SQL_DISCARD, user_id, attachment_id)
             except Exception:
                 # prune removes it later (never attached): nothing is served meanwhile
                 log.exception("could not discard failed upload %s", attachment_id)

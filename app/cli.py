@@ -16,7 +16,7 @@ from alembic.config import Config
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from . import prune
+from . import distribute, prune
 from .agent import check_model_settings, load_instructions
 from .auth import check_auth_settings, mint_token
 from .db import resolve_database_url
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="delete never-attached uploads and, with RETENTION_DAYS, idle threads",
         )
     )
+    sub.add_parser(
+        "distribute",
+        help="after migrate: distribute the chatkit_ tables on a Citus cluster (docs/citus.md)",
+    )
     return parser
 
 
@@ -136,6 +140,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "token": cmd_token,
     "prune": prune.cmd_prune,
+    "distribute": distribute.cmd_distribute,
 }
 
 

@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .citus import CITUS_INSTALLED
 from .db import aresolve_database_url, create_engine
 from .errors import ConfigurationError
 from .settings import Settings, get_settings
@@ -141,6 +142,12 @@ async def prune(
                 "prune must connect as the owner of the chatkit_ tables (the role that runs the "
                 "migrations): row-level security hides every row from this role. Run it with "
                 "DATABASE_URL set to the owner's URL (see docs/rls.md)."
+            )
+        if not dry_run and await conn.fetchval(CITUS_INSTALLED):
+            # Its batches lock rows FOR UPDATE SKIP LOCKED across users, which Citus refuses in a
+            # multi-shard query; counting (the dry run) works.
+            raise ConfigurationError(
+                "prune cannot delete on a Citus cluster yet; --dry-run counts (see docs/citus.md)"
             )
         # Expired threads first: their attachments then count with the thread, not as orphans.
         if retention_cutoff is not None:

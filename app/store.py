@@ -32,6 +32,7 @@ from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
+from .citus import CITUS_INSTALLED, Fetch, write_as
 from .db import is_disconnect, is_unavailable
 from .errors import InvalidInputError, MissingUserError, ServiceUnavailableError
 from .ids import new_id
@@ -117,6 +118,17 @@ class _PageSQL:
 # ``user_id`` filters stay: they are the first wall, and the only one for a role that bypasses
 # row-level security (the owner, a superuser, the embedded development server).
 
+# --- on a Citus cluster ------------------------------------------------------------------------
+#
+# Reads run as they are on a cluster (the worker runs the gate itself); writes need the user set
+# for the worker's transaction, and a statement Citus routes to one shard: app.citus runs them.
+# The builders below record each write's Citus form next to its one-node form: the same
+# statement without the gate, and an insert from VALUES. tests/test_citus*.py prove the setting
+# reaches the worker and that every statement is single-shard.
+
+CITUS_FORMS: dict[str, str] = {}
+"""One-node statement -> its Citus form, for every write built by the helpers below."""
+
 GATE = "(SELECT set_config('app.user_id', $1, true)) IS NOT NULL"
 """Sets ``app.user_id`` for the statement's transaction before it reads a table."""
 AS_USER = "(SELECT set_config('app.user_id', $1, true) AS uid) s"
@@ -145,14 +157,18 @@ def scoped_insert(into: str, values: str, on_conflict: str = "") -> str:
     if not into.split("(", 1)[1].lstrip().startswith("user_id"):
         raise ValueError("a scoped insert takes user_id from s.uid, as its first column")
     tail = f" {on_conflict}" if on_conflict else ""
-    return f"INSERT INTO {into} SELECT s.uid, {values} FROM {AS_USER}{tail}"
+    sql = f"INSERT INTO {into} SELECT s.uid, {values} FROM {AS_USER}{tail}"
+    CITUS_FORMS[sql] = f"INSERT INTO {into} VALUES ($1, {values}){tail}"
+    return sql
 
 
 def gated(statement: str, returning: str = "") -> str:
     """An UPDATE or DELETE whose WHERE clause (filtering ``user_id = $1``) ends with the gate."""
     _user_filtered(statement)
     tail = f" {returning}" if returning else ""
-    return f"{statement} AND {GATE}{tail}"
+    sql = f"{statement} AND {GATE}{tail}"
+    CITUS_FORMS[sql] = f"{statement}{tail}"
+    return sql
 
 
 def _page_sql(table: str, scope: str, nscope: int, order: Literal["asc", "desc"]) -> _PageSQL:
@@ -198,11 +214,14 @@ _ITEM_PAGES = {o: _page_sql("chatkit_items", "user_id,thread_id", 2, o) for o in
 SQL_LOAD_THREAD = gated_select(
     "q.data", "SELECT data::text AS data FROM chatkit_threads WHERE user_id = $1 AND id = $2"
 )
+# The time of an upsert is inserted and taken from EXCLUDED rather than written as now() in
+# DO UPDATE SET: the same value (the transaction's start) and the only form Citus accepts there
+# (it requires IMMUTABLE functions in DO UPDATE SET; it evaluates now() in the values itself).
 SQL_SAVE_THREAD = scoped_insert(
-    "chatkit_threads AS t (user_id, id, created_at, title, data)",
-    "$2::text, $3::timestamptz, $4::text, $5::jsonb",
+    "chatkit_threads AS t (user_id, id, created_at, title, data, updated_at)",
+    "$2::text, $3::timestamptz, $4::text, $5::jsonb, now()",
     "ON CONFLICT (user_id, id) DO UPDATE SET created_at = EXCLUDED.created_at, "
-    "title = EXCLUDED.title, data = EXCLUDED.data, updated_at = now()",
+    "title = EXCLUDED.title, data = EXCLUDED.data, updated_at = EXCLUDED.updated_at",
 )
 SQL_DELETE_THREAD = gated("DELETE FROM chatkit_threads WHERE user_id = $1 AND id = $2")
 SQL_UPSERT_ITEM = scoped_insert(
@@ -229,12 +248,20 @@ SQL_LOAD_ATTACHMENT = gated_select(
     "SELECT data::text AS data FROM chatkit_attachments WHERE user_id = $1 AND id = $2",
 )
 SQL_DELETE_ATTACHMENT = gated("DELETE FROM chatkit_attachments WHERE user_id = $1 AND id = $2")
-SQL_SAVE_FEEDBACK = (
-    "INSERT INTO chatkit_feedback (user_id, thread_id, item_id, kind) "
-    f"SELECT s.uid, $2::text, ids.id, $4::text FROM {AS_USER} "
-    "CROSS JOIN unnest($3::text[]) AS ids(id) "
+_FEEDBACK_UPSERT = (
     "ON CONFLICT (user_id, thread_id, item_id) DO UPDATE SET kind = EXCLUDED.kind, "
-    "created_at = now()"
+    "created_at = EXCLUDED.created_at"
+)
+SQL_SAVE_FEEDBACK = (
+    "INSERT INTO chatkit_feedback (user_id, thread_id, item_id, kind, created_at) "
+    f"SELECT s.uid, $2::text, ids.id, $4::text, now() FROM {AS_USER} "
+    f"CROSS JOIN unnest($3::text[]) AS ids(id) {_FEEDBACK_UPSERT}"
+)
+# On a cluster, one row per statement (all sent in one round trip by executemany): an insert
+# from unnest() is an INSERT ... SELECT, which Citus does not route to a single shard.
+CITUS_SAVE_FEEDBACK_ROW = (
+    "INSERT INTO chatkit_feedback (user_id, thread_id, item_id, kind, created_at) "
+    f"VALUES ($1, $2::text, $3::text, $4::text, now()) {_FEEDBACK_UPSERT}"
 )
 SQL_ROW_SECURITY_ACTIVE = "SELECT row_security_active('chatkit_threads')"
 SQL_LOAD_FEEDBACK = gated_select(
@@ -255,6 +282,7 @@ class PostgresStore(Store[Any]):
         # Applied to every attachment loaded, including those embedded in user messages, so
         # that time-limited links (signed preview URLs, see app.attachments) are fresh.
         self.attachment_hook = attachment_hook
+        self._citus: bool | None = None  # whether the database is a Citus cluster; asked once
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -310,11 +338,26 @@ class PostgresStore(Store[Any]):
     async def _execute(self, sql: str, *args: Any) -> str:
         async with self.connection() as conn:
             try:
-                result: str = await conn.execute(sql, *args)
+                result: str = await self.modify(conn, sql, *args)
             except asyncpg.ForeignKeyViolationError as exc:
                 # The parent row is missing, or it is another user's: both read as "not found".
                 raise NotFoundError("parent not found") from exc
             return result
+
+    async def on_citus(self, conn: asyncpg.Connection) -> bool:
+        """Whether the database is a Citus cluster (the extension is installed); asked once."""
+        if self._citus is None:
+            self._citus = bool(await conn.fetchval(CITUS_INSTALLED))
+        return self._citus
+
+    async def modify(
+        self, conn: asyncpg.Connection, sql: str, *args: Any, fetch: Fetch = "execute"
+    ) -> Any:
+        """Run a write built by ``gated`` or ``scoped_insert`` ($1 the user): one statement on
+        one node; on a Citus cluster, its Citus form through app.citus."""
+        if not await self.on_citus(conn):
+            return await getattr(conn, fetch)(sql, *args)
+        return await write_as(conn, args[0], CITUS_FORMS[sql], args, fetch=fetch)
 
     async def _page(
         self,
@@ -478,7 +521,16 @@ class PostgresStore(Store[Any]):
         ids = list(dict.fromkeys(item_ids))
         if not ids:
             return
-        await self._execute(SQL_SAVE_FEEDBACK, user_id_of(context), thread_id, ids, kind)
+        user_id = user_id_of(context)
+        async with self.connection() as conn:
+            try:
+                if await self.on_citus(conn):
+                    rows = [(user_id, thread_id, item_id, kind) for item_id in ids]
+                    await write_as(conn, user_id, CITUS_SAVE_FEEDBACK_ROW, rows=rows)
+                else:
+                    await conn.execute(SQL_SAVE_FEEDBACK, user_id, thread_id, ids, kind)
+            except asyncpg.ForeignKeyViolationError as exc:
+                raise NotFoundError("parent not found") from exc
 
     async def load_feedback(self, thread_id: str, context: Any) -> dict[str, str]:
         async with self.connection() as conn:

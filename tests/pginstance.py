@@ -44,6 +44,12 @@ def _short_temp_root() -> Path:
 class PgInstance:
     root: Path
     system_user: str | None  # who runs PostgreSQL; None: the current user
+    # Another PostgreSQL's binaries (tests/citusharness.py: the machine's, which have Citus).
+    bin_dir: Path = POSTGRES_BIN_PATH
+    port: int = PORT
+    # "127.0.0.1" to listen on TCP ``port`` too (cluster nodes reach each other that way).
+    listen: str = ""
+    options: str = ""  # more ``-c name=value`` server options
 
     @property
     def pgdata(self) -> Path:
@@ -59,11 +65,11 @@ class PgInstance:
 
     def url(self, database: str = "postgres") -> str:
         """An SQLAlchemy asyncpg URL (the form the app's settings take)."""
-        return f"postgresql+asyncpg://postgres@/{database}?host={self.socket_dir}&port={PORT}"
+        return f"postgresql+asyncpg://postgres@/{database}?host={self.socket_dir}&port={self.port}"
 
     def dsn(self, database: str = "postgres") -> str:
         """The same, for plain asyncpg."""
-        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={PORT}"
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -75,7 +81,7 @@ class PgInstance:
             kwargs["user"] = self.system_user
         with tempfile.TemporaryFile("w+") as out:
             result = subprocess.run(
-                [str(POSTGRES_BIN_PATH / tool), *args],
+                [str(self.bin_dir / tool), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -115,7 +121,9 @@ class PgInstance:
 
     def start(self) -> None:
         """Start the postmaster and return once it accepts connections (``pg_ctl -w``)."""
-        options = f"-c listen_addresses='' -k {self.socket_dir} -p {PORT}"
+        options = f"-c listen_addresses='{self.listen}' -k {self.socket_dir} -p {self.port}"
+        if self.options:
+            options += f" {self.options}"
         self._run(
             "pg_ctl",
             "-D",
@@ -157,7 +165,7 @@ class PgInstance:
         """``pg_isready``: whether the server accepts connections right now."""
         try:
             self._run(
-                "pg_isready", "-h", str(self.socket_dir), "-p", str(PORT), "-t", "1", timeout=5
+                "pg_isready", "-h", str(self.socket_dir), "-p", str(self.port), "-t", "1", timeout=5
             )
         except RuntimeError:
             return False

@@ -102,8 +102,8 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 async def test_first_screen_of_serve_on_the_embedded_database(tmp_path: Path) -> None:
-    """What a newcomer sees first: where the embedded database lives, the endpoint, the token
-    and the curl line; no library chatter (pgserver's INFO dumps, alembic's revision lines,
+    """What a newcomer sees first: where the embedded database lives, the endpoint, the chat
+    page, the token and the curl line; no library chatter (pgserver's INFO dumps, alembic's revision lines,
     platformdirs' RuntimeDirWarning) before them."""
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
@@ -128,11 +128,12 @@ async def test_first_screen_of_serve_on_the_embedded_database(tmp_path: Path) ->
         await asyncio.wait_for(process.communicate(), 60)
     assert printed[0] == f"starting embedded PostgreSQL in {tmp_path / 'postgres'}"
     assert printed[1] == f"chatkit-pg: ChatKit endpoint at http://127.0.0.1:{port}/chatkit"
-    assert printed[2].startswith('A token for user "dev"')
-    assert printed[3].startswith("  export TOKEN=ey")
-    assert printed[4] == "Create a thread and stream a reply:"
-    assert printed[5].startswith(f"  curl -N http://127.0.0.1:{port}/chatkit ")
-    assert len(printed) == 6, printed
+    assert printed[2] == f"Chat page (development, this machine only): http://127.0.0.1:{port}/"
+    assert printed[3].startswith('A token for user "dev"')
+    assert printed[4].startswith("  export TOKEN=ey")
+    assert printed[5] == "Create a thread and stream a reply:"
+    assert printed[6].startswith(f"  curl -N http://127.0.0.1:{port}/chatkit ")
+    assert len(printed) == 7, printed
 
 
 @pytest.mark.parametrize(

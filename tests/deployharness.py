@@ -10,7 +10,16 @@
 * ``PacedModel`` is an ``agents.Model`` that streams its reply in deltas at a set pace. Each delta
   carries the ``time.monotonic_ns()`` at which the server emitted it (system-wide on Linux), so
   a client in another process can tell the pacing it saw from the pacing the server produced.
-  The user's message chooses the pace: ``pace deltas=20 interval_ms=50 lead_ms=0``.
+  The user's message chooses the pace: ``pace deltas=20 interval_ms=50 lead_ms=0`` (the
+  benchmark's mode);
+* in LOCKSTEP mode (``... lockstep=<folder> wait_ms=20000``, see ``Lockstep``) the model emits
+  delta i+1 only once the client has acknowledged delta i (a file ``ack-<i>`` in the folder,
+  which the client creates when the event is in its hands), and marks every delta with what
+  happened: ``first``, ``acked`` or ``timeout`` (the client's acknowledgement had not come by the
+  deadline; the model then emits the rest without waiting, so the stream still ends). Through a
+  proxy that does not buffer every delta is ``acked`` whatever the load on the machine; through
+  one that buffers, delta 0 cannot reach the client before the response ends, so delta 1 is
+  ``timeout``. The tests assert that, instead of timing margins.
 """
 
 from __future__ import annotations
@@ -461,13 +470,46 @@ def threads_create_body(text: str) -> dict[str, Any]:
     }
 
 
-def pace_prompt(deltas: int = 20, interval_ms: float = 50, lead_ms: float = 0) -> str:
-    return f"pace deltas={deltas} interval_ms={interval_ms:g} lead_ms={lead_ms:g}"
+@dataclass
+class Lockstep:
+    """The client's side of the lockstep: where it acknowledges deltas, how long the model waits.
+
+    A folder shared by the test process (or the browser, through a Playwright binding) and the
+    uvicorn child: a file is the simplest channel both see without ports or extra tasks, and
+    its creation is atomic. ``wait_seconds`` is one deadline for the whole reply, measured by
+    the model from its first delta; it only matters when acknowledgements do not come.
+    """
+
+    folder: Path
+    wait_seconds: float = 20.0
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def ack(self, index: int) -> None:
+        (self.folder / f"ack-{index}").touch()
+
+    def ack_delta(self, delta: str) -> None:
+        """Acknowledge the delta whose text (with its ``[dN@...]`` mark) the client received."""
+        mark = DELTA_MARK.search(delta)
+        if mark:
+            self.ack(int(mark.group(1)))
+
+
+def pace_prompt(
+    deltas: int = 20, interval_ms: float = 50, lead_ms: float = 0, lockstep: Lockstep | None = None
+) -> str:
+    prompt = f"pace deltas={deltas} interval_ms={interval_ms:g} lead_ms={lead_ms:g}"
+    if lockstep is not None:
+        if re.search(r"\s", str(lockstep.folder)):
+            raise ValueError(f"the prompt cannot carry a folder with spaces: {lockstep.folder}")
+        prompt += f" lockstep={lockstep.folder} wait_ms={round(lockstep.wait_seconds * 1000)}"
+    return prompt
 
 
 # --- reading a stream as a client ----------------------------------------------------------------
 
-DELTA_MARK = re.compile(r"\[d(\d+)@(\d+)\]")
+DELTA_MARK = re.compile(r"\[d(\d+)@(\d+)(?: (first|acked|timeout))?\]")
 
 
 @dataclass
@@ -477,6 +519,7 @@ class StreamEvent:
     data: dict[str, Any] | None
     emitted: float | None = None  # server monotonic time, for the model's deltas
     index: int | None = None
+    lockstep: str | None = None  # first / acked / timeout, for a lockstep reply's deltas
 
 
 @dataclass
@@ -514,13 +557,19 @@ def parse_sse_block(block: str, arrived: float) -> StreamEvent | None:
         if mark:
             event.index = int(mark.group(1))
             event.emitted = int(mark.group(2)) / 1e9
+            event.lockstep = mark.group(3)
     return event
 
 
 async def read_stream(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], token: str
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    token: str,
+    lockstep: Lockstep | None = None,
 ) -> StreamResult:
-    """POST and time every SSE event (and heartbeat comment) as it completes."""
+    """POST and time every SSE event (and heartbeat comment) as it completes; with ``lockstep``,
+    acknowledge each delta as soon as its event is complete."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     started = time.monotonic()
     events: list[StreamEvent] = []
@@ -535,6 +584,8 @@ async def read_stream(
                     event = parse_sse_block(block, time.monotonic())
                     if event is not None:
                         events.append(event)
+                        if lockstep is not None and event.index is not None:
+                            lockstep.ack(event.index)
         except httpx.HTTPError as exc:  # a proxy cutting the stream shows up here
             error = f"{type(exc).__name__}: {exc}"
         return StreamResult(
@@ -546,7 +597,28 @@ async def read_stream(
 
 _PACE = re.compile(
     r"pace\s+deltas=(?P<deltas>\d+)\s+interval_ms=(?P<interval>[\d.]+)\s+lead_ms=(?P<lead>[\d.]+)"
+    r"(?:\s+lockstep=(?P<lockstep>\S+)\s+wait_ms=(?P<wait>\d+))?"
 )
+LOCKSTEP_POLL_SECONDS = 0.002
+
+
+@dataclass(frozen=True)
+class Pace:
+    deltas: int = 20
+    interval_ms: float = 50
+    lead_ms: float = 0
+    lockstep: Path | None = None  # the folder of the client's acknowledgements
+    wait_ms: float = 0
+
+
+async def wait_for_ack(folder: Path, index: int, deadline: float) -> bool:
+    """Until ``deadline`` (monotonic): has the client acknowledged delta ``index``?"""
+    path = folder / f"ack-{index}"
+    while not path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(LOCKSTEP_POLL_SECONDS)
+    return True
 
 
 def _last_user_text(input: Any) -> str:
@@ -564,16 +636,24 @@ def _last_user_text(input: Any) -> str:
 
 
 class PacedModel(Model):
-    """Streams ``deltas`` text deltas ``interval_ms`` apart, after ``lead_ms`` of silence."""
+    """Streams ``deltas`` text deltas ``interval_ms`` apart, after ``lead_ms`` of silence; in
+    lockstep, each delta after the first also waits for the client's acknowledgement of the one
+    before (see the module's docstring)."""
 
     def __init__(self, deltas: int = 20, interval_ms: float = 50, lead_ms: float = 0) -> None:
-        self.default = (deltas, interval_ms, lead_ms)
+        self.default = Pace(deltas, interval_ms, lead_ms)
 
-    def _pace(self, input: Any) -> tuple[int, float, float]:
+    def _pace(self, input: Any) -> Pace:
         match = _PACE.search(_last_user_text(input))
         if not match:
             return self.default
-        return int(match["deltas"]), float(match["interval"]), float(match["lead"])
+        return Pace(
+            int(match["deltas"]),
+            float(match["interval"]),
+            float(match["lead"]),
+            Path(match["lockstep"]) if match["lockstep"] else None,
+            float(match["wait"] or 0),
+        )
 
     async def get_response(self, *args: Any, **kwargs: Any) -> Any:
         from agents.items import ModelResponse
@@ -610,7 +690,8 @@ class PacedModel(Model):
             OutputTokensDetails,
         )
 
-        deltas, interval_ms, lead_ms = self._pace(input)
+        pace = self._pace(input)
+        deltas = pace.deltas
         item_id = f"msg_paced_{time.monotonic_ns()}"
         seq = 0
 
@@ -665,13 +746,18 @@ class PacedModel(Model):
             part=ResponseOutputText(type="output_text", text="", annotations=[], logprobs=[]),
             sequence_number=nxt(),
         )
-        if lead_ms:
-            await asyncio.sleep(lead_ms / 1000)
+        if pace.lead_ms:
+            await asyncio.sleep(pace.lead_ms / 1000)
+        deadline = time.monotonic() + pace.wait_ms / 1000
         parts = []
         for i in range(deltas):
             if i:
-                await asyncio.sleep(interval_ms / 1000)
-            piece = f"[d{i}@{time.monotonic_ns()}] "
+                await asyncio.sleep(pace.interval_ms / 1000)
+            status = ""
+            if pace.lockstep is not None:
+                acked = i == 0 or await wait_for_ack(pace.lockstep, i - 1, deadline)
+                status = " first" if i == 0 else " acked" if acked else " timeout"
+            piece = f"[d{i}@{time.monotonic_ns()}{status}] "
             parts.append(piece)
             yield ResponseTextDeltaEvent(
                 type="response.output_text.delta",

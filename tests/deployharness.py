@@ -364,6 +364,9 @@ class Backend:
     max_body_bytes: int = 1024 * 1024
     port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Importing the app costs ~10 s of CPU; on a shared two-core machine under load that has
+    # taken over 60 s of wall time. Only a deadline: a healthy start returns at once.
+    startup_seconds: float = 180
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -430,15 +433,26 @@ class Backend:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        deadline = time.monotonic() + 60
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()  # a child that never got healthy must not outlive the test
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_seconds
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"backend exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
+                    return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"backend not healthy after 60 s:\n{self.log()}")
+                raise TimeoutError(
+                    f"backend not healthy after {self.startup_seconds:g} s:\n{self.log()}"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -481,7 +495,7 @@ class Lockstep:
     """
 
     folder: Path
-    wait_seconds: float = 20.0
+    wait_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,6 @@ from playwright.async_api import async_playwright
 
 from tests.browserharness import launch_chromium
 from tests.deployharness import (
-    DELTA_MARK,
     GZIP_EVERYTHING,
     Backend,
     Lockstep,
@@ -42,6 +41,7 @@ from tests.deployharness import (
     read_stream,
     threads_create_body,
 )
+from tests.pacedmodel import DELTA_MARK
 
 DELTAS = 20
 # How long the model waits, for the whole reply, for the client's acknowledgements. Generous:

@@ -7,15 +7,14 @@
 * ``Nginx`` starts that nginx in the foreground and stops it at the end;
 * ``Backend`` runs ``uvicorn`` in a child process, the way the image runs it (uvloop, httptools,
   ``--proxy-headers``), serving ``app.main.create_app`` with ``PacedModel``;
-* ``PacedModel`` is an ``agents.Model`` that streams its reply in deltas at a set pace. Each delta
-  carries the ``time.monotonic_ns()`` at which the server emitted it (system-wide on Linux), so
-  a client in another process can tell the pacing it saw from the pacing the server produced.
-  The user's message chooses the pace: ``pace deltas=20 interval_ms=50 lead_ms=0``.
+* ``PacedModel`` (``tests/pacedmodel.py``) streams its reply in deltas, each stamped with the
+  server's emission time, at a pace the user's message chooses (``pace_prompt``), optionally in
+  LOCKSTEP with the client (``Lockstep``; see that module); ``read_stream`` reads and times a
+  stream as a client, acknowledging deltas in lockstep.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
@@ -28,14 +27,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
-from agents import Model
+
+from tests.pacedmodel import DELTA_MARK, ack_path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR = PROJECT_ROOT / "nginx" / "templates"
@@ -355,6 +355,9 @@ class Backend:
     max_body_bytes: int = 1024 * 1024
     port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Importing the app costs ~10 s of CPU; on a shared two-core machine under load that has
+    # taken over 60 s of wall time. Only a deadline: a healthy start returns at once.
+    startup_seconds: float = 180
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -390,7 +393,7 @@ class Backend:
             sys.executable,
             "-m",
             "uvicorn",
-            "tests.deployharness:paced_app",
+            "tests.pacedmodel:paced_app",
             "--factory",
             "--app-dir",
             str(PROJECT_ROOT),
@@ -421,15 +424,26 @@ class Backend:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        deadline = time.monotonic() + 60
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()  # a child that never got healthy must not outlive the test
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_seconds
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"backend exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
+                    return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"backend not healthy after 60 s:\n{self.log()}")
+                raise TimeoutError(
+                    f"backend not healthy after {self.startup_seconds:g} s:\n{self.log()}"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -461,13 +475,44 @@ def threads_create_body(text: str) -> dict[str, Any]:
     }
 
 
-def pace_prompt(deltas: int = 20, interval_ms: float = 50, lead_ms: float = 0) -> str:
-    return f"pace deltas={deltas} interval_ms={interval_ms:g} lead_ms={lead_ms:g}"
+@dataclass
+class Lockstep:
+    """The client's side of the lockstep: where it acknowledges deltas, how long the model waits.
+
+    A folder shared by the test process (or the browser, through a Playwright binding) and the
+    uvicorn child: a file is the simplest channel both see without ports or extra tasks, and
+    its creation is atomic. ``wait_seconds`` is one deadline for the whole reply, measured by
+    the model from its first delta; it only matters when acknowledgements do not come.
+    """
+
+    folder: Path
+    wait_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def ack(self, index: int) -> None:
+        ack_path(self.folder, index).touch()
+
+    def ack_delta(self, delta: str) -> None:
+        """Acknowledge the delta whose text (with its ``[dN@...]`` mark) the client received."""
+        mark = DELTA_MARK.search(delta)
+        if mark:
+            self.ack(int(mark.group(1)))
+
+
+def pace_prompt(
+    deltas: int = 20, interval_ms: float = 50, lead_ms: float = 0, lockstep: Lockstep | None = None
+) -> str:
+    prompt = f"pace deltas={deltas} interval_ms={interval_ms:g} lead_ms={lead_ms:g}"
+    if lockstep is not None:
+        if re.search(r"\s", str(lockstep.folder)):
+            raise ValueError(f"the prompt cannot carry a folder with spaces: {lockstep.folder}")
+        prompt += f" lockstep={lockstep.folder} wait_ms={round(lockstep.wait_seconds * 1000)}"
+    return prompt
 
 
 # --- reading a stream as a client ----------------------------------------------------------------
-
-DELTA_MARK = re.compile(r"\[d(\d+)@(\d+)\]")
 
 
 @dataclass
@@ -477,6 +522,7 @@ class StreamEvent:
     data: dict[str, Any] | None
     emitted: float | None = None  # server monotonic time, for the model's deltas
     index: int | None = None
+    lockstep: str | None = None  # first / acked / timeout, for a lockstep reply's deltas
 
 
 @dataclass
@@ -514,13 +560,19 @@ def parse_sse_block(block: str, arrived: float) -> StreamEvent | None:
         if mark:
             event.index = int(mark.group(1))
             event.emitted = int(mark.group(2)) / 1e9
+            event.lockstep = mark.group(3)
     return event
 
 
 async def read_stream(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], token: str
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    token: str,
+    lockstep: Lockstep | None = None,
 ) -> StreamResult:
-    """POST and time every SSE event (and heartbeat comment) as it completes."""
+    """POST and time every SSE event (and heartbeat comment) as it completes; with ``lockstep``,
+    acknowledge each delta as soon as its event is complete."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     started = time.monotonic()
     events: list[StreamEvent] = []
@@ -535,188 +587,10 @@ async def read_stream(
                     event = parse_sse_block(block, time.monotonic())
                     if event is not None:
                         events.append(event)
+                        if lockstep is not None and event.index is not None:
+                            lockstep.ack(event.index)
         except httpx.HTTPError as exc:  # a proxy cutting the stream shows up here
             error = f"{type(exc).__name__}: {exc}"
         return StreamResult(
             response.status_code, response.headers, response.http_version, started, events, error
         )
-
-
-# --- the paced model ------------------------------------------------------------------------------
-
-_PACE = re.compile(
-    r"pace\s+deltas=(?P<deltas>\d+)\s+interval_ms=(?P<interval>[\d.]+)\s+lead_ms=(?P<lead>[\d.]+)"
-)
-
-
-def _last_user_text(input: Any) -> str:
-    if isinstance(input, str):
-        return input
-    for item in reversed(list(input or [])):
-        if not isinstance(item, dict) or item.get("role") != "user":
-            continue
-        content = item.get("content")
-        if isinstance(content, str):
-            return content
-        texts = [c.get("text", "") for c in content or [] if isinstance(c, dict)]
-        return " ".join(t for t in texts if t)
-    return ""
-
-
-class PacedModel(Model):
-    """Streams ``deltas`` text deltas ``interval_ms`` apart, after ``lead_ms`` of silence."""
-
-    def __init__(self, deltas: int = 20, interval_ms: float = 50, lead_ms: float = 0) -> None:
-        self.default = (deltas, interval_ms, lead_ms)
-
-    def _pace(self, input: Any) -> tuple[int, float, float]:
-        match = _PACE.search(_last_user_text(input))
-        if not match:
-            return self.default
-        return int(match["deltas"]), float(match["interval"]), float(match["lead"])
-
-    async def get_response(self, *args: Any, **kwargs: Any) -> Any:
-        from agents.items import ModelResponse
-        from agents.testing import assistant_message
-        from agents.usage import Usage
-
-        return ModelResponse(
-            output=[assistant_message("Paced reply")], usage=Usage(requests=1), response_id=None
-        )
-
-    async def stream_response(  # type: ignore[override]
-        self,
-        system_instructions: str | None,
-        input: Any,
-        *args: Any,
-        **kwargs: Any,
-    ) -> AsyncIterator[Any]:
-        from openai.types.responses import (
-            Response,
-            ResponseCompletedEvent,
-            ResponseContentPartAddedEvent,
-            ResponseContentPartDoneEvent,
-            ResponseCreatedEvent,
-            ResponseOutputItemAddedEvent,
-            ResponseOutputItemDoneEvent,
-            ResponseOutputMessage,
-            ResponseOutputText,
-            ResponseTextDeltaEvent,
-            ResponseTextDoneEvent,
-            ResponseUsage,
-        )
-        from openai.types.responses.response_usage import (
-            InputTokensDetails,
-            OutputTokensDetails,
-        )
-
-        deltas, interval_ms, lead_ms = self._pace(input)
-        item_id = f"msg_paced_{time.monotonic_ns()}"
-        seq = 0
-
-        def nxt() -> int:
-            nonlocal seq
-            seq += 1
-            return seq - 1
-
-        def response(status: Any, output: list[Any]) -> Response:
-            return Response(
-                id=f"resp_{item_id}",
-                created_at=time.time(),
-                model="paced-model",
-                object="response",
-                output=output,
-                tool_choice="none",
-                tools=[],
-                top_p=None,
-                parallel_tool_calls=False,
-                status=status,
-                usage=ResponseUsage(
-                    input_tokens=1,
-                    output_tokens=deltas,
-                    total_tokens=deltas + 1,
-                    input_tokens_details=InputTokensDetails.model_validate(
-                        {"cached_tokens": 0, "cache_write_tokens": 0}
-                    ),
-                    output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
-                ),
-            )
-
-        def message(status: Any, text: str | None) -> ResponseOutputMessage:
-            content = [] if text is None else [self._text(text)]
-            return ResponseOutputMessage(
-                id=item_id, type="message", role="assistant", status=status, content=content
-            )
-
-        yield ResponseCreatedEvent(
-            type="response.created", response=response("in_progress", []), sequence_number=nxt()
-        )
-        yield ResponseOutputItemAddedEvent(
-            type="response.output_item.added",
-            item=message("in_progress", None),
-            output_index=0,
-            sequence_number=nxt(),
-        )
-        yield ResponseContentPartAddedEvent(
-            type="response.content_part.added",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            part=ResponseOutputText(type="output_text", text="", annotations=[], logprobs=[]),
-            sequence_number=nxt(),
-        )
-        if lead_ms:
-            await asyncio.sleep(lead_ms / 1000)
-        parts = []
-        for i in range(deltas):
-            if i:
-                await asyncio.sleep(interval_ms / 1000)
-            piece = f"[d{i}@{time.monotonic_ns()}] "
-            parts.append(piece)
-            yield ResponseTextDeltaEvent(
-                type="response.output_text.delta",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                delta=piece,
-                logprobs=[],
-                sequence_number=nxt(),
-            )
-        text = "".join(parts)
-        yield ResponseTextDoneEvent(
-            type="response.output_text.done",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            text=text,
-            logprobs=[],
-            sequence_number=nxt(),
-        )
-        yield ResponseContentPartDoneEvent(
-            type="response.content_part.done",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            part=self._text(text),
-            sequence_number=nxt(),
-        )
-        done = message("completed", text)
-        yield ResponseOutputItemDoneEvent(
-            type="response.output_item.done", item=done, output_index=0, sequence_number=nxt()
-        )
-        yield ResponseCompletedEvent(
-            type="response.completed", response=response("completed", [done]), sequence_number=nxt()
-        )
-
-    @staticmethod
-    def _text(text: str) -> Any:
-        from openai.types.responses import ResponseOutputText
-
-        return ResponseOutputText(type="output_text", text=text, annotations=[], logprobs=[])
-
-
-def paced_app() -> Any:
-    """uvicorn factory: the production app, with the paced model instead of a real one."""
-    from app.main import create_app
-
-    return create_app(None, model=PacedModel())

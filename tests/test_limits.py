@@ -586,12 +586,11 @@ async def test_expired_leases_of_a_crashed_process_block_nothing(
             live,
         )
     stray = await insert_lease(engine, "alice", None, -5)
-    started = time.monotonic()
+    # With no waiting configured, a lease that counted would be an error event at once: the
+    # reply itself is the proof (no duration to bound, so load cannot fail this).
     events = await client.send(thread_id, "admitted")
-    elapsed = time.monotonic() - started
     assert not of_type(events, "error"), events
     assert done_items(events, "assistant_message"), events
-    assert elapsed < 2, elapsed
     remaining = await lease_ids(engine, "alice")
     assert not remaining, f"expired leases ({live}, {stray}) purged, own released: {remaining}"
 

@@ -159,6 +159,12 @@ async def count_threads(dsn: str, user: str) -> int:
         await conn.close()
 
 
+def refills_within(elapsed: float) -> int:
+    """How many requests' worth of budget can come back in ``elapsed`` seconds (measured
+    around the requests, so never less than the server saw): the rate's steady refill."""
+    return math.floor(elapsed / INTERVAL)
+
+
 async def wait_until(check: Any, timeout: float, what: str, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
@@ -180,11 +186,21 @@ async def test_burst_alternating_between_processes_admits_exactly_the_budget(two
         statuses.append(response.status_code)
         if response.status_code == 429:
             refused.append(response)
-    elapsed = time.monotonic() - started
-    # Within one interval no budget comes back, so the count is exact.
-    assert elapsed < INTERVAL, f"the burst took {elapsed:.2f}s; it must fit in {INTERVAL}s"
-    assert statuses == [200] * RATE_PER_MINUTE + [429] * 15, (statuses, two.logs())
+    refills = refills_within(time.monotonic() - started)
+    # The whole budget first, then refusals; only what came back meanwhile is admitted again
+    # (none when the burst fits in one interval, as it does on an idle machine).
+    assert statuses[:RATE_PER_MINUTE] == [200] * RATE_PER_MINUTE, (statuses, two.logs())
+    extra = statuses[RATE_PER_MINUTE:].count(200)
+    assert extra <= refills, (refills, statuses, two.logs())
+    if refills == 0:
+        assert statuses == [200] * RATE_PER_MINUTE + [429] * 15, (statuses, two.logs())
     retry_afters = [assert_rate_limited(r, max_retry_after=math.ceil(INTERVAL)) for r in refused]
+    if refills:
+        # A slow burst: start the steady-rate check below from a fresh refusal.
+        probe = await list_threads(two.client(0), user)
+        while probe.status_code == 200:
+            probe = await list_threads(two.client(0), user)
+        retry_afters.append(assert_rate_limited(probe, max_retry_after=math.ceil(INTERVAL)))
 
     # Another user spends their own budget, on either process.
     for n in range(2):
@@ -204,11 +220,16 @@ async def test_concurrent_requests_over_both_processes_never_over_admit(two: Pai
     user = new_user("race")
     started = time.monotonic()
     responses = await asyncio.gather(*(list_threads(two.client(n), user) for n in range(50)))
-    elapsed = time.monotonic() - started
-    assert elapsed < INTERVAL, f"50 requests took {elapsed:.2f}s; they must fit in {INTERVAL}s"
+    refills = refills_within(time.monotonic() - started)
     statuses = [r.status_code for r in responses]
-    assert statuses.count(200) == RATE_PER_MINUTE, (statuses, two.logs())
-    assert statuses.count(429) == 50 - RATE_PER_MINUTE, statuses
+    # Exactly the budget, plus only what came back while the requests were in flight (none
+    # when they fit in one interval, as on an idle machine).
+    assert RATE_PER_MINUTE <= statuses.count(200) <= RATE_PER_MINUTE + refills, (
+        refills,
+        statuses,
+        two.logs(),
+    )
+    assert statuses.count(429) == 50 - statuses.count(200), statuses
     for response in responses:
         if response.status_code == 429:
             assert_rate_limited(response, max_retry_after=math.ceil(INTERVAL))
@@ -234,11 +255,15 @@ async def test_file_upload_counts_against_the_same_budget(two: Pair) -> None:
     refused_upload = await two.client(1).post(
         "/files", files={"file": ("b.txt", b"hello", "text/plain")}, headers=auth(user)
     )
-    elapsed = time.monotonic() - started
-    assert elapsed < INTERVAL, f"took {elapsed:.2f}s; must fit in {INTERVAL}s"
+    refills = refills_within(time.monotonic() - started)
     # One upload and 29 ChatKit requests make the 30 of the budget.
-    assert statuses == [200] * (RATE_PER_MINUTE - 1) + [429], statuses
-    assert_rate_limited(refused_upload, max_retry_after=math.ceil(INTERVAL))
+    assert statuses[: RATE_PER_MINUTE - 1] == [200] * (RATE_PER_MINUTE - 1), statuses
+    if refills == 0:
+        assert statuses[-1] == 429, statuses
+        assert_rate_limited(refused_upload, max_retry_after=math.ceil(INTERVAL))
+    else:  # a slow run: what came back may have been spent, never more
+        admitted = statuses.count(200) + 1 + (refused_upload.status_code == 200)
+        assert admitted <= RATE_PER_MINUTE + refills, (refills, statuses)
 
 
 # --- 2. concurrent streams per user across processes ------------------------------------------

@@ -34,7 +34,7 @@ from .auth import TokenVerifier, check_auth_settings
 from .background import TaskRegistry
 from .context import RequestContext
 from .converter import AttachmentConverter
-from .db import aresolve_database_url, create_engine
+from .db import aresolve_database_url
 from .dictation import build_transcriber
 from .endpoint import chatkit_endpoint
 from .errors import (
@@ -54,6 +54,7 @@ from .observability import Metrics, configure_logging, user_id_var
 from .ops import alembic_heads
 from .ops import router as ops_router
 from .plugins import load_plugins
+from .pool import open_pool
 from .runtime import Runtime
 from .server import ChatKitPgServer, ServerOptions
 from .settings import Settings, get_settings
@@ -135,9 +136,9 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
         verifier = TokenVerifier.from_settings(settings)
         stack.push_async_callback(verifier.aclose)
 
-        engine = create_engine(await aresolve_database_url(settings), settings)
-        stack.push_async_callback(engine.dispose)
-        inner: Store[RequestContext] = app.state.store_override or PostgresStore(engine)
+        pool = await open_pool(await aresolve_database_url(settings), settings)
+        stack.push_async_callback(pool.close)
+        inner: Store[RequestContext] = app.state.store_override or PostgresStore(pool)
         store = MeteredStore(inner, metrics.store_seconds)
 
         # Attachments need the Postgres store itself (its pool and its re-signing hook).
@@ -186,7 +187,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = Runtime(
             settings=settings,
             metrics=metrics,
-            engine=engine,
+            pool=pool,
             store=store,
             server=server,
             verifier=verifier,
@@ -196,7 +197,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             limits=Limits(inner, settings, tasks) if isinstance(inner, PostgresStore) else None,
         )
         # The parts other code most often needs, also directly on app.state.
-        app.state.engine = engine
+        app.state.pool = pool
         app.state.store = store
         app.state.server = server
         log.info(

@@ -8,12 +8,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
-from sqlalchemy.exc import ProgrammingError
 
 from .runtime import Runtime
 from .settings import PROJECT_ROOT
@@ -47,16 +46,14 @@ async def readyz(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
     try:
         async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-            async with runtime.engine.connect() as conn:
-                result = await conn.execute(text("SELECT version_num FROM alembic_version"))
-                versions = frozenset(str(v) for v in result.scalars().all())
+            async with runtime.pool.acquire() as conn:
+                rows = await conn.fetch("SELECT version_num FROM alembic_version")
+                versions = frozenset(str(r[0]) for r in rows)
                 if runtime.row_security is None and versions == runtime.alembic_heads:
-                    enforced = await conn.scalar(
-                        text("SELECT row_security_active('chatkit_threads')")
-                    )
+                    enforced = await conn.fetchval("SELECT row_security_active('chatkit_threads')")
                     runtime.row_security = bool(enforced)
                     _report_row_security(runtime)
-    except ProgrammingError:
+    except asyncpg.UndefinedTableError:
         return JSONResponse({"status": "unavailable", "database": "ok", "schema": "missing"}, 503)
     except Exception as exc:
         log.warning("readiness: database unreachable", extra={"reason": type(exc).__name__})

@@ -69,9 +69,17 @@ class UserDatabase:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._store.connection() as conn, conn.transaction():
-            await conn.execute("SELECT set_config('app.user_id', $1, true)", self.user_id)
-            yield conn
+        async with self._store.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT set_config('app.user_id', $1, true)", self.user_id)
+                    yield conn
+            finally:
+                # The pool hands connections back without a reset (app.pool): the app leaves
+                # no session state, but a plugin's code may (a plain SET, LISTEN, a session
+                # advisory lock), and the next borrower may be another user's request.
+                if not conn.is_closed():
+                    await conn.reset()
 
 
 class PluginAgentContext(AgentContext[RequestContext]):

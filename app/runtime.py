@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from .agent import ModelSetup
 from .auth import TokenVerifier
 from .background import TaskRegistry
 from .limits import Limits
 from .metered_store import MeteredStore
 from .observability import Metrics
+from .pool import ConnectionPool
 from .server import ChatKitPgServer
 from .settings import Settings
 
@@ -20,7 +19,7 @@ from .settings import Settings
 class Runtime:
     settings: Settings
     metrics: Metrics
-    engine: AsyncEngine
+    pool: ConnectionPool
     store: MeteredStore
     server: ChatKitPgServer
     verifier: TokenVerifier

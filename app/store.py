@@ -1,8 +1,8 @@
 """``PostgresStore``: the ChatKit ``Store`` over PostgreSQL.
 
-Each call borrows one pooled connection from the SQLAlchemy engine and speaks asyncpg directly
-on it (prepared statements, one round trip for the common paths), so a store call costs close
-to the raw driver while the engine keeps owning the pool. Every statement filters by the user
+Each call borrows one connection from the app's asyncpg pool (app.pool) and runs one prepared
+statement on it (one round trip for the common paths), so a store call costs close to the raw
+driver. Every statement filters by the user
 taken from the request context: another user's row is indistinguishable from a missing one.
 Every statement also sets ``app.user_id`` for PostgreSQL's row-level security policies, a
 second wall behind those filters (see "row-level security" below and docs/rls.md).
@@ -10,7 +10,6 @@ second wall behind those filters (see "row-level security" below and docs/rls.md
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,13 +28,12 @@ from chatkit.types import (
     UserMessageItem,
 )
 from pydantic import BaseModel, TypeAdapter
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
 
 from .citus import CITUS_INSTALLED, Fetch, write_as
-from .db import is_disconnect, is_unavailable
+from .db import is_unavailable
 from .errors import InvalidInputError, MissingUserError, ServiceUnavailableError
 from .ids import new_id
+from .pool import ConnectionPool
 
 MAX_PAGE_SIZE = 500
 
@@ -276,9 +274,9 @@ class PostgresStore(Store[Any]):
     """A ``chatkit.store.Store`` whose every call is one short statement or transaction."""
 
     def __init__(
-        self, engine: AsyncEngine, *, attachment_hook: AttachmentHook | None = None
+        self, pool: ConnectionPool, *, attachment_hook: AttachmentHook | None = None
     ) -> None:
-        self.engine = engine
+        self.pool = pool
         # Applied to every attachment loaded, including those embedded in user messages, so
         # that time-limited links (signed preview URLs, see app.attachments) are fresh.
         self.attachment_hook = attachment_hook
@@ -288,16 +286,9 @@ class PostgresStore(Store[Any]):
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """Borrow a pooled asyncpg connection; it goes back as soon as the call is done.
-
-        Straight from the engine's pool (no SQLAlchemy ``Connection`` around it): half the
-        cost of ``engine.connect()`` per call, with the same pool, events and limits.
-        """
+        """Borrow a pooled asyncpg connection; it goes back as soon as the call is done."""
         try:
-            fairy = await greenlet_spawn(self.engine.sync_engine.raw_connection)
-            try:
-                conn = fairy.driver_connection
-                assert conn is not None
+            async with self.pool.acquire() as conn:
                 try:
                     yield conn
                 except (
@@ -308,14 +299,6 @@ class PostgresStore(Store[Any]):
                     raise InvalidInputError(
                         "Text may not contain NUL characters or unpaired surrogates."
                     ) from exc
-                except Exception as exc:
-                    if is_disconnect(exc) or conn.is_closed():
-                        # Never back into the pool: it would fail the next request too.
-                        fairy.invalidate(exc)
-                    raise
-            finally:
-                # Back to the pool even when the caller is being cancelled.
-                await asyncio.shield(greenlet_spawn(fairy.close))
         except Exception as exc:
             if is_unavailable(exc):
                 raise ServiceUnavailableError("database unavailable") from exc

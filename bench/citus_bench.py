@@ -7,7 +7,7 @@ PostgreSQL 15, tests/citusharness.py) with the same options, reached over TCP on
 * ``citus``: a coordinator and two workers, migrated and distributed (``python -m app
   distribute``'s function), the store talking to the coordinator.
 
-Each side's store is the app's own (``app.db.create_engine``, the app's settings) connecting as
+Each side's store is the app's own (``app.pool.open_pool``, the app's settings) connecting as
 a role without BYPASSRLS, as production does. Each round runs every method on both sides, the
 side order alternating from round to round; a side's figure for a round is the mean over
 ``CALLS`` back-to-back calls, and we quote, per method, the median over rounds and the ratio of
@@ -38,8 +38,8 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from app.db import create_engine
 from app.distribute import distribute, plain_dsn
+from app.pool import open_pool
 from app.settings import PROJECT_ROOT, Settings
 from app.store import PostgresStore
 from tests import factories as f
@@ -211,8 +211,8 @@ async def _bench() -> dict[str, Any]:
             await distribute(plain_dsn(citus_url))
             share = await _single_shard_share(citus_url)
             engines = {
-                "single": create_engine(await _app_role(single_url), settings),
-                "citus": create_engine(await _app_role(citus_url), settings),
+                "single": await open_pool(await _app_role(single_url), settings),
+                "citus": await open_pool(await _app_role(citus_url), settings),
             }
             try:
                 sides = [Side(name, PostgresStore(eng)) for name, eng in engines.items()]
@@ -231,7 +231,7 @@ async def _bench() -> dict[str, Any]:
                     print(f"round {r + 1}/{ROUNDS} done", flush=True)
             finally:
                 for eng in engines.values():
-                    await eng.dispose()
+                    await eng.close()
     methods = {}
     for method, by_side in per.items():
         single_us = statistics.median(by_side["single"])

@@ -32,7 +32,6 @@ import psutil
 from agents import Model, ModelResponse
 from agents.items import TResponseInputItem, TResponseStreamEvent
 from fastapi import FastAPI, Request
-from sqlalchemy import event as sa_event
 
 from app.ids import new_id
 from app.main import create_app
@@ -71,33 +70,21 @@ class SoakModel(Model):
 
 
 class PoolWatch:
-    """The pool's checked-out connections at their peak, new physical connections, and how
-    long each checkout held its connection (checkout to checkin)."""
+    """An observer of the app's pool (``app.pool.PoolObserver``): how long each borrow waited
+    for a connection and how long it held it (checkout to checkin)."""
 
     def __init__(self) -> None:
-        self.peak = 0
-        self.connects = 0
-        self.pool: Any = None
         self.holds: deque[tuple[float, float]] = deque(maxlen=500_000)  # (checked in, held s)
+        self.waits: deque[tuple[float, float]] = deque(maxlen=500_000)  # (checked out, waited s)
 
-    def attach(self, pool: Any) -> None:
-        self.pool = pool
-        sa_event.listen(pool, "checkout", self._checkout)
-        sa_event.listen(pool, "checkin", self._checkin)
-        sa_event.listen(pool, "connect", self._connect)
+    def borrowed(self, waited: float) -> None:
+        self.waits.append((time.monotonic(), waited))
 
-    def _checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
-        self.peak = max(self.peak, self.pool.checkedout())
-        record.info["soak_checkout"] = time.monotonic()
+    def returned(self, held: float) -> None:
+        self.holds.append((time.monotonic(), held))
 
-    def _checkin(self, dbapi_conn: Any, record: Any) -> None:
-        started = record.info.pop("soak_checkout", None)
-        if started is not None:
-            now = time.monotonic()
-            self.holds.append((now, now - started))
-
-    def _connect(self, *args: Any) -> None:
-        self.connects += 1
+    def wait_window(self, since: float, until: float) -> list[float]:
+        return [round(w * 1000, 3) for t, w in self.waits if since <= t < until]
 
     def window(self, since: float, until: float) -> list[float]:
         return [round(held * 1000, 3) for t, held in self.holds if since <= t < until]
@@ -130,7 +117,7 @@ def create_soak_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[Any]:
         async with inner(application) as state:
-            watch.attach(application.state.engine.sync_engine.pool)
+            application.state.pool.observer = watch
             if os.environ.get("SOAK_WITHOUT_LIMITS") == "1":
                 # A/B knob: the same server without per-user limits and stream leases.
                 application.state.runtime.limits = None
@@ -145,22 +132,21 @@ def create_soak_app() -> FastAPI:
     @app.get("/soak/stats")
     async def stats(request: Request, reset_peak: bool = False) -> dict[str, Any]:
         state = request.app.state
-        pool = state.engine.pool
+        pool = state.pool
         runtime = state.runtime
-        peak = watch.peak
+        peak = pool.peak_in_use
         if reset_peak:
-            watch.peak = pool.checkedout()
+            pool.peak_in_use = pool.in_use
         return {
             "pid": process.pid,
             "monotonic": time.monotonic(),
             "rss": process.memory_info().rss,
             "pool": {
-                "checked_out": pool.checkedout(),
-                "checked_in": pool.checkedin(),
+                "checked_out": pool.in_use,
                 "size": pool.size(),
-                "overflow": pool.overflow(),
+                "max_size": pool.max_size,
                 "peak_checked_out": peak,
-                "connects": watch.connects,
+                "connects": pool.connects,
             },
             "active_streams": runtime.metrics.active_streams._value.get(),
             "background_tasks": len(runtime.tasks),
@@ -174,6 +160,7 @@ def create_soak_app() -> FastAPI:
             "interval_ms": monitor.interval * 1000,
             "lag_ms": monitor.window(since, until),
             "pool_hold_ms": watch.window(since, until),
+            "pool_wait_ms": watch.wait_window(since, until),
         }
 
     return app

@@ -3,11 +3,11 @@ it was before it, and against the same SQL on raw asyncpg.
 
 Five sides run on one fresh, migrated database in the same process and event loop:
 
-* ``rls``: ``PostgresStore`` over the app's own engine (``app.db.create_engine`` and the app's
+* ``rls``: ``PostgresStore`` over the app's own pool (``app.pool.open_pool`` and the app's
   settings: pool size, GUCs, timeouts) connecting as a role without BYPASSRLS, as production
   does (docs/rls.md): every statement sets ``app.user_id`` and PostgreSQL applies the policies
   of migration 0003. The role is created for the run and dropped at its end;
-* ``pre``: the same store code, engine and settings, connecting as the tables' owner (whom the
+* ``pre``: the same store code, pool and settings, connecting as the tables' owner (whom the
   policies do not restrict) and running the statements the store had before row-level security
   (bench.pre_rls_sql): the baseline of "what the second wall costs", rls/pre;
 * ``store``: today's store as the owner: the same statements as ``rls`` with the policies
@@ -15,10 +15,8 @@ Five sides run on one fresh, migrated database in the same process and event loo
   new shape (set_config in the same round trip) costs;
 * ``raw``: ``asyncpg.create_pool`` of the same size with the same per-session GUCs, issuing the
   store's own SQL constants and doing the same (de)serialisation of the pydantic models, so the
-  difference is exactly what the store adds (SQLAlchemy pool checkout, context handling, ...).
-  Its ``reset`` is a no-op: the SQLAlchemy pool sends nothing to the server when a connection
-  it never began a transaction on comes back, whereas asyncpg's default reset costs a round
-  trip per call and would flatter the store;
+  difference is exactly what the store adds (its pool wrapper, error mapping, context
+  handling, ...). Its ``reset`` is a no-op, as the app's pool's is (app.pool);
 * ``conn``: one bare ``asyncpg.connect`` connection, the floor (no pool at all), for reference.
 
 ``raw`` and ``conn`` run today's statements as the owner.
@@ -81,8 +79,9 @@ from chatkit.types import (
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.engine import make_url
 
-from app.db import create_engine, server_settings
+from app.db import server_settings
 from app.ids import new_id
+from app.pool import open_pool
 from app.settings import Settings
 from app.store import (
     _ITEM_PAGES,
@@ -912,8 +911,8 @@ async def _sides(url: str, settings: Settings) -> AsyncIterator[Sides]:
 
     try:
         async with _app_role(setup, url) as rls_url:
-            engine = create_engine(url, settings)
-            rls_engine = create_engine(rls_url, settings)
+            engine = await open_pool(url, settings)
+            rls_engine = await open_pool(rls_url, settings)
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=1,
@@ -936,8 +935,8 @@ async def _sides(url: str, settings: Settings) -> AsyncIterator[Sides]:
             finally:
                 await bare.close()
                 await pool.close()
-                await rls_engine.dispose()
-                await engine.dispose()
+                await rls_engine.close()
+                await engine.close()
     finally:
         await setup.close()
 

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import create_engine
+from app.pool import ConnectionPool, open_pool
 from app.settings import Settings
 from app.store import PostgresStore
 from tests.pgharness import PgServer, header_line, migrate, postgres_server
@@ -70,9 +71,17 @@ async def engine(database_url: str, test_settings: Settings) -> AsyncIterator[As
     await eng.dispose()
 
 
+@pytest.fixture(scope="session")
+async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
+    """The app's kind of pool (app.pool) on the test database, for stores made by tests."""
+    p = await open_pool(database_url, test_settings)
+    yield p
+    await p.close()
+
+
 @pytest.fixture
-async def store(engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
-    yield PostgresStore(engine)
+async def store(pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
+    yield PostgresStore(pool)
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None

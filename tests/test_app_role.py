@@ -48,10 +48,9 @@ import pytest
 from chatkit.store import NotFoundError
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import create_engine
 from app.main import create_app
+from app.pool import ConnectionPool, open_pool
 from app.settings import PROJECT_ROOT, Settings
 from app.store import PostgresStore
 from tests import factories as f
@@ -295,17 +294,17 @@ def settings(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-async def app_engine(deployment: Deployment, settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(deployment.app_url, settings)
-    yield engine
-    await engine.dispose()
+async def app_pool(deployment: Deployment, settings: Settings) -> AsyncIterator[ConnectionPool]:
+    pool = await open_pool(deployment.app_url, settings)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture(scope="module")
-async def owner_engine(deployment: Deployment, settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(deployment.owner_url, settings)
-    yield engine
-    await engine.dispose()
+async def owner_pool(deployment: Deployment, settings: Settings) -> AsyncIterator[ConnectionPool]:
+    pool = await open_pool(deployment.owner_url, settings)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture
@@ -471,11 +470,11 @@ async def test_a_later_migrations_table_is_granted_as_it_is_created(
 
 
 async def test_store_works_through_the_role_and_the_policies_apply(
-    app_engine: AsyncEngine, owner_engine: AsyncEngine
+    app_pool: ConnectionPool, owner_pool: ConnectionPool
 ) -> None:
-    store = PostgresStore(app_engine)
+    store = PostgresStore(app_pool)
     assert await store.row_security_enforced() is True
-    assert await PostgresStore(owner_engine).row_security_enforced() is False
+    assert await PostgresStore(owner_pool).row_security_enforced() is False
 
     thread = f.thread(title="through chatkit_app")
     await store.save_thread(thread, ALICE)
@@ -504,9 +503,9 @@ async def test_store_works_through_the_role_and_the_policies_apply(
 
 
 async def test_an_unscoped_select_sees_nothing_without_a_user(
-    app_engine: AsyncEngine, as_app: asyncpg.Connection, as_owner: asyncpg.Connection
+    app_pool: ConnectionPool, as_app: asyncpg.Connection, as_owner: asyncpg.Connection
 ) -> None:
-    store = PostgresStore(app_engine)
+    store = PostgresStore(app_pool)
     thread = f.thread()
     await store.save_thread(thread, ALICE)
     await store.add_thread_item(thread.id, f.user_message(thread.id), ALICE)

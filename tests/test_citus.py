@@ -43,6 +43,7 @@ import app.store as store_sql
 from app.db import create_engine
 from app.distribute import COORDINATOR_LOCAL, DISTRIBUTED
 from app.errors import ConfigurationError
+from app.pool import ConnectionPool, open_pool
 from app.prune import prune
 from app.settings import PROJECT_ROOT, Settings
 from app.store import PostgresStore
@@ -81,10 +82,17 @@ async def engine(database_url: str, test_settings: Settings) -> AsyncIterator[As
     await eng.dispose()
 
 
+@pytest.fixture(scope="module")
+async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
+    p = await open_pool(database_url, test_settings)
+    yield p
+    await p.close()
+
+
 @pytest.fixture
-async def store(engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
+async def store(pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
     """Overrides conftest's: the same store, emptied by DELETE (see citusharness)."""
-    yield PostgresStore(engine)
+    yield PostgresStore(pool)
     await empty_tables(engine)
 
 

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import app.store as store_sql
 from app.db import create_engine
 from app.distribute import DISTRIBUTED
+from app.pool import ConnectionPool, open_pool
 from app.settings import Settings
 from app.store import PostgresStore
 from tests import factories as f
@@ -108,19 +109,27 @@ async def app_role_url(database_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-async def rls_engine(app_role_url: str, test_settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """The app's engine as the app's role, in the default plan-cache mode (on a cluster a forced
+async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
+    """Overrides conftest's: the owner's pool on the cluster."""
+    p = await open_pool(database_url, test_settings)
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="module")
+async def rls_pool(app_role_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
+    """The app's pool as the app's role, in the default plan-cache mode (on a cluster a forced
     generic plan of a statement Citus cannot prune without its parameters is refused; the
     default keeps custom plans for those, see tests/test_citus.py)."""
-    eng = create_engine(app_role_url, test_settings)
-    yield eng
-    await eng.dispose()
+    pool = await open_pool(app_role_url, test_settings)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture
-async def store(rls_engine: AsyncEngine, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
+async def store(rls_pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
     """Overrides conftest's: the store as the app's role; the owner empties the tables after."""
-    yield PostgresStore(rls_engine)
+    yield PostgresStore(rls_pool)
     await empty_tables(engine)
 
 
@@ -131,9 +140,9 @@ async def pooled_store(
     """A store on one pooled connection as the app's role: every call, the same session (and
     so the same sessions on the workers, which Citus keeps per coordinator session)."""
     one = test_settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
-    app_engine = create_engine(app_role_url, one)
-    yield PostgresStore(app_engine)
-    await app_engine.dispose()
+    app_pool = await open_pool(app_role_url, one)
+    yield PostgresStore(app_pool)
+    await app_pool.close()
     await empty_tables(engine)
 
 

@@ -26,11 +26,11 @@ import httpx
 import pytest
 from agents import Model, ModelResponse
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import ServiceUnavailableError
 from app.main import create_app
 from app.offline_model import text_response_events
+from app.pool import ConnectionPool
 from app.runtime import Runtime
 from app.settings import Settings
 from app.store import PostgresStore
@@ -110,18 +110,15 @@ async def sse_event(lines: AsyncIterator[str]) -> dict[str, Any] | None:
     return None
 
 
-def checked_out(engine: AsyncEngine) -> int:
-    return engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
+def checked_out(pool: ConnectionPool) -> int:
+    return pool.in_use
 
 
-async def pooled_pid(engine: AsyncEngine) -> int:
+async def pooled_pid(pool: ConnectionPool) -> int:
     """The server pid of the connection the pool hands out next (with one pooled connection,
     *the* connection)."""
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
-        return int(driver.get_server_pid())
+    async with pool.acquire() as conn:
+        return int(conn.get_server_pid())
 
 
 class GatedModel(Model):
@@ -277,14 +274,14 @@ async def test_terminated_idle_connections_are_renewed(
     proxy: TcpProxy, via_proxy: str, make_client: MakeClient, admin: asyncpg.Connection
 ) -> None:
     client = await make_client(database_url=via_proxy, db_pool_size=3)
-    engine: AsyncEngine = client.app.state.engine
+    pool: ConnectionPool = client.app.state.pool
     thread_id, _ = await client.create_thread("Before the terminate")
     # Three connections idle in the pool: the whole pool has to be renewed, not just one.
     async with AsyncExitStack() as held:
         for _ in range(3):
-            await held.enter_async_context(engine.connect())
-        assert checked_out(engine) == 3
-    assert checked_out(engine) == 0
+            await held.enter_async_context(pool.acquire())
+        assert checked_out(pool) == 3
+    assert checked_out(pool) == 0
     idle = await app_backends(admin, proxy)
     assert len(idle) == 3 and all(b["state"] == "idle" for b in idle), idle
 
@@ -344,7 +341,7 @@ async def test_connection_cut_during_a_slow_statement(
         assert recovery < RECOVERY_SECONDS
     renamed = await client.call("threads.update", {"thread_id": thread_id, "title": "Renamed"})
     assert renamed["title"] == "Renamed"
-    assert checked_out(client.app.state.engine) == 0
+    assert checked_out(client.app.state.pool) == 0
 
 
 async def test_connection_cut_while_a_stream_saves(
@@ -354,17 +351,17 @@ async def test_connection_cut_while_a_stream_saves(
     ends with a ChatKit error event (its 200 is long sent); the next request succeeds."""
     model = GatedModel()
     client = await make_client(model, database_url=via_proxy)
-    engine: AsyncEngine = client.app.state.engine
+    pool: ConnectionPool = client.app.state.pool
     stream = asyncio.create_task(client.stream("threads.create", {"input": user_input("Hi")}))
     await until(value(lambda: model.waiting == 1), "the model to think")
-    assert checked_out(engine) == 0
+    assert checked_out(pool) == 0
 
     proxy.stall()
     try:
         model.gate.set()  # the reply is done: the SDK saves it, through the hung network
-        await until(value(lambda: checked_out(engine) == 1), "the save to hang")
+        await until(value(lambda: checked_out(pool) == 1), "the save to hang")
         await asyncio.sleep(0.2)  # it stays hung (nothing answers)
-        assert not stream.done() and checked_out(engine) == 1
+        assert not stream.done() and checked_out(pool) == 1
         cut_at = now()
         await proxy.cut()
     finally:
@@ -385,7 +382,7 @@ async def test_connection_cut_while_a_stream_saves(
     thread_id = of_type(events, "thread.created")[0]["thread"]["id"]
     items = (await store.load_thread_items(thread_id, None, 10, "asc", {"user_id": "alice"})).data
     assert [i.type for i in items] == ["user_message"]
-    await until(value(lambda: checked_out(engine) == 0), "every connection back in the pool")
+    await until(value(lambda: checked_out(pool) == 0), "every connection back in the pool")
 
 
 async def test_hung_network_fails_within_the_timeouts(
@@ -487,7 +484,7 @@ async def test_restart_during_a_stream(
         assert recovery < RECOVERY_SECONDS
         assert (await http.get("/readyz")).status_code == 200
         await until(value(lambda: len(runtime.tasks) == 0), "background tasks to end")
-        assert checked_out(runtime.engine) == 0
+        assert checked_out(runtime.pool) == 0
 
     # The acknowledged user message is stored; the reply that could not be saved is not;
     # nothing half-written.
@@ -543,7 +540,7 @@ async def test_streams_hold_no_connection_while_the_model_thinks(
     client = await make_client(
         model, db_pool_size=2, db_max_overflow=0, db_pool_timeout=5.0, max_streams_per_user=0
     )
-    engine: AsyncEngine = client.app.state.engine
+    pool: ConnectionPool = client.app.state.pool
     tasks = [
         asyncio.create_task(client.create_thread(f"Question {i}", user=f"user{i % 4}"))
         for i in range(streams)
@@ -551,15 +548,15 @@ async def test_streams_hold_no_connection_while_the_model_thinks(
     await until(value(lambda: model.waiting == streams), f"{streams} streams to wait on the model")
 
     # The real proof: all of them are streaming, and not one pooled connection is out.
-    await until(value(lambda: checked_out(engine) == 0), "the pool to be free")
-    assert engine.sync_engine.pool.size() == 2  # type: ignore[attr-defined]
+    await until(value(lambda: checked_out(pool) == 0), "the pool to be free")
+    assert pool.size() <= 2
     slowest = 0.0
     for _ in range(5):
         started = now()
         listed = await client.request("threads.list", {}, user="zoe")
         slowest = max(slowest, now() - started)
         assert listed.status_code == 200, listed.text
-        assert checked_out(engine) == 0 and model.waiting == streams
+        assert checked_out(pool) == 0 and model.waiting == streams
     report(f"threads.list while {streams} streams wait on the model (slowest of 5)", slowest)
     assert slowest < 1.0
     assert not any(t.done() for t in tasks)
@@ -568,7 +565,7 @@ async def test_streams_hold_no_connection_while_the_model_thinks(
     results = await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE)
     for _, events in results:
         assert done_items(events, "assistant_message"), events
-    assert checked_out(engine) == 0
+    assert checked_out(pool) == 0
 
 
 # --- 5. lock and statement timeouts -------------------------------------------------------------
@@ -581,9 +578,9 @@ async def test_lock_timeout_is_a_503_and_the_connection_lives_on(
     client = await make_client(
         db_pool_size=1, db_max_overflow=0, db_lock_timeout_ms=int(lock_timeout * 1000)
     )
-    engine: AsyncEngine = client.app.state.engine
+    pool: ConnectionPool = client.app.state.pool
     thread_id, _ = await client.create_thread("Locked soon")
-    pid = await pooled_pid(engine)
+    pid = await pooled_pid(pool)
 
     async def times_out(type_: str, params: dict[str, Any]) -> float:
         started = now()
@@ -601,7 +598,7 @@ async def test_lock_timeout_is_a_503_and_the_connection_lives_on(
         await times_out("threads.delete", {"thread_id": thread_id})
         # The connection that timed out serves the next request at once, lock still held.
         assert (await client.request("threads.list", {})).status_code == 200
-        assert await pooled_pid(engine) == pid
+        assert await pooled_pid(pool) == pid
 
     # The limiter's per-request upsert waits on its row like any statement.
     async with admin.transaction():
@@ -623,7 +620,7 @@ async def test_lock_timeout_is_a_503_and_the_connection_lives_on(
     assert renamed["title"] == "Renamed"
     events = await client.send(thread_id, "Still there?")
     assert done_items(events, "assistant_message"), events
-    assert await pooled_pid(engine) == pid  # the one pooled connection was never replaced
+    assert await pooled_pid(pool) == pid  # the one pooled connection was never replaced
 
 
 async def test_statement_timeout_is_a_503_and_the_connection_lives_on(
@@ -636,9 +633,9 @@ async def test_statement_timeout_is_a_503_and_the_connection_lives_on(
         db_statement_timeout_ms=int(statement_timeout * 1000),
         db_lock_timeout_ms=0,  # only the statement timeout can end the wait
     )
-    engine: AsyncEngine = client.app.state.engine
+    pool: ConnectionPool = client.app.state.pool
     thread_id, _ = await client.create_thread("Slow soon")
-    pid = await pooled_pid(engine)
+    pid = await pooled_pid(pool)
 
     async with admin.transaction():
         await admin.execute("SELECT 1 FROM chatkit_threads WHERE id = $1 FOR UPDATE", thread_id)
@@ -649,8 +646,8 @@ async def test_statement_timeout_is_a_503_and_the_connection_lives_on(
         assert_unavailable(response)
         assert statement_timeout * 0.9 <= took < statement_timeout + SLACK_SECONDS
         assert (await client.request("threads.list", {})).status_code == 200
-        assert await pooled_pid(engine) == pid
+        assert await pooled_pid(pool) == pid
 
     renamed = await client.call("threads.update", {"thread_id": thread_id, "title": "Renamed"})
     assert renamed["title"] == "Renamed"
-    assert await pooled_pid(engine) == pid
+    assert await pooled_pid(pool) == pid

@@ -85,6 +85,7 @@ from pydantic import SecretStr, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.main import create_app
+from app.pool import ConnectionPool
 from app.settings import Settings
 from app.store import PostgresStore
 from tests import factories as f
@@ -566,14 +567,16 @@ APP_SETTINGS: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-async def world(test_settings: Settings, engine: AsyncEngine) -> AsyncIterator[World]:
+async def world(
+    test_settings: Settings, engine: AsyncEngine, pool: ConnectionPool
+) -> AsyncIterator[World]:
     """One started app and one seeded world for the whole module (``make_client`` does the
     same per test; starting, seeding and stopping per property would cost about 1.5 s each).
     Examples put the actor's rows back, so each test still starts from the seeded state."""
     overrides = {k: v for k, v in APP_SETTINGS.items() if k in Settings.model_fields}
     settings = test_settings.model_copy(update=overrides)
     app = create_app(settings)
-    store = PostgresStore(engine)
+    store = PostgresStore(pool)
     async with AsyncExitStack() as stack:
         sa_conn = await stack.enter_async_context(engine.connect())
         raw = (await sa_conn.get_raw_connection()).driver_connection

@@ -479,14 +479,14 @@ async def test_waiting_tab_holds_no_connection_and_goes_second(
 ) -> None:
     model = EchoModel()
     client = await make_client(model=model, thread_busy_wait_seconds=10)
-    pool = client.app.state.runtime.engine.pool
+    pool = client.app.state.runtime.pool
     thread_id, _ = await client.create_thread("hello")
 
     first = asyncio.create_task(client.send(thread_id, "hold tab one"))
     await asyncio.wait_for(model.holding.wait(), 10)
 
     async def pool_idle() -> bool:
-        return pool.checkedout() == 0
+        return bool(pool.in_use == 0)
 
     # The held reply's own store calls finish; it streams holding no connection.
     await wait_until(pool_idle, 5, "the held reply returns its connections", interval=0.01)
@@ -499,7 +499,7 @@ async def test_waiting_tab_holds_no_connection_and_goes_second(
     open_transactions: list[str] = []
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
-        samples.append(pool.checkedout())
+        samples.append(pool.in_use)
         if len(samples) % 10 == 0:
             open_transactions += await long_transactions(engine)
         await asyncio.sleep(0.01)

@@ -24,9 +24,7 @@ def _limits(store: PostgresStore, settings: Settings, **overrides: object) -> Li
 
 
 async def _leases(store: PostgresStore) -> list[tuple[str, str | None]]:
-    async with store.engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
+    async with store.pool.acquire() as raw:
         rows = await raw.fetch(
             "SELECT user_id, thread_id FROM chatkit_stream_leases ORDER BY created_at"
         )
@@ -57,9 +55,7 @@ async def test_the_budget_refills_at_the_steady_rate(
         await limits.admit("alice")
     assert 9 <= refused.value.retry_after <= 10
     # Ten seconds pass (moved on the row rather than slept): exactly one more is admitted.
-    async with store.engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
+    async with store.pool.acquire() as raw:
         await raw.execute("UPDATE chatkit_rate_limits SET tat = tat - interval '10 seconds'")
     await limits.admit("alice")
     with pytest.raises(TooManyRequestsError):
@@ -70,9 +66,7 @@ async def test_zero_turns_the_rate_limit_off(store: PostgresStore, test_settings
     limits = _limits(store, test_settings, rate_limit_per_minute=0)
     for _ in range(50):
         await limits.admit("alice")
-    async with store.engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
+    async with store.pool.acquire() as raw:
         assert await raw.fetchval("SELECT count(*) FROM chatkit_rate_limits") == 0
 
 
@@ -121,7 +115,7 @@ async def test_a_busy_thread_waits_its_turn(store: PostgresStore, test_settings:
     waiting = asyncio.create_task(limits.lease("alice", "thr_1"))
     await asyncio.sleep(0.6)
     assert not waiting.done()
-    assert store.engine.pool.checkedout() == 0  # waiting holds no connection
+    assert store.pool.in_use == 0  # waiting holds no connection
     await first.release()
     second = await asyncio.wait_for(waiting, 2)
     assert await _leases(store) == [("alice", "thr_1")]
@@ -146,9 +140,7 @@ async def test_leases_of_a_crashed_process_expire(
 ) -> None:
     limits = _limits(store, test_settings, thread_busy_wait_seconds=0, max_streams_per_user=1)
     await limits.lease("alice", "thr_1")  # never released: its process "died"
-    async with store.engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
+    async with store.pool.acquire() as raw:
         await raw.execute(
             "UPDATE chatkit_stream_leases SET expires_at = now() - $1::interval",
             timedelta(seconds=1),
@@ -165,9 +157,7 @@ async def test_holding_renews_and_always_releases(
     lease = await limits.lease("alice", "thr_1")
 
     async def expiry() -> float:
-        async with store.engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
-            assert raw is not None
+        async with store.pool.acquire() as raw:
             value = await raw.fetchval(
                 "SELECT extract(epoch FROM expires_at - now()) FROM chatkit_stream_leases"
             )

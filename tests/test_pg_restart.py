@@ -27,11 +27,10 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import create_engine
 from app.errors import ServiceUnavailableError
 from app.main import create_app
+from app.pool import ConnectionPool, open_pool
 from app.runtime import Runtime
 from app.settings import Settings
 from app.store import PostgresStore
@@ -158,8 +157,8 @@ class Served:
         return runtime
 
     @property
-    def engine(self) -> AsyncEngine:
-        return self.runtime.engine
+    def pool(self) -> ConnectionPool:
+        return self.runtime.pool
 
     async def request(self, type_: str, params: dict[str, Any]) -> httpx.Response:
         body = {"type": type_, "params": params}
@@ -213,7 +212,7 @@ async def test_postgres_stopped_during_a_stream(pg: PgInstance, served: Any) -> 
     is down and released only then."""
     model = GatedModel()
     app: Served = await served(model)
-    engine = app.engine
+    pool = app.pool
     body = {"type": "threads.create", "params": {"input": user_input("Tell me everything")}}
     events: list[dict[str, Any]] = []
     async with app.http.stream("POST", "/chatkit", json=body, headers=app.headers) as response:
@@ -224,7 +223,7 @@ async def test_postgres_stopped_during_a_stream(pg: PgInstance, served: Any) -> 
             assert event is not None, events
             events.append(event)
         await until(value(lambda: model.waiting == 1), "the model to think")
-        assert checked_out(engine) == 0  # the stream holds no connection while it waits
+        assert checked_out(pool) == 0  # the stream holds no connection while it waits
         pooled = await app_backends(pg)
         assert pooled and all(state == "idle" for state in pooled.values()), pooled
         old_postmaster = pg.postmaster_pid()
@@ -293,7 +292,7 @@ async def test_postgres_stopped_during_a_stream(pg: PgInstance, served: Any) -> 
 
     runtime = app.runtime
     await until(value(lambda: len(runtime.tasks) == 0), "background tasks to end")
-    await until(value(lambda: checked_out(engine) == 0), "every connection back in the pool")
+    await until(value(lambda: checked_out(pool) == 0), "every connection back in the pool")
     assert await fetch(pg, "SELECT id FROM chatkit_stream_leases") == []
 
     # Stored: the acknowledged user message; not the reply that could not be saved; then the
@@ -333,15 +332,15 @@ async def test_restart_while_idle_renews_the_pool(
     model = GatedModel()
     model.gate.set()
     app: Served = await served(model, db_pool_size=pool_size, rate_limit_per_minute=rate_limit)
-    engine = app.engine
+    pool = app.pool
     events = await app.stream("threads.create", {"input": user_input("Before the restart")})
     assert done_items(events, "assistant_message"), events
     thread_id = of_type(events, "thread.created")[0]["thread"]["id"]
     # A full pool of idle connections: all of them have to be renewed, not just one.
     async with AsyncExitStack() as held:
         for _ in range(pool_size):
-            await held.enter_async_context(engine.connect())
-    assert checked_out(engine) == 0
+            await held.enter_async_context(pool.acquire())
+    assert checked_out(pool) == 0
     before = await app_backends(pg)
     assert len(before) == pool_size and set(before.values()) == {"idle"}, before
 
@@ -422,7 +421,7 @@ async def test_requests_during_a_restart(pg: PgInstance, served: Any) -> None:
     assert any(o[1] == 503 for o in during), "no request met the restart"
     assert [o[1] for o in after] == [200] * len(clients), after
     assert max(o[2] for o in after) < RECOVERY_SECONDS
-    await until(value(lambda: checked_out(app.engine) == 0), "every connection back in the pool")
+    await until(value(lambda: checked_out(app.pool) == 0), "every connection back in the pool")
 
 
 # --- 4. the moment between PostgreSQL's goodbye and the end of the socket ------------------------
@@ -440,8 +439,8 @@ async def test_checkout_between_the_fatal_message_and_the_end_of_file(
     The window is made exact rather than raced (test 3 meets it by chance under load): the
     loop is blocked while the server stops, so both wait in the socket; one loop iteration
     then reads the message, and in the next this task runs before the end of file is read."""
-    engine = create_engine(restart_settings.database_url or "", restart_settings)
-    store = PostgresStore(engine)
+    pool = await open_pool(restart_settings.database_url or "", restart_settings)
+    store = PostgresStore(pool)
     try:
         async with store.connection() as conn:  # one idle pooled connection
             assert await conn.fetchval("SELECT 1") == 1
@@ -456,11 +455,11 @@ async def test_checkout_between_the_fatal_message_and_the_end_of_file(
             async with store.connection() as conn:
                 await conn.fetchval("SELECT 1")
     finally:
-        await engine.dispose()
+        await pool.close()
     await asyncio.to_thread(pg.start)
-    engine = create_engine(restart_settings.database_url or "", restart_settings)
+    pool = await open_pool(restart_settings.database_url or "", restart_settings)
     try:
-        async with PostgresStore(engine).connection() as conn:
+        async with PostgresStore(pool).connection() as conn:
             assert await conn.fetchval("SELECT 1") == 1
     finally:
-        await engine.dispose()
+        await pool.close()

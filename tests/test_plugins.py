@@ -22,12 +22,11 @@ from agents.testing import ScriptedModel, assistant_message, function_call
 from alembic import command
 from chatkit.types import WidgetItem
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cli import alembic_config
-from app.db import create_engine
 from app.errors import ConfigurationError
 from app.plugins import Plugin, UserDatabase, load_plugins
+from app.pool import ConnectionPool, open_pool
 from app.settings import PROJECT_ROOT, Settings
 from app.store import PostgresStore
 from tests.chatkit_client import ChatKitClient, done_items, of_type
@@ -51,16 +50,16 @@ async def plugin_db(pg_server: PgServer) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="module")
-async def plugin_engine(plugin_db: str, test_settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(plugin_db, test_settings)
-    yield engine
-    await engine.dispose()
+async def plugin_pool(plugin_db: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
+    pool = await open_pool(plugin_db, test_settings)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture
-async def pstore(plugin_engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
+async def pstore(plugin_pool: ConnectionPool) -> AsyncIterator[PostgresStore]:
     """The plugin database's store; its tables are emptied after each test."""
-    store = PostgresStore(plugin_engine)
+    store = PostgresStore(plugin_pool)
     yield store
     async with store.connection() as conn:
         await conn.execute(f"TRUNCATE {TABLES}, plugin_tasks CASCADE")
@@ -479,7 +478,7 @@ async def test_user_database_is_held_by_row_level_security(
     role = f"ckpg_plugin_{secrets.token_hex(6)}"
     password = secrets.token_urlsafe(18)
     admin = await asyncpg.connect(PgServer.dsn(plugin_db))
-    engine = None
+    pool = None
     try:
         await admin.execute(
             f"CREATE ROLE {role} LOGIN PASSWORD '{password}' NOSUPERUSER NOBYPASSRLS"
@@ -487,8 +486,8 @@ async def test_user_database_is_held_by_row_level_security(
         await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
         await admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON plugin_tasks TO {role}")
         url = make_url(plugin_db).set(username=role, password=password)
-        engine = create_engine(url.render_as_string(hide_password=False), test_settings)
-        bob = UserDatabase(PostgresStore(engine), "bob")
+        pool = await open_pool(url.render_as_string(hide_password=False), test_settings)
+        bob = UserDatabase(PostgresStore(pool), "bob")
         async with bob.transaction() as conn:
             assert await conn.fetch("SELECT title FROM plugin_tasks") == [("Bob's chore",)]
             assert await conn.execute("UPDATE plugin_tasks SET done = true") == "UPDATE 1"
@@ -499,13 +498,13 @@ async def test_user_database_is_held_by_row_level_security(
                 await conn.execute(
                     "INSERT INTO plugin_tasks (user_id, title) VALUES ('alice', 'planted')"
                 )
-        async with PostgresStore(engine).connection() as conn:  # no user set: nothing
+        async with PostgresStore(pool).connection() as conn:  # no user set: nothing
             assert await conn.fetchval("SELECT count(*) FROM plugin_tasks") == 0
         assert await done_flags(pstore, "alice") == {"Alice's secret": False}
         assert await done_flags(pstore, "bob") == {"Bob's chore": True, "more": False}
     finally:
-        if engine is not None:
-            await engine.dispose()
+        if pool is not None:
+            await pool.close()
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE {role}")
         await admin.close()

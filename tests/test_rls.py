@@ -35,7 +35,6 @@ import asyncpg
 import pytest
 from chatkit.store import NotFoundError
 from chatkit.types import AttachmentCreateParams
-from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -47,6 +46,7 @@ from app.background import TaskRegistry
 from app.db import create_engine
 from app.errors import ConfigurationError
 from app.limits import Limits
+from app.pool import ConnectionPool, open_pool
 from app.prune import prune
 from app.settings import Settings
 from app.store import PostgresStore
@@ -107,25 +107,20 @@ async def app_role_url(database_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-def _app_engine(url: str, config: Settings, plan_mode: str | None = None) -> AsyncEngine:
-    """The app's own engine (app.db.create_engine), optionally pinned to one plan-cache mode."""
-    engine = create_engine(url, config)
-    if plan_mode is not None:
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _plan_mode(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.run_async(lambda c: c.execute(f"SET plan_cache_mode = {plan_mode}"))
-
-    return engine
+async def _app_pool(url: str, config: Settings, plan_mode: str | None = None) -> ConnectionPool:
+    """The app's own pool (app.pool), optionally pinned to one plan-cache mode."""
+    return await open_pool(
+        url, config, session={"plan_cache_mode": plan_mode} if plan_mode else None
+    )
 
 
 @pytest.fixture(scope="module", params=PLAN_MODES, ids=["custom", "generic"])
-async def rls_engine(
+async def rls_pool(
     request: pytest.FixtureRequest, app_role_url: str, test_settings: Settings
-) -> AsyncIterator[AsyncEngine]:
-    engine = _app_engine(app_role_url, test_settings, request.param)
-    yield engine
-    await engine.dispose()
+) -> AsyncIterator[ConnectionPool]:
+    pool = await _app_pool(app_role_url, test_settings, request.param)
+    yield pool
+    await pool.close()
 
 
 async def _truncate(engine: AsyncEngine) -> None:
@@ -136,10 +131,10 @@ async def _truncate(engine: AsyncEngine) -> None:
 
 
 @pytest.fixture
-async def store(rls_engine: AsyncEngine, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
+async def store(rls_pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
     """Overrides conftest's ``store`` for this module: the app's role, subject to the policy.
     The owner's ``engine`` empties the tables afterwards."""
-    yield PostgresStore(rls_engine)
+    yield PostgresStore(rls_pool)
     await _truncate(engine)
 
 
@@ -150,9 +145,9 @@ async def pooled_store(
     """A store on the app's engine with a pool of one connection, in the default plan mode:
     every call, and every raw statement below, runs on the same server session."""
     one = test_settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
-    app_engine = _app_engine(app_role_url, one)
-    yield PostgresStore(app_engine)
-    await app_engine.dispose()
+    app_pool = await _app_pool(app_role_url, one)
+    yield PostgresStore(app_pool)
+    await app_pool.close()
     await _truncate(engine)
 
 
@@ -193,10 +188,10 @@ def test_the_contract_suites_are_rerun_here() -> None:
 
 
 async def test_role_is_subject_to_row_level_security(
-    store: PostgresStore, engine: AsyncEngine
+    store: PostgresStore, pool: ConnectionPool
 ) -> None:
     assert await store.row_security_enforced()
-    assert not await PostgresStore(engine).row_security_enforced()  # the owner bypasses it
+    assert not await PostgresStore(pool).row_security_enforced()  # the owner bypasses it
 
 
 async def test_two_users_every_operation_with_cascades(
@@ -447,10 +442,14 @@ async def test_every_table_has_the_policy_and_is_not_forced(engine: AsyncEngine)
 
 
 async def test_prune_refuses_the_app_role_and_runs_as_owner(
-    store: PostgresStore, engine: AsyncEngine, test_settings: Settings
+    app_role_url: str, engine: AsyncEngine, test_settings: Settings
 ) -> None:
-    with pytest.raises(ConfigurationError, match="owner"):
-        await prune(store.engine, test_settings, dry_run=True)
+    as_app = create_engine(app_role_url, test_settings)
+    try:
+        with pytest.raises(ConfigurationError, match="owner"):
+            await prune(as_app, test_settings, dry_run=True)
+    finally:
+        await as_app.dispose()
     report = await prune(engine, test_settings, dry_run=True)
     assert report.orphan_attachments == 0
 

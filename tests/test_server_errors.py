@@ -152,7 +152,7 @@ class BrokenStore(PostgresStore):
 async def test_internal_errors_are_generic(
     make_client: MakeClient, store: PostgresStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = await make_client(app_store=BrokenStore(store.engine))
+    client = await make_client(app_store=BrokenStore(store.pool))
     caplog.set_level(logging.INFO)
     response = await client.request("threads.list", {})
     error = _error(response, 500)

@@ -130,7 +130,7 @@ async def test_disconnect_saves_partial_reply_and_marker(
 
         # Nothing is left running and no pooled connection is held.
         await eventually(lambda: _async(len(runtime.tasks) == 0), "background tasks to end")
-        assert runtime.engine.sync_engine.pool.checkedout() == 0
+        assert runtime.pool.in_use == 0
         labels = {"op": "threads.create", "outcome": "disconnected"}
         registry = runtime.metrics.registry
         assert registry.get_sample_value("chatkit_stream_duration_seconds_count", labels) == 1
@@ -146,7 +146,7 @@ async def test_disconnect_saves_partial_reply_and_marker(
             assert response.status_code == 200
         seen = json.dumps(model.calls[1].input)
         assert "Partial answer so far" in seen and "The user cancelled the stream" in seen
-        assert runtime.engine.sync_engine.pool.checkedout() == 0
+        assert runtime.pool.in_use == 0
 
 
 async def _async(value: Any) -> Any:
@@ -230,4 +230,4 @@ async def test_disconnect_while_titling_keeps_the_reply_unmarked(
         items = (await store.load_thread_items(thread_id, None, 10, "asc", ALICE)).data
         assert [i.type for i in items] == ["user_message", "assistant_message"]
         assert (await store.load_thread(thread_id, ALICE)).title is None
-        assert runtime.engine.sync_engine.pool.checkedout() == 0
+        assert runtime.pool.in_use == 0

@@ -347,7 +347,7 @@ async def test_deep_page_uses_index_range_scan(store: PostgresStore) -> None:
             )
             import json
 
-            text = json.dumps(plan)
+            text = plan  # EXPLAIN's JSON, as text (plain asyncpg decodes no json)
             assert "ix_chatkit_items_user_id_thread_id_created_at_seq" in text
             # Rows read from the index: the page (plus one), not the 10,000 before it.
             scans = [

@@ -1,0 +1,144 @@
+"""``ConnectionPool``: the plain asyncpg pool the store, the limits and the attachments borrow from.
+
+Why not SQLAlchemy's pool (which the app used before, and which Alembic still uses): a checkout
+through it costs two greenlet hops and its bookkeeping, about half of a point read's time on the
+server; and its overflow connections are closed as soon as they come back, so a busy process
+keeps opening connections (406 in one 500-stream soak). asyncpg's own pool hands out a
+connection with no hop, keeps every connection it opened until it has been idle for
+``IDLE_SECONDS``, and answers the pool-level questions the tests and ``/metrics`` ask.
+
+Nothing connects when the pool is made: the first borrower opens the first connection, so the
+app starts (and says so on ``/readyz``) while PostgreSQL is still coming up.
+
+A connection goes back to the pool without asyncpg's reset query (``RESET ALL``,
+``UNLISTEN *``, ...: one more round trip per borrow). That is safe because everything the app
+runs is transaction-scoped: ``set_config(..., true)``, ``SET LOCAL``, transaction advisory
+locks; an open transaction is still rolled back (asyncpg always does that). Code that hands a
+connection to someone else's code (plugins, ``app.plugins``) resets it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from .db import is_disconnect, server_settings
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDLE_SECONDS = 300.0
+"""A connection unused this long is closed (asyncpg's default); busy ones stay open."""
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The libpq-style DSN asyncpg takes, from the app's ``postgresql+asyncpg://`` URL."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class PoolObserver(Protocol):
+    """Told how long each borrow waited for a connection and how long it held it (the soak
+    run's instrument; nothing is timed while no observer is set)."""
+
+    def borrowed(self, waited: float) -> None: ...
+
+    def returned(self, held: float) -> None: ...
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """asyncpg has already rolled back any open transaction; the app leaves no session state."""
+
+
+class ConnectionPool:
+    """An asyncpg pool plus the counters operators and tests read (in use, peak, opened)."""
+
+    def __init__(
+        self, url: str, settings: Settings, *, session: Mapping[str, str] | None = None
+    ) -> None:
+        self._acquire_timeout = settings.db_pool_timeout
+        self.max_size = settings.db_pool_size + settings.db_max_overflow
+        self.in_use = 0
+        self.peak_in_use = 0
+        self.connects = 0  # connections opened since the start: churn shows here
+        self.observer: PoolObserver | None = None
+        self._pool = asyncpg.create_pool(
+            asyncpg_dsn(url),
+            min_size=0,
+            max_size=self.max_size,
+            max_inactive_connection_lifetime=IDLE_SECONDS,
+            init=self._opened,
+            reset=_no_reset,
+            server_settings=server_settings(settings) | dict(session or {}),
+            timeout=settings.db_connect_timeout,
+            # Client side: ends a statement the server never saw (a hung network), where
+            # statement_timeout cannot; 0 (no statement timeout) disables it too.
+            command_timeout=settings.db_statement_timeout_ms / 1000 * 2 or None,
+        )
+
+    async def _opened(self, conn: asyncpg.Connection) -> None:
+        self.connects += 1
+
+    async def open(self) -> ConnectionPool:
+        """Set the pool up (no connection is opened yet)."""
+        await self._pool
+        return self
+
+    async def close(self) -> None:
+        """Close every connection, waiting for borrowed ones for a few seconds at most."""
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=5)
+        except TimeoutError:
+            self._pool.terminate()
+
+    def size(self) -> int:
+        """Connections open now (borrowed or idle)."""
+        return int(self._pool.get_size())
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """Borrow a connection for one short call; it goes back even if the caller is
+        cancelled. A connection that failed in a way that leaves it unusable is closed, and
+        the rest of its generation is renewed on their next borrow (a server restart closes
+        them all, and not every closed socket is noticed before it is used)."""
+        observer = self.observer
+        started = time.monotonic() if observer is not None else 0.0
+        conn: asyncpg.Connection = await self._pool.acquire(timeout=self._acquire_timeout)
+        self.in_use += 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+        if observer is not None:
+            got = time.monotonic()
+            observer.borrowed(got - started)
+            started = got
+        try:
+            yield conn
+        except BaseException as exc:
+            if is_disconnect(exc) and not conn.is_closed():
+                conn.terminate()
+            if is_disconnect(exc):
+                await self._pool.expire_connections()
+            raise
+        finally:
+            self.in_use -= 1
+            if observer is not None:
+                observer.returned(time.monotonic() - started)
+            await asyncio.shield(self._release(conn))
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        try:
+            await self._pool.release(conn)
+        except Exception as exc:  # a broken connection is closed by asyncpg; nothing to do
+            log.debug("connection not returned cleanly", extra={"reason": type(exc).__name__})
+
+
+async def open_pool(
+    url: str, settings: Settings, *, session: Mapping[str, str] | None = None
+) -> ConnectionPool:
+    """A ready pool; ``session`` adds settings for every connection (tests pin plan modes)."""
+    return await ConnectionPool(url, settings, session=session).open()

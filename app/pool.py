@@ -22,9 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -62,13 +61,14 @@ class ConnectionPool:
     def __init__(
         self, url: str, settings: Settings, *, session: Mapping[str, str] | None = None
     ) -> None:
-        self._acquire_timeout = settings.db_pool_timeout
+        self.acquire_timeout = settings.db_pool_timeout
         self.max_size = settings.db_pool_size + settings.db_max_overflow
-        self.in_use = 0
+        self.in_use = 0  # borrowed and not yet back
+        self.waiting = 0  # borrowers waiting for a connection
         self.peak_in_use = 0
         self.connects = 0  # connections opened since the start: churn shows here
         self.observer: PoolObserver | None = None
-        self._pool = asyncpg.create_pool(
+        self.pool = asyncpg.create_pool(
             asyncpg_dsn(url),
             min_size=0,
             max_size=self.max_size,
@@ -87,54 +87,85 @@ class ConnectionPool:
 
     async def open(self) -> ConnectionPool:
         """Set the pool up (no connection is opened yet)."""
-        await self._pool
+        await self.pool
         return self
 
     async def close(self) -> None:
         """Close every connection, waiting for borrowed ones for a few seconds at most."""
         try:
-            await asyncio.wait_for(self._pool.close(), timeout=5)
+            await asyncio.wait_for(self.pool.close(), timeout=5)
         except TimeoutError:
-            self._pool.terminate()
+            self.pool.terminate()
 
     def size(self) -> int:
         """Connections open now (borrowed or idle)."""
-        return int(self._pool.get_size())
+        return int(self.pool.get_size())
 
-    @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
-        """Borrow a connection for one short call; it goes back even if the caller is
-        cancelled. A connection that failed in a way that leaves it unusable is closed, and
-        the rest of its generation is renewed on their next borrow (a server restart closes
-        them all, and not every closed socket is noticed before it is used)."""
-        observer = self.observer
-        started = time.monotonic() if observer is not None else 0.0
-        conn: asyncpg.Connection = await self._pool.acquire(timeout=self._acquire_timeout)
-        self.in_use += 1
-        self.peak_in_use = max(self.peak_in_use, self.in_use)
+    def acquire(self) -> _Borrow:
+        """Borrow a connection for one short call (``async with pool.acquire() as conn``).
+
+        It goes back even if the caller is cancelled. A connection that failed in a way that
+        leaves it unusable is closed, and the rest of its generation is renewed on their next
+        borrow (a server restart closes them all, and not every closed socket is noticed
+        before it is used)."""
+        return _Borrow(self)
+
+
+class _Borrow:
+    """One borrow. A class rather than ``@asynccontextmanager`` (no generator per call), and
+    the wait is bounded with ``asyncio.timeout`` rather than asyncpg's ``acquire(timeout=)``,
+    which wraps every acquire in a task (``wait_for``) on Python 3.11."""
+
+    __slots__ = ("_conn", "_owner", "_started")
+
+    def __init__(self, owner: ConnectionPool) -> None:
+        self._owner = owner
+        self._conn: asyncpg.Connection | None = None
+        self._started = 0.0
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        owner = self._owner
+        observer = owner.observer
+        if observer is not None:
+            self._started = time.monotonic()
+        owner.waiting += 1
+        try:
+            if owner.waiting + owner.in_use <= owner.max_size:
+                # A connection holder is free for certain (every borrow and return is counted
+                # here, a return only once asyncpg has its holder back): no wait to bound, and
+                # no timer to arm. Opening a connection is bounded by DB_CONNECT_TIMEOUT.
+                conn: asyncpg.Connection = await owner.pool.acquire()
+            else:
+                async with asyncio.timeout(owner.acquire_timeout):
+                    conn = await owner.pool.acquire()
+        finally:
+            owner.waiting -= 1
+        self._conn = conn
+        owner.in_use += 1
+        if owner.in_use > owner.peak_in_use:
+            owner.peak_in_use = owner.in_use
         if observer is not None:
             got = time.monotonic()
-            observer.borrowed(got - started)
-            started = got
-        try:
-            yield conn
-        except BaseException as exc:
-            if is_disconnect(exc) and not conn.is_closed():
-                conn.terminate()
-            if is_disconnect(exc):
-                await self._pool.expire_connections()
-            raise
-        finally:
-            self.in_use -= 1
-            if observer is not None:
-                observer.returned(time.monotonic() - started)
-            await asyncio.shield(self._release(conn))
+            observer.borrowed(got - self._started)
+            self._started = got
+        return conn
 
-    async def _release(self, conn: asyncpg.Connection) -> None:
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        owner, conn = self._owner, self._conn
+        assert conn is not None
+        if owner.observer is not None:
+            owner.observer.returned(time.monotonic() - self._started)
         try:
-            await self._pool.release(conn)
-        except Exception as exc:  # a broken connection is closed by asyncpg; nothing to do
-            log.debug("connection not returned cleanly", extra={"reason": type(exc).__name__})
+            if exc is not None and is_disconnect(exc):
+                if not conn.is_closed():
+                    conn.terminate()
+                await owner.pool.expire_connections()
+            # asyncpg shields the release itself: it completes even if we are cancelled here.
+            await owner.pool.release(conn)
+        except Exception as failure:  # a broken connection is closed by asyncpg; nothing to do
+            log.debug("connection not returned cleanly", extra={"reason": type(failure).__name__})
+        finally:
+            owner.in_use -= 1
 
 
 async def open_pool(

@@ -10,8 +10,7 @@ second wall behind those filters (see "row-level security" below and docs/rls.md
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -270,6 +269,42 @@ SQL_LOAD_FEEDBACK = gated_select(
 )
 
 
+_UNSTORABLE = (
+    asyncpg.UntranslatableCharacterError,
+    asyncpg.CharacterNotInRepertoireError,
+    UnicodeEncodeError,
+)
+
+
+class StoreCall:
+    """``PostgresStore.connection()``: a borrow from the pool whose failures read as the app's
+    errors: the database away (down, restarting, no connection free in time) is
+    ``ServiceUnavailableError`` (503), text PostgreSQL cannot store is ``InvalidInputError``.
+    A class, not ``@asynccontextmanager``: it runs on every store call."""
+
+    __slots__ = ("_borrow",)
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._borrow = pool.acquire()
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            return await self._borrow.__aenter__()
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise ServiceUnavailableError("database unavailable") from exc
+            raise
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        await self._borrow.__aexit__(exc_type, exc, tb)
+        if isinstance(exc, _UNSTORABLE):
+            raise InvalidInputError(
+                "Text may not contain NUL characters or unpaired surrogates."
+            ) from exc
+        if isinstance(exc, Exception) and is_unavailable(exc):
+            raise ServiceUnavailableError("database unavailable") from exc
+
+
 class PostgresStore(Store[Any]):
     """A ``chatkit.store.Store`` whose every call is one short statement or transaction."""
 
@@ -284,25 +319,10 @@ class PostgresStore(Store[Any]):
 
     # --- plumbing -----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """Borrow a pooled asyncpg connection; it goes back as soon as the call is done."""
-        try:
-            async with self.pool.acquire() as conn:
-                try:
-                    yield conn
-                except (
-                    asyncpg.UntranslatableCharacterError,
-                    asyncpg.CharacterNotInRepertoireError,
-                    UnicodeEncodeError,
-                ) as exc:
-                    raise InvalidInputError(
-                        "Text may not contain NUL characters or unpaired surrogates."
-                    ) from exc
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise ServiceUnavailableError("database unavailable") from exc
-            raise
+    def connection(self) -> StoreCall:
+        """Borrow a pooled asyncpg connection for one call (``async with store.connection()``);
+        it goes back as soon as the call is done. Driver errors come out as the app's."""
+        return StoreCall(self.pool)
 
     async def row_security_enforced(self) -> bool:
         """Whether PostgreSQL applies the row-level security policies to this store's role.

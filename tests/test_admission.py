@@ -171,9 +171,7 @@ class ListsWithoutPages(PostgresStore):
 async def test_lists_a_store_serves_otherwise_are_counted_after(
     make_client: MakeClient, store: PostgresStore
 ) -> None:
-    client = await make_client(
-        rate_limit_per_minute=RATE, app_store=ListsWithoutPages(store.engine)
-    )
+    client = await make_client(rate_limit_per_minute=RATE, app_store=ListsWithoutPages(store.pool))
     await burst(client, [("threads.list", {})] * (RATE + 3))
 
 

@@ -12,17 +12,19 @@ import logging
 import re
 
 from chatkit.server import StreamingResult
-from chatkit.types import ChatKitReq, is_streaming_req
+from chatkit.types import ChatKitReq, ItemsListReq, ThreadsListReq, is_streaming_req
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .admission import PendingAdmission, pending_admission
 from .context import RequestContext
 from .errors import (
     InvalidInputError,
     PayloadTooLargeError,
     ServiceUnavailableError,
     ThreadBusyError,
+    TooManyRequestsError,
 )
 from .limits import StreamLease, current_lease
 from .middleware import RequestInfo, request_info
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8}){0,3}")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,40}")
+# In the body of every list request (unless escaped, which only means admitting it sooner).
+_LIST_TYPE = re.compile(rb"threads\.list|items\.list")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -102,18 +106,52 @@ def locale_from(accept_language: str | None) -> str | None:
 
 
 async def chatkit_endpoint(request: Request) -> Response:
+    """Every request counts once against the user's rate limit (app.limits). A list request
+    leaves its admission to the statement that reads its page (app.admission): one round trip
+    instead of two. Whatever did not count it by the end (another store, a Citus cluster, an
+    error before the store ran) counts it then, and a refusal replaces the answer or the error
+    with the 429. Every other request is admitted as soon as its type is known, before any of
+    its work."""
     runtime: Runtime = request.app.state.runtime
-    settings = runtime.settings
-    info = request_info(request.scope) or RequestInfo(request_id="")
-
     user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
     user_id_var.set(user_id)
     limits = runtime.limits
-    if limits is not None:
-        await limits.admit(user_id)
+    admission = limits.defer(user_id) if limits is not None else None
+    if limits is None or admission is None:
+        return await _serve(request, runtime, user_id, None)
+    token = pending_admission.set(admission)
+    try:
+        response = await _serve(request, runtime, user_id, admission)
+    except ServiceUnavailableError:
+        # The database is away or too slow (a lock, a timeout): not counted and not tried
+        # again, as when an admission of its own fails.
+        raise
+    except Exception:
+        try:
+            await limits.settle(admission)
+        except TooManyRequestsError:
+            raise  # the 429 replaces the request's own error
+        except Exception as exc:  # not counted: the request's own error stands
+            log.warning("request not counted", extra={"reason": type(exc).__name__})
+        raise
+    finally:
+        pending_admission.reset(token)
+    await limits.settle(admission)
+    return response
 
+
+async def _serve(
+    request: Request, runtime: Runtime, user_id: str, admission: PendingAdmission | None
+) -> Response:
+    settings = runtime.settings
+    limits = runtime.limits
+    info = request_info(request.scope) or RequestInfo(request_id="")
     body = await read_body(request, settings.max_body_bytes)
+    if limits is not None and not _LIST_TYPE.search(body):
+        await limits.settle(admission)  # certainly no list: admitted before it is even parsed
     chatkit_request = parse_request(body)
+    if limits is not None and not isinstance(chatkit_request, ThreadsListReq | ItemsListReq):
+        await limits.settle(admission)  # only list requests, which change nothing, defer it
     info.op = chatkit_request.type
     op_var.set(chatkit_request.type)
     thread_id = getattr(chatkit_request.params, "thread_id", None)

@@ -4,7 +4,15 @@
   (``chatkit_rate_limits.tat``, the theoretical arrival time of the next request). A user may
   send a burst of ``RATE_LIMIT_PER_MINUTE`` requests and then one every ``60 / limit`` seconds.
   Admission is one upsert, whose row lock orders concurrent requests from any process; a
-  refused request costs a second statement that computes ``Retry-After``.
+  refused request costs a second statement that computes ``Retry-After``. ``threads.list`` and
+  ``items.list``, the commonest requests, do not pay a round trip for it: they read and change
+  nothing else, so their admission is deferred (app.admission) and the store runs the same
+  upsert as a data-modifying CTE of the statement that reads the page, which it reads only once
+  admitted. One statement per list instead of two, and exact as before: the same upsert, under
+  the same row lock (held until the page is read, a few more microseconds). Every other
+  request is admitted up front, as soon as its type is known; a list request that nothing
+  counted (an error before its page, another store, a Citus cluster, whose limiter table is
+  the coordinator's own) is admitted after its handler, and a refusal then replaces its answer.
 * Streams: a reply holds a lease (``chatkit_stream_leases``) while it streams. Leases count
   toward ``MAX_STREAMS_PER_USER`` and claim their thread, so a second message to a thread that
   is still answering (two tabs, a double submit) waits its turn instead of interleaving its
@@ -20,36 +28,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from contextvars import ContextVar
 
 import asyncpg
 
+from .admission import PendingAdmission, refused
 from .background import TaskRegistry
 from .errors import ThreadBusyError, TooManyRequestsError
 from .ids import new_id
 from .settings import Settings
-from .store import PostgresStore, gated, gated_select, scoped_insert
+from .store import RATE_WAIT, PostgresStore, gated, rate_admit_sql
 
 log = logging.getLogger(__name__)
 
-# $2: seconds per request (60 / limit); $3: the burst, in seconds (60).
-SQL_RATE_ADMIT = scoped_insert(
-    "chatkit_rate_limits AS r (user_id, tat)",
-    "now() + make_interval(secs => $2::float8)",
-    "ON CONFLICT (user_id) DO UPDATE SET tat = greatest(r.tat, now()) "
-    "+ make_interval(secs => $2::float8) WHERE greatest(r.tat, now()) "
-    "+ make_interval(secs => $2::float8) <= now() + make_interval(secs => $3::float8) "
-    "RETURNING 1",
-)
-SQL_RATE_WAIT = gated_select(
-    "q.wait",
-    "SELECT extract(epoch FROM greatest(tat, now()) + make_interval(secs => $2::float8) "
-    "- make_interval(secs => $3::float8) - now())::float8 AS wait "
-    "FROM chatkit_rate_limits WHERE user_id = $1",
-)
+# $2: seconds per request (60 / limit); $3: the burst, in seconds (60). A list request runs
+# the same upsert folded into its page's statement (app.admission, app.store._page).
+SQL_RATE_ADMIT = rate_admit_sql("$2", "$3")
+SQL_RATE_WAIT = RATE_WAIT
 
 # Migration 0004's function: under a per-user advisory lock it drops the user's expired leases,
 # then answers 'busy' (the thread has a live lease), 'full' (the user is at the limit) or
@@ -77,20 +74,31 @@ class Limits:
         self.settings = settings
         self.tasks = tasks
 
+    def defer(self, user_id: str) -> PendingAdmission | None:
+        """A request's admission, to be counted by ``settle`` or folded into the statement of
+        its page (app.admission); None when the rate limit is off."""
+        limit = self.settings.rate_limit_per_minute
+        return PendingAdmission(user_id, 60.0 / limit, 60.0) if limit > 0 else None
+
     async def admit(self, user_id: str) -> None:
         """Count a request against the user's budget; ``TooManyRequestsError`` when spent."""
-        limit = self.settings.rate_limit_per_minute
-        if limit <= 0:
+        admission = self.defer(user_id)
+        if admission is None:
             return
-        interval, burst = 60.0 / limit, 60.0
+        args = (user_id, admission.interval, admission.burst)
         async with self.store.connection() as conn:
-            if await conn.fetchval(SQL_RATE_ADMIT, user_id, interval, burst) is not None:
+            if await conn.fetchval(SQL_RATE_ADMIT, *args) is not None:
                 return
-            wait = await conn.fetchval(SQL_RATE_WAIT, user_id, interval, burst)
-        raise TooManyRequestsError(
-            "Too many requests. Please retry later.",
-            retry_after=math.ceil(wait or 1.0),
-        )
+            wait = await conn.fetchval(SQL_RATE_WAIT, *args)
+        raise refused(wait)
+
+    async def settle(self, admission: PendingAdmission | None) -> None:
+        """Count a deferred admission that nothing has counted yet, the usual way (once: a
+        failure to count is not retried)."""
+        if admission is None or admission.consumed:
+            return
+        admission.consumed = True
+        await self.admit(admission.user_id)
 
     async def lease(self, user_id: str, thread_id: str | None) -> StreamLease:
         """A lease for one streaming reply, waiting up to ``THREAD_BUSY_WAIT_SECONDS`` for the

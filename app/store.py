@@ -28,6 +28,7 @@ from chatkit.types import (
 )
 from pydantic import BaseModel, TypeAdapter
 
+from .admission import pending_for, refused
 from .citus import CITUS_INSTALLED, Fetch, write_as
 from .db import is_unavailable
 from .errors import InvalidInputError, MissingUserError, ServiceUnavailableError
@@ -81,6 +82,10 @@ class _PageSQL:
     first: str
     after: str
     exists: str
+    # ``first`` and ``after`` folded with the limiter's upsert (app.admission): the interval
+    # and the burst follow their arguments.
+    first_admitted: str
+    after_admitted: str
 
 
 # --- row-level security -----------------------------------------------------------------------
@@ -168,6 +173,45 @@ def gated(statement: str, returning: str = "") -> str:
     return sql
 
 
+def rate_admit_sql(interval: str, burst: str) -> str:
+    """app.limits' GCRA upsert, its interval and burst (seconds) in the parameters named: it
+    returns a row when the request is admitted, none when it is refused."""
+    step = f"make_interval(secs => {interval}::float8)"
+    return scoped_insert(
+        "chatkit_rate_limits AS r (user_id, tat)",
+        f"now() + {step}",
+        f"ON CONFLICT (user_id) DO UPDATE SET tat = greatest(r.tat, now()) + {step} "
+        f"WHERE greatest(r.tat, now()) + {step} <= now() + make_interval(secs => {burst}::float8) "
+        "RETURNING 1",
+    )
+
+
+# $2: the interval, $3: the burst; how long until a refused request would fit.
+RATE_WAIT = gated_select(
+    "q.wait",
+    "SELECT extract(epoch FROM greatest(tat, now()) + make_interval(secs => $2::float8) "
+    "- make_interval(secs => $3::float8) - now())::float8 AS wait "
+    "FROM chatkit_rate_limits WHERE user_id = $1",
+)
+
+
+def _admitted(query: str, nargs: int, direction: str) -> str:
+    """The page ``query`` (gated), read only once the limiter's upsert, a data-modifying CTE of
+    the same statement, has admitted the request: ``ok`` on every row, and one row with a null
+    id when the page is empty or the request refused. The admission is a One-Time Filter above
+    the page's gate, so a refused request reads no page. The interval and the burst are the
+    parameters after the page's ``nargs``."""
+    admit = rate_admit_sql(f"${nargs + 1}", f"${nargs + 2}")
+    page = gated_select(
+        "q.id, q.data, q.created_at, q.seq", query, f"q.created_at {direction}, q.seq {direction}"
+    )
+    return (
+        f"WITH a AS ({admit}) SELECT k.ok, pg.id, pg.data FROM (SELECT EXISTS (SELECT FROM a) "
+        f"AS ok) k LEFT JOIN LATERAL (SELECT g.* FROM ({page}) g WHERE k.ok) pg ON true "
+        f"ORDER BY pg.created_at {direction}, pg.seq {direction}"
+    )
+
+
 def _page_sql(table: str, scope: str, nscope: int, order: Literal["asc", "desc"]) -> _PageSQL:
     """Keyset queries on (created_at, seq): an index range scan whatever the page depth.
 
@@ -184,24 +228,24 @@ def _page_sql(table: str, scope: str, nscope: int, order: Literal["asc", "desc"]
     where = " AND ".join(f"{c} = ${i + 1}" for i, c in enumerate(cols))
     order_by = f"created_at {direction}, seq {direction}"
     outer = f"q.created_at {direction}, q.seq {direction}"
+    first = (
+        f"SELECT id, data::text AS data, created_at, seq FROM {table} WHERE {where} "
+        f"ORDER BY {order_by} LIMIT {cursor}"
+    )
+    # LATERAL pins the cursor row first, so the page is a parameterised range scan.
+    after = (
+        f"SELECT p.id, p.data, p.created_at, p.seq FROM (SELECT created_at, seq FROM {table} "
+        f"WHERE {where} AND id = {cursor}) c CROSS JOIN LATERAL ("
+        f"SELECT id, data::text AS data, created_at, seq FROM {table} WHERE {where} "
+        f"AND (created_at, seq) {cmp} (c.created_at, c.seq) "
+        f"ORDER BY {order_by} LIMIT {limit}) p ORDER BY p.{order_by.replace(', ', ', p.')}"
+    )
     return _PageSQL(
-        first=gated_select(
-            "q.id, q.data",
-            f"SELECT id, data::text AS data, created_at, seq FROM {table} WHERE {where} "
-            f"ORDER BY {order_by} LIMIT {cursor}",
-            outer,
-        ),
-        # LATERAL pins the cursor row first, so the page is a parameterised range scan.
-        after=gated_select(
-            "q.id, q.data",
-            f"SELECT p.id, p.data, p.created_at, p.seq FROM (SELECT created_at, seq FROM {table} "
-            f"WHERE {where} AND id = {cursor}) c CROSS JOIN LATERAL ("
-            f"SELECT id, data::text AS data, created_at, seq FROM {table} WHERE {where} "
-            f"AND (created_at, seq) {cmp} (c.created_at, c.seq) "
-            f"ORDER BY {order_by} LIMIT {limit}) p ORDER BY p.{order_by.replace(', ', ', p.')}",
-            outer,
-        ),
+        first=gated_select("q.id, q.data", first, outer),
+        after=gated_select("q.id, q.data", after, outer),
         exists=gated_select("1", f"SELECT 1 FROM {table} WHERE {where} AND id = {cursor}"),
+        first_admitted=_admitted(first, nscope + 1, direction),
+        after_admitted=_admitted(after, nscope + 2, direction),
     )
 
 
@@ -371,20 +415,36 @@ class PostgresStore(Store[Any]):
         decode: Any,
     ) -> Page[Any]:
         n = _limit(limit)
+        args = (*scope, n + 1) if after is None else (*scope, after, n + 1)
+        admission = pending_for(scope[0])
         async with self.connection() as conn:
-            if after is None:
-                rows = await conn.fetch(sqls.first, *scope, n + 1)
+            # The limiter's table is the coordinator's own on a Citus cluster: no folding there.
+            if admission is not None and not await self.on_citus(conn):
+                sql = sqls.first_admitted if after is None else sqls.after_admitted
+                rows = await conn.fetch(sql, *args, admission.interval, admission.burst)
+                admission.consumed = True  # counted, admitted or not
+                if not rows[0]["ok"]:
+                    wait = await conn.fetchval(
+                        RATE_WAIT, admission.user_id, admission.interval, admission.burst
+                    )
+                    raise refused(wait)
+                if rows[0]["id"] is None:  # the one row of an empty page
+                    rows = []
             else:
-                rows = await conn.fetch(sqls.after, *scope, after, n + 1)
-                if not rows and await conn.fetchval(sqls.exists, *scope, after) is None:
-                    raise NotFoundError("cursor not found")
+                rows = await conn.fetch(sqls.first if after is None else sqls.after, *args)
+            if (
+                after is not None
+                and not rows
+                and await conn.fetchval(sqls.exists, *scope, after) is None
+            ):
+                raise NotFoundError("cursor not found")
         has_more = len(rows) > n
         rows = rows[:n]
         # The SDK's contract: ``after`` is the cursor for the next page, so the last page has none.
         return Page(
-            data=[decode(r[1]) for r in rows],
+            data=[decode(r["data"]) for r in rows],
             has_more=has_more,
-            after=rows[-1][0] if has_more else None,
+            after=rows[-1]["id"] if has_more else None,
         )
 
     # --- ids ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ Here, as the tables' owner on the coordinator:
 * ``prune`` counts on the cluster and refuses to delete there (see docs/citus.md);
 * the limits contract (tests/test_limits_store.py: exact budgets under races, one stream lease per
   thread, concurrent takers) runs again here, its tests re-collected in this module so that the
-  fixtures they use (``store``, ``engine``, ``test_settings``) target the cluster.
+  fixtures they use (``store``, ``engine``, ``test_settings``) target the cluster; list pages
+  leave their admission to the endpoint here instead of folding it (app.admission).
 
 The store, attachment and protocol contracts through the app's role (row-level security on the
 workers) are in tests/test_citus_rls.py.
@@ -40,13 +41,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import app.store as store_sql
+from app.admission import pending_admission
+from app.background import TaskRegistry
 from app.db import create_engine
 from app.distribute import COORDINATOR_LOCAL, DISTRIBUTED
-from app.errors import ConfigurationError
+from app.errors import ConfigurationError, TooManyRequestsError
+from app.limits import Limits
 from app.pool import ConnectionPool, open_pool
 from app.prune import prune
 from app.settings import PROJECT_ROOT, Settings
 from app.store import PostgresStore
+from tests import factories as f
 from tests import test_limits_store as limits_suite
 from tests.citusharness import (
     CitusCluster,
@@ -114,6 +119,34 @@ def test_the_limits_suite_is_rerun_here() -> None:
     assert "test_concurrent_takers_never_exceed_the_count" in RERUN
     assert "test_a_busy_thread_waits_its_turn" in RERUN
     assert len(RERUN) >= 10, RERUN
+
+
+async def test_list_pages_leave_their_admission_to_the_endpoint(
+    store: PostgresStore, test_settings: Settings
+) -> None:
+    """The page is a worker's and the budget the coordinator's, so the store does not fold
+    them into one statement (app.admission): the admission stays pending, and the endpoint's
+    ``settle`` counts it, exactly, after the page."""
+    thread = f.thread()
+    await store.save_thread(thread, {"user_id": "alice"})
+    limits = Limits(
+        store, test_settings.model_copy(update={"rate_limit_per_minute": 2}), TaskRegistry()
+    )
+    for n in range(3):
+        admission = limits.defer("alice")
+        token = pending_admission.set(admission)
+        try:
+            page = await store.load_threads(5, None, "desc", {"user_id": "alice"})
+        finally:
+            pending_admission.reset(token)
+        assert [t.id for t in page.data] == [thread.id]
+        assert admission is not None and not admission.consumed
+        if n < 2:
+            await limits.settle(admission)
+        else:
+            with pytest.raises(TooManyRequestsError):
+                await limits.settle(admission)
+        assert admission.consumed
 
 
 # --- python -m app distribute ----------------------------------------------------------------

@@ -27,6 +27,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 from types import ModuleType
 from typing import Any
@@ -41,10 +42,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import app.attachments as attachment_sql
 import app.limits as limits_sql
 import app.store as store_sql
+from app.admission import PendingAdmission, pending_admission
 from app.attachments import PgAttachmentStore
 from app.background import TaskRegistry
 from app.db import create_engine
-from app.errors import ConfigurationError
+from app.errors import ConfigurationError, TooManyRequestsError
 from app.limits import Limits
 from app.pool import ConnectionPool, open_pool
 from app.prune import prune
@@ -266,6 +268,43 @@ async def test_two_users_every_operation_with_cascades(
         "chatkit_attachment_blobs": {"bob": 1},
         "chatkit_feedback": {"bob": 2},
     }
+
+
+async def test_pages_folded_with_the_rate_limit(store: PostgresStore) -> None:
+    """app.admission's folded pages, through the role: the same pages as without, the budget
+    counted (the limiter's row is subject to the policy too), a refusal with Retry-After."""
+    thread = f.thread()
+    await store.save_thread(thread, ALICE)
+    for n in range(5):
+        item = f.user_message(thread.id, f"m{n}", f.T0 + timedelta(seconds=n))
+        await store.add_thread_item(thread.id, item, ALICE)
+
+    async def admitted(admission: PendingAdmission | None, call: Any) -> Any:
+        token = pending_admission.set(admission and replace(admission, consumed=False))
+        try:
+            return await call
+        finally:
+            pending_admission.reset(token)
+
+    async def pages(admission: PendingAdmission | None) -> list[Any]:
+        out = [await admitted(admission, store.load_threads(5, None, "desc", ALICE))]
+        for order in ("asc", "desc"):
+            after = None
+            while True:
+                call = store.load_thread_items(thread.id, after, 2, order, ALICE)
+                out.append(page := await admitted(admission, call))
+                if not page.has_more:
+                    break
+                after = page.after
+        return out
+
+    assert await pages(PendingAdmission("alice", 0.001, 60.0)) == await pages(None)
+    strict = PendingAdmission("bob", 30.0, 60.0)  # a budget of two
+    for _ in range(2):
+        await admitted(strict, store.load_threads(5, None, "desc", BOB))
+    with pytest.raises(TooManyRequestsError) as refused:
+        await admitted(strict, store.load_thread_items(thread.id, None, 2, "asc", BOB))
+    assert 1 <= refused.value.retry_after <= 30
 
 
 async def _body(data: bytes) -> AsyncIterator[bytes]:
@@ -514,6 +553,36 @@ def _statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
     return out
 
 
+def _folded_statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
+    """The pages folded with the limiter's upsert (app.admission), with sample arguments.
+
+    Not among ``_statements()``: they never run on a Citus cluster (tests/test_citus.py)."""
+    assert {f.name for f in fields(store_sql._PageSQL)} == {
+        "first",
+        "after",
+        "exists",
+        "first_admitted",
+        "after_admitted",
+    }, "a new page statement: check its plan here or in _statements()"
+    u, t, i = "alice", "thr_plan", "msg_plan_1"
+    out: dict[str, tuple[str, tuple[Any, ...]]] = {}
+    for order in ("asc", "desc"):
+        for kind, pages, scope, cursor in (
+            ("threads", store_sql._THREAD_PAGES, (u,), t),
+            ("items", store_sql._ITEM_PAGES, (u, t), i),
+        ):
+            sqls = pages[order]  # type: ignore[index]
+            out[f"{kind} page {order} first admitted"] = (
+                sqls.first_admitted,
+                (*scope, 21, 0.5, 60.0),
+            )
+            out[f"{kind} page {order} after admitted"] = (
+                sqls.after_admitted,
+                (*scope, cursor, 21, 0.5, 60.0),
+            )
+    return out
+
+
 def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("Plans", []):
@@ -536,8 +605,37 @@ def _outside(root: dict[str, Any], subtree: dict[str, Any]) -> list[dict[str, An
     return [n for n in _walk(root) if id(n) not in inside]
 
 
+def _init_ref(init: dict[str, Any]) -> str:
+    """How the plan refers to an InitPlan's value."""
+    name = init["Subplan Name"]  # "InitPlan 1 (returns $0)" up to 16, "InitPlan 1" from 17
+    m = re.search(r"returns (\$\d+)", name)
+    return m.group(1) if m else f"({name}).col1"
+
+
+def _check_folded(root: dict[str, Any]) -> None:
+    """A page folded with the limiter's upsert: the upsert, a CTE, has the INSERT shape; the
+    rest has the SELECT shape, and its gate lies below a One-Time Filter testing whether the
+    upsert admitted the request, so a refused request reads no page."""
+    [cte] = [n for n in root.get("Plans", []) if n.get("Subplan Name") == "CTE a"]
+    _check_plan("INSERT", cte)
+    rest = {**root, "Plans": [n for n in root["Plans"] if n is not cte]}
+    _check_plan("SELECT", rest)
+    admitted = [
+        _init_ref(n)
+        for n in _walk(rest)
+        if n.get("Parent Relationship") == "InitPlan" and n.get("CTE Name") == "a"
+    ]
+    [check] = [n for n in _walk(rest) if n.get("One-Time Filter") in admitted]
+    assert check["Node Type"] == "Result"
+    assert any("set_config" in _own_text(n) for n in _walk(check))
+    assert all(id(n) in {id(m) for m in _walk(check)} for n in _walk(rest) if _reads_a_table(n))
+
+
 def _check_plan(kind: str, root: dict[str, Any]) -> None:
     """The ordering argument of app.store, on one plan."""
+    if kind == "WITH":
+        _check_folded(root)
+        return
     nodes = list(_walk(root))
     if kind == "INSERT":
         # Every inserted row carries set_config's result; no table is read first.
@@ -550,9 +648,7 @@ def _check_plan(kind: str, root: dict[str, Any]) -> None:
     # Result evaluates before it runs its child at all; every scan is below that Result.
     inits = [n for n in nodes if n.get("Parent Relationship") == "InitPlan"]
     [init] = [n for n in inits if "set_config" in json.dumps(n)]
-    name = init["Subplan Name"]  # "InitPlan 1 (returns $0)" up to 16, "InitPlan 1" from 17
-    m = re.search(r"returns (\$\d+)", name)
-    ref = m.group(1) if m else f"({name}).col1"
+    ref = _init_ref(init)
     gate_test = f"({ref} IS NOT NULL)"
     gates = [n for n in nodes if "One-Time Filter" in n and ref in n["One-Time Filter"]]
     assert len(gates) == 1, gates
@@ -626,7 +722,8 @@ async def test_every_statement_sets_the_user_before_reading_a_table(
     try:
         await conn.execute(f"SET plan_cache_mode = {plan_mode}")
         checked = []
-        for name, (sql, args) in _statements().items():
+        statements = {**_statements(), **_folded_statements()}
+        for name, (sql, args) in statements.items():
             literals = [await _literal(conn, a) for a in args]
             await conn.execute(f"PREPARE rls_check AS {sql}")
             try:
@@ -642,7 +739,7 @@ async def test_every_statement_sets_the_user_before_reading_a_table(
             except AssertionError as exc:
                 raise AssertionError(f"{name} ({plan_mode}): {exc}\n{explained}") from exc
             checked.append(name)
-        assert len(checked) == len(_statements())
+        assert len(checked) == len(statements)
     finally:
         await conn.close()
 

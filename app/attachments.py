@@ -58,7 +58,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from .errors import AppError, InvalidInputError, PayloadTooLargeError
 from .ids import new_id
 from .settings import Settings
-from .store import PostgresStore, gated, gated_select, scoped_insert, user_id_of
+from .sql import gated, gated_select, scoped_insert
+from .store import PostgresStore, user_id_of
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ from .background import TaskRegistry
 from .errors import ThreadBusyError, TooManyRequestsError
 from .ids import new_id
 from .settings import Settings
-from .store import RATE_WAIT, PostgresStore, gated, rate_admit_sql
+from .sql import RATE_WAIT, gated, rate_admit_sql
+from .store import PostgresStore
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,11 @@ must do to answer ``threads.list`` / ``items.list`` from our tables, and nothing
 Per request: read the body, verify the bearer JWT with PyJWT (same secret and algorithm as the
 app in the benchmark, ``exp`` required, no cache), run one query on ``chatkit_threads`` /
 ``chatkit_items`` from a plain asyncpg pool (the user's rows in the store's keyset order,
-``created_at, seq``, ``LIMIT page + 1``), and join the stored JSON (the ``data`` column as
-text) into the page ``{"data": [...], "has_more": ..., "after": ...}``. No framework (a bare
-ASGI callable), no validation, no rate limit, no row-level-security gate: whatever chatkit-pg
-spends above this is its overhead. Served by its own uvicorn process with the app's settings.
+``created_at, seq``, ``LIMIT page + 1``; no reset query on release, like the app's pool), and
+join the stored JSON (the ``data`` column as text) into the page ``{"data": [...], "has_more":
+..., "after": ...}``. No framework (a bare ASGI callable), no validation, no rate limit, no
+row-level-security gate: whatever chatkit-pg spends above this is its overhead. Served by its
+own uvicorn process with the app's settings.
 
 ``create_floor_app`` reads ``BENCH_DSN``, ``BENCH_JWT_SECRET``, ``BENCH_JWT_ALGORITHM`` and
 ``BENCH_POOL_SIZE`` (see ``bench.httpload.baseline_env``).
@@ -47,6 +48,11 @@ THREADS_SQL = _page_sql("chatkit_threads", "user_id = $1")
 ITEMS_SQL = _page_sql("chatkit_items", "user_id = $1 AND thread_id = $2")
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """No reset query on release (asyncpg's default costs a round trip per request; the app's
+    pool skips it too): a read-only statement leaves nothing to reset."""
+
+
 class FloorApp:
     def __init__(self, dsn: str, secret: str, algorithm: str, pool_size: int) -> None:
         self.dsn = dsn
@@ -81,6 +87,7 @@ class FloorApp:
                     min_size=self.pool_size,
                     max_size=self.pool_size,
                     server_settings={"application_name": APPLICATION_NAME},
+                    reset=_no_reset,
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -161,9 +161,8 @@ def app_env(url: str, store: str) -> dict[str, str]:
         "BENCH_STORE": store,
         "THREAD_TITLES": "first_message",
         "LOG_LEVEL": "INFO",
-        # More pooled connections than concurrent requests: with the default 10 + 5 overflow,
-        # 16 concurrent requests make SQLAlchemy open and close overflow connections all the
-        # time (a new PostgreSQL backend each), which would measure connection churn.
+        # More pooled connections than concurrent requests, so that no request waits for one
+        # (the floor's pool is the same size).
         "DB_POOL_SIZE": str(POOL_SIZE),
         "DB_MAX_OVERFLOW": "0",
         "DATA_DIR": str(RESULTS_DIR / ".data"),

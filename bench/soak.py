@@ -64,7 +64,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import PROJECT_ROOT, normalise_database_url
 from bench import RESULTS_DIR
-from bench.server_bench import Connection, chatkit, http_request, user_input
+from bench.httpload import Connection, chatkit, http_request, user_input, wait_listening
 from bench.soak_app import delta_text
 from tests.pgharness import PgServer, describe, migrate, postgres_server
 
@@ -564,15 +564,7 @@ def server_process(url: str, args: argparse.Namespace, cpu: int | None) -> Itera
             preexec_fn=_preexec(cpu),
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"the soak server did not start; see {log}") from None
-                    time.sleep(0.05)
+            wait_listening(process, port, "the soak server", log)
             yield Server(port, process, psutil.Process(process.pid), log)
         finally:
             if process.poll() is None:

@@ -81,6 +81,10 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # FastAPI's own OpenTelemetry hooks ask on every request whether a provider is set up
+        # (environment and global lookups) and would record exception messages; the service's
+        # telemetry is its Prometheus metrics and JSON logs (app.observability).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     metrics = Metrics()
     app.state.settings = settings

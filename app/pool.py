@@ -63,8 +63,11 @@ class ConnectionPool:
     ) -> None:
         self.acquire_timeout = settings.db_pool_timeout
         self.max_size = settings.db_pool_size + settings.db_max_overflow
-        self.in_use = 0  # borrowed and not yet back
+        self.in_use = 0  # borrowed by the app's code now
         self.waiting = 0  # borrowers waiting for a connection
+        # Borrowed and not yet back in asyncpg's hands: in use, plus returns in flight (a return
+        # completes in a task of asyncpg's, and the next borrower may run before it resumes us).
+        self._outstanding = 0
         self.peak_in_use = 0
         self.connects = 0  # connections opened since the start: churn shows here
         self.observer: PoolObserver | None = None
@@ -130,7 +133,7 @@ class _Borrow:
             self._started = time.monotonic()
         owner.waiting += 1
         try:
-            if owner.waiting + owner.in_use <= owner.max_size:
+            if owner.waiting + owner._outstanding <= owner.max_size:
                 # A connection holder is free for certain (every borrow and return is counted
                 # here, a return only once asyncpg has its holder back): no wait to bound, and
                 # no timer to arm. Opening a connection is bounded by DB_CONNECT_TIMEOUT.
@@ -141,6 +144,7 @@ class _Borrow:
         finally:
             owner.waiting -= 1
         self._conn = conn
+        owner._outstanding += 1
         owner.in_use += 1
         if owner.in_use > owner.peak_in_use:
             owner.peak_in_use = owner.in_use
@@ -153,6 +157,7 @@ class _Borrow:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         owner, conn = self._owner, self._conn
         assert conn is not None
+        owner.in_use -= 1
         if owner.observer is not None:
             owner.observer.returned(time.monotonic() - self._started)
         try:
@@ -165,7 +170,7 @@ class _Borrow:
         except Exception as failure:  # a broken connection is closed by asyncpg; nothing to do
             log.debug("connection not returned cleanly", extra={"reason": type(failure).__name__})
         finally:
-            owner.in_use -= 1
+            owner._outstanding -= 1
 
 
 async def open_pool(

@@ -80,6 +80,7 @@ class UserDatabase:
                 # advisory lock), and the next borrower may be another user's request.
                 if not conn.is_closed():
                     await conn.reset()
+                    await self._store.pool.setup_session(conn)
 
 
 class PluginAgentContext(AgentContext[RequestContext]):

@@ -51,6 +51,21 @@ class PoolObserver(Protocol):
     def returned(self, held: float) -> None: ...
 
 
+# Run on every new connection (and again after a full reset): on one node, every statement gets
+# a generic plan. The store's statements are prepared once per connection and run with new
+# parameters each time; left to choose, PostgreSQL kept re-planning the page queries for every
+# call (custom plans: 850 of 850 in the store benchmark), which cost ~4x the statement itself in
+# a 50,000-item thread. Their generic plans are the index range scans the custom ones are
+# (tests/test_rls.py checks every statement's plan in both modes). On a Citus cluster the
+# default stays: Citus refuses a forced generic plan for a statement it cannot route without
+# its parameters.
+SQL_SESSION_SETUP = (
+    "SELECT CASE WHEN EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') "
+    "THEN current_setting('plan_cache_mode') "
+    "ELSE set_config('plan_cache_mode', 'force_generic_plan', false) END"
+)
+
+
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """asyncpg has already rolled back any open transaction; the app leaves no session state."""
 
@@ -70,6 +85,8 @@ class ConnectionPool:
         self._outstanding = 0
         self.peak_in_use = 0
         self.connects = 0  # connections opened since the start: churn shows here
+        # A plan-cache mode the caller pins (tests check plans in each mode) is left alone.
+        self._generic_plans = "plan_cache_mode" not in (session or {})
         self.observer: PoolObserver | None = None
         self.pool = asyncpg.create_pool(
             asyncpg_dsn(url),
@@ -87,6 +104,13 @@ class ConnectionPool:
 
     async def _opened(self, conn: asyncpg.Connection) -> None:
         self.connects += 1
+        await self.setup_session(conn)
+
+    async def setup_session(self, conn: asyncpg.Connection) -> None:
+        """The session settings every connection of the pool carries (see SQL_SESSION_SETUP);
+        again after code that resets the session (``RESET ALL``) hands it back."""
+        if self._generic_plans:
+            await conn.execute(SQL_SESSION_SETUP)
 
     async def open(self) -> ConnectionPool:
         """Set the pool up (no connection is opened yet)."""

@@ -903,7 +903,8 @@ async def _app_role(setup: asyncpg.Connection, url: str) -> AsyncIterator[str]:
 @asynccontextmanager
 async def _sides(url: str, settings: Settings) -> AsyncIterator[Sides]:
     dsn = PgServer.dsn(url)
-    gucs = server_settings(settings)
+    # The raw sides run with the plan-cache mode the app's pool sets on one node (app.pool).
+    gucs = server_settings(settings) | {"plan_cache_mode": "force_generic_plan"}
     setup = await asyncpg.connect(dsn)
 
     async def no_reset(conn: asyncpg.Connection) -> None:

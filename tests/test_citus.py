@@ -121,6 +121,13 @@ def test_the_limits_suite_is_rerun_here() -> None:
     assert len(RERUN) >= 10, RERUN
 
 
+async def test_the_pool_leaves_the_plan_cache_mode_on_a_cluster(store: PostgresStore) -> None:
+    """One node forces generic plans (app.pool); Citus refuses those for statements it cannot
+    route without their parameters, so on a cluster the pool keeps PostgreSQL's default."""
+    async with store.connection() as conn:
+        assert await conn.fetchval("SHOW plan_cache_mode") == "auto"
+
+
 async def test_list_pages_leave_their_admission_to_the_endpoint(
     store: PostgresStore, test_settings: Settings
 ) -> None:

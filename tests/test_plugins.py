@@ -467,6 +467,33 @@ async def test_async_generator_handlers_stream_and_reject_with_an_error_event(
         sys.modules.pop("ckpg_gen_plugin", None)
 
 
+async def test_a_plugins_session_state_never_reaches_the_next_borrower(
+    plugin_db: str, test_settings: Settings
+) -> None:
+    """The pool returns connections without a reset (app.pool): the app leaves no session
+    state. A plugin's code may (a plain SET, a session advisory lock), so its transaction
+    resets the session and restores the pool's own settings before the next borrower, who may
+    act for another user."""
+    one = test_settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
+    pool = await open_pool(plugin_db, one)
+    try:
+        store = PostgresStore(pool)
+        async with UserDatabase(store, "alice").transaction() as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SET search_path TO pg_catalog")
+            await conn.execute("SET statement_timeout TO 1")
+            await conn.execute("SELECT pg_advisory_lock(42)")
+        async with store.connection() as conn:
+            assert conn.get_server_pid() == pid  # the same session, handed on
+            assert await conn.fetchval("SHOW search_path") == '"$user", public'
+            assert await conn.fetchval("SHOW statement_timeout") == "10s"
+            held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1"
+            assert await conn.fetchval(held, pid) == 0
+            assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+    finally:
+        await pool.close()
+
+
 async def test_user_database_is_held_by_row_level_security(
     plugin_db: str, pstore: PostgresStore, test_settings: Settings
 ) -> None:

@@ -483,3 +483,10 @@ async def test_concurrent_writes_to_one_thread(store: PostgresStore) -> None:
     got = await _all_items(store, tid, ALICE, limit=9)
     assert sorted(i.id for i in got) == sorted(i.id for i in items)
     assert len({i.id for i in got}) == 40
+
+
+async def test_the_pools_sessions_plan_generically(store: PostgresStore) -> None:
+    """On one node every connection of the pool runs its prepared statements with generic
+    plans (app.pool): left to choose, PostgreSQL re-planned the page queries on every call."""
+    async with store.connection() as conn:
+        assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"

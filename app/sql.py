@@ -135,7 +135,9 @@ def _admitted(query: str, nargs: int, direction: str) -> str:
     """The page ``query`` (gated), read only once the limiter's upsert, a data-modifying CTE of
     the same statement, has admitted the request: ``ok`` on every row, and one row with a null
     id when the page is empty or the request refused. The admission is a One-Time Filter above
-    the page's gate, so a refused request reads no page. The interval and the burst are the
+    the page's gate, so a refused request reads no page (OFFSET 0 keeps the test in the
+    subquery: PostgreSQL 16 would otherwise pull it up into a join filter, applied only after
+    the page was read). The interval and the burst are the
     parameters after the page's ``nargs``."""
     admit = rate_admit_sql(f"${nargs + 1}", f"${nargs + 2}")
     page = gated_select(
@@ -143,7 +145,7 @@ def _admitted(query: str, nargs: int, direction: str) -> str:
     )
     return (
         f"WITH a AS ({admit}) SELECT k.ok, pg.id, pg.data FROM (SELECT EXISTS (SELECT FROM a) "
-        f"AS ok) k LEFT JOIN LATERAL (SELECT g.* FROM ({page}) g WHERE k.ok) pg ON true "
+        f"AS ok) k LEFT JOIN LATERAL (SELECT g.* FROM ({page}) g WHERE k.ok OFFSET 0) pg ON true "
         f"ORDER BY pg.created_at {direction}, pg.seq {direction}"
     )
 

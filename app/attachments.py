@@ -1,4 +1,7 @@
-"""Attachments kept in PostgreSQL: the ChatKit ``AttachmentStore``, signed URLs, content checks.
+"""Attachments kept in PostgreSQL: the ChatKit ``AttachmentStore`` (metadata and bytes).
+
+What a file is (type, signature, text checks, names) is app.content; the signed URLs are
+app.signing; reading a file out of a request body is app.uploads.
 
 Metadata lives in ``chatkit_attachments`` (the ChatKit model as JSONB plus ``status``,
 ``size_bytes``, ``mime_type``); the bytes live in ``chatkit_attachment_blobs`` in
@@ -24,23 +27,13 @@ never serves dead links.
 from __future__ import annotations
 
 import asyncio
-import base64
-import codecs
 import contextlib
-import hashlib
-import hmac
 import logging
 import mimetypes
-import os
-import re
-import secrets
-import time
-import unicodedata
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, urlencode, urlsplit
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 from chatkit.store import AttachmentStore, NotFoundError
@@ -52,435 +45,43 @@ from chatkit.types import (
     ImageAttachment,
 )
 from pydantic import AnyUrl, TypeAdapter
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .errors import AppError, InvalidInputError, PayloadTooLargeError
+from .content import (
+    GENERIC_TYPES,
+    HEAD_BYTES,
+    PREVIEWABLE_IMAGE_TYPES,
+    ContentCheck,
+    ContentMismatchError,
+    UnsupportedMediaTypeError,
+    mime_allowed,
+    normalise_mime,
+    sanitise_filename,
+    sniff_mime,
+)
+from .errors import AppError, InvalidInputError
 from .ids import new_id
 from .settings import Settings
+from .signing import FILES_PREFIX, Purpose, UrlSigner, signing_secret
 from .sql import gated, gated_select, scoped_insert
 from .store import PostgresStore, user_id_of
+from .uploads import MULTIPART_OVERHEAD, FileTooLargeError, UploadSource, open_body
 
 log = logging.getLogger(__name__)
 
-FILES_PREFIX = "/files"
 CHUNK_SIZE = 256 * 1024
 """Bytes per blob row. Upload memory is about one chunk plus one network read per request."""
 READ_BATCH = 4
 """Chunks fetched per query when streaming a file out (one short query per MiB)."""
-HEAD_BYTES = 32
-"""Bytes needed to recognise a file's format from its signature."""
-MULTIPART_OVERHEAD = 64 * 1024
-"""Allowance over MAX_UPLOAD_BYTES for multipart boundaries and part headers."""
-
-Purpose = Literal["upload", "preview"]
 _ATTACHMENT = TypeAdapter[Attachment](Attachment)
 
 
 # --- errors -------------------------------------------------------------------------------
 
 
-class FileTooLargeError(PayloadTooLargeError):
-    """The service-wide 413, with a message about files rather than request bodies."""
-
-    public_message = "The file is larger than the maximum allowed size."
-
-
-class UnsupportedMediaTypeError(AppError):
-    status_code = 415
-    code = "unsupported_media_type"
-    public_message = "This type of file is not allowed."
-
-
-class ContentMismatchError(InvalidInputError):
-    code = "content_mismatch"
-    public_message = "The file's content does not match its declared type or size."
-
-
 class UploadConflictError(AppError):
     status_code = 409
     code = "upload_conflict"
     public_message = "This attachment has already been uploaded."
-
-
-class InvalidSignatureError(AppError):
-    status_code = 403
-    code = "invalid_signature"
-    public_message = "This link is invalid or has expired."
-
-
-# --- MIME types and content checks -------------------------------------------------------
-
-PREVIEWABLE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
-"""Images shown inline by the client and sent to the model as image inputs."""
-
-_TEXT_APPLICATION_TYPES = frozenset(
-    {
-        "application/json",
-        "application/xml",
-        "application/x-ndjson",
-        "application/yaml",
-        "application/x-yaml",
-        "application/toml",
-        "application/javascript",
-        "application/sql",
-        "image/svg+xml",
-    }
-)
-
-
-def _ftyp(*brands: bytes) -> Callable[[bytes], bool]:
-    return lambda h: h[4:8] == b"ftyp" and h[8:12] in brands
-
-
-_ZIP = (b"PK\x03\x04", b"PK\x05\x06")
-SIGNATURES: dict[str, Callable[[bytes], bool]] = {
-    "image/png": lambda h: h.startswith(b"\x89PNG\r\n\x1a\n"),
-    "image/jpeg": lambda h: h.startswith(b"\xff\xd8\xff"),
-    "image/gif": lambda h: h[:6] in (b"GIF87a", b"GIF89a"),
-    "image/webp": lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP",
-    "image/bmp": lambda h: h[:2] == b"BM",
-    "image/tiff": lambda h: h[:4] in (b"II*\x00", b"MM\x00*"),
-    "image/avif": _ftyp(b"avif", b"avis"),
-    "image/heic": _ftyp(b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"),
-    "image/heif": _ftyp(b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"),
-    "image/x-icon": lambda h: h[:4] == b"\x00\x00\x01\x00",
-    "image/vnd.microsoft.icon": lambda h: h[:4] == b"\x00\x00\x01\x00",
-    "application/pdf": lambda h: h.startswith(b"%PDF-"),
-    "application/zip": lambda h: h[:4] in _ZIP,
-    "application/gzip": lambda h: h[:2] == b"\x1f\x8b",
-    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": lambda h: (
-        h[:4] in _ZIP
-    ),
-    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": lambda h: h[:4] in _ZIP,
-    "application/vnd.openxmlformats-officedocument.presentationml.presentation": lambda h: (
-        h[:4] in _ZIP
-    ),
-}
-"""Magic bytes of the formats we can verify. A declared type listed here must match them."""
-
-_SNIFF_ORDER = ("image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf")
-_GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
-_MIME_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
-
-
-def normalise_mime(value: str | None) -> str:
-    """``Text/Plain; charset=UTF-8`` → ``text/plain``; anything unparseable → ``""``."""
-    if not value:
-        return ""
-    mime = value.split(";", 1)[0].strip().lower()
-    return mime if _MIME_RE.match(mime) else ""
-
-
-def mime_allowed(mime: str, allowed: list[str]) -> bool:
-    if not mime:
-        return False
-    family = mime.split("/", 1)[0] + "/*"
-    return any(a in (mime, family, "*/*") for a in allowed)
-
-
-def is_text_like(mime: str) -> bool:
-    return (
-        mime.startswith("text/")
-        or mime in _TEXT_APPLICATION_TYPES
-        or mime.endswith(("+json", "+xml"))
-    )
-
-
-def sniff_mime(head: bytes) -> str | None:
-    """The type a file's first bytes prove, for uploads that declare none."""
-    for mime in _SNIFF_ORDER:
-        if SIGNATURES[mime](head):
-            return mime
-    return None
-
-
-class ContentCheck:
-    """Checks that the bytes arriving are what their type says, as they stream past.
-
-    Formats with a known signature must start with it; an image whose signature we do not
-    know is refused (we could not tell it from anything else); text must be UTF-8 without NUL.
-    """
-
-    def __init__(self, mime: str, head: bytes) -> None:
-        self.mime = mime
-        signature = SIGNATURES.get(mime)
-        if signature is not None:
-            if not signature(head):
-                raise ContentMismatchError("The file's content does not match its type.")
-        elif mime.startswith("image/") and not is_text_like(mime):
-            raise UnsupportedMediaTypeError("This image format cannot be verified.")
-        self._text = codecs.getincrementaldecoder("utf-8")("strict") if is_text_like(mime) else None
-
-    def feed(self, data: bytes) -> None:
-        if self._text is None:
-            return
-        if b"\x00" in data:
-            raise ContentMismatchError("A text file may not contain NUL bytes.")
-        try:
-            self._text.decode(data)
-        except UnicodeDecodeError as exc:
-            raise ContentMismatchError("A text file must be UTF-8.") from exc
-
-    def finish(self) -> None:
-        if self._text is not None:
-            try:
-                self._text.decode(b"", final=True)
-            except UnicodeDecodeError as exc:
-                raise ContentMismatchError("A text file must be UTF-8.") from exc
-
-
-# --- names --------------------------------------------------------------------------------
-
-_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\]+")
-
-
-def sanitise_filename(name: str | None, default: str = "file") -> str:
-    """A display name: no path, no control characters, at most 255 characters."""
-    if not name:
-        return default
-    name = unicodedata.normalize("NFC", name)
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = _UNSAFE_NAME.sub("_", name).strip().strip(".") or default
-    if len(name) > 255:
-        stem, dot, ext = name.rpartition(".")
-        name = (stem[: 254 - len(ext)] + dot + ext) if dot and len(ext) <= 16 else name[:255]
-    return name
-
-
-def content_disposition(name: str, *, inline: bool) -> str:
-    """RFC 6266: an ASCII ``filename`` fallback plus the exact name as ``filename*``."""
-    name = sanitise_filename(name)
-    ascii_name = "".join(
-        c if 0x20 <= ord(c) < 0x7F and c not in '"\\;%' else "_" for c in name
-    ).strip()
-    kind = "inline" if inline else "attachment"
-    return f"{kind}; filename=\"{ascii_name or 'file'}\"; filename*=UTF-8''{quote(name, safe='')}"
-
-
-# --- signing ------------------------------------------------------------------------------
-
-
-def signing_secret(settings: Settings) -> bytes:
-    """``ATTACHMENT_SIGNING_SECRET``, else a random key kept in ``DATA_DIR`` (development).
-
-    Several replicas must share one key: set the variable in production.
-    """
-    if settings.attachment_signing_secret is not None:
-        return settings.attachment_signing_secret.get_secret_value().encode()
-    path = Path(settings.data_dir) / "attachment-signing.key"
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
-    return key
-
-
-class UrlSigner:
-    """HMAC-SHA256 over (purpose, user, attachment, expiry) for URLs without a Bearer token.
-
-    Expiry times are rounded up to a step of a tenth of the TTL, so loading a thread twice in a
-    row yields the same preview URL and the browser's cache keeps working.
-    """
-
-    def __init__(
-        self,
-        secret: bytes,
-        base_url: str,
-        ttl_seconds: int,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        if len(secret) < 16:
-            raise ValueError("the URL signing secret must be at least 16 bytes")
-        self._key = hashlib.sha256(b"chatkit-pg attachment urls\x00" + secret).digest()
-        self.base_url = base_url.rstrip("/")
-        self.ttl = ttl_seconds
-        self._step = max(1, ttl_seconds // 10)
-        self._clock = clock
-
-    def expiry(self) -> int:
-        deadline = int(self._clock()) + self.ttl
-        return -(-deadline // self._step) * self._step
-
-    def signature(self, purpose: Purpose, user_id: str, attachment_id: str, expires: int) -> str:
-        msg = "\x00".join(("v1", purpose, user_id, attachment_id, str(expires))).encode()
-        digest = hmac.new(self._key, msg, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-    def url(self, purpose: Purpose, user_id: str, attachment_id: str) -> str:
-        expires = self.expiry()
-        query = urlencode(
-            {
-                "u": user_id,
-                "e": expires,
-                "s": self.signature(purpose, user_id, attachment_id, expires),
-            }
-        )
-        return f"{self.base_url}{FILES_PREFIX}/{quote(attachment_id, safe='')}/{purpose}?{query}"
-
-    def verify(
-        self,
-        purpose: Purpose,
-        user_id: str | None,
-        attachment_id: str,
-        expires: str | None,
-        signature: str | None,
-    ) -> int:
-        """Return the expiry time, or raise ``InvalidSignatureError`` (forged, altered, expired)."""
-        if not user_id or not expires or not signature or not expires.isdigit():
-            raise InvalidSignatureError()
-        exp = int(expires)
-        good = self.signature(purpose, user_id, attachment_id, exp)
-        if not hmac.compare_digest(good.encode(), signature.encode()):
-            raise InvalidSignatureError()
-        if exp < self._clock():
-            raise InvalidSignatureError("This link has expired.")
-        return exp
-
-
-# --- request bodies -----------------------------------------------------------------------
-
-
-class _Source:
-    """The bytes of one uploaded file, read from a request body as they arrive."""
-
-    filename: str | None = None
-    content_type: str | None = None
-
-    async def start(self) -> None:
-        """Read until the file's own headers are known."""
-
-    def pieces(self) -> AsyncIterator[bytes]:
-        raise NotImplementedError
-
-
-class _RawSource(_Source):
-    def __init__(self, body: AsyncIterable[bytes], content_type: str | None) -> None:
-        self._body = body
-        self.content_type = content_type
-
-    async def pieces(self) -> AsyncIterator[bytes]:
-        async for chunk in self._body:
-            if chunk:
-                yield chunk
-
-
-class _MultipartSource(_Source):
-    """Streams the part named ``file`` out of a multipart/form-data body; other parts are
-    skipped without being kept. A body that ends before its closing boundary is refused."""
-
-    def __init__(self, body: AsyncIterable[bytes], boundary: bytes, max_body: int) -> None:
-        self._body = body.__aiter__()
-        self._max_body = max_body
-        self._received = 0
-        self._out: list[bytes] = []
-        self._headers: dict[str, str] = {}
-        self._field = bytearray()
-        self._value = bytearray()
-        self._in_file = False
-        self._found = False
-        self._complete = False
-        self._parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._on_part_begin,
-                "on_header_field": self._on_header_field,
-                "on_header_value": self._on_header_value,
-                "on_header_end": self._on_header_end,
-                "on_headers_finished": self._on_headers_finished,
-                "on_part_data": self._on_part_data,
-                "on_part_end": self._on_part_end,
-                "on_end": self._on_end,
-            },
-        )
-
-    # parser callbacks (synchronous)
-    def _on_part_begin(self) -> None:
-        self._headers = {}
-        self._in_file = False
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode(
-            "latin-1"
-        ).strip()
-        self._field.clear()
-        self._value.clear()
-
-    def _on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get("content-disposition"))
-        if options.get(b"name") == b"file" and not self._found:
-            self._found = self._in_file = True
-            raw = options.get(b"filename")
-            self.filename = raw.decode("utf-8", "replace") if raw is not None else None
-            self.content_type = self._headers.get("content-type")
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._in_file:
-            self._out.append(data[start:end])
-
-    def _on_part_end(self) -> None:
-        self._in_file = False
-
-    def _on_end(self) -> None:
-        self._complete = True
-
-    async def _read(self) -> bool:
-        """Feed the parser one network read; False once the body has ended."""
-        try:
-            chunk = await self._body.__anext__()
-        except StopAsyncIteration:
-            return False
-        self._received += len(chunk)
-        if self._received > self._max_body:
-            raise FileTooLargeError()
-        try:
-            self._parser.write(chunk)
-        except MultipartParseError as exc:
-            raise InvalidInputError("The multipart body is malformed.") from exc
-        return True
-
-    async def start(self) -> None:
-        while not self._found:
-            if not await self._read():
-                raise InvalidInputError("The request has no 'file' field.")
-
-    async def pieces(self) -> AsyncIterator[bytes]:
-        while True:
-            out, self._out = self._out, []
-            for piece in out:
-                yield piece
-            if not await self._read():
-                break
-        if not self._complete:
-            raise InvalidInputError("The multipart body ended early.")
-
-
-def open_body(
-    body: AsyncIterable[bytes], content_type: str | None, max_bytes: int, *, multipart_only: bool
-) -> _Source:
-    mime, options = parse_options_header(content_type)
-    if mime == b"multipart/form-data":
-        boundary = options.get(b"boundary")
-        if not boundary:
-            raise InvalidInputError("The multipart body has no boundary.")
-        return _MultipartSource(body, boundary, max_bytes + MULTIPART_OVERHEAD)
-    if multipart_only:
-        raise InvalidInputError("Send the file as multipart/form-data in a field named 'file'.")
-    return _RawSource(body, content_type)
 
 
 # --- the store ----------------------------------------------------------------------------
@@ -673,7 +274,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         await source.start()
         name = sanitise_filename(source.filename)
         declared = normalise_mime(source.content_type)
-        if declared in _GENERIC_TYPES:
+        if declared in GENERIC_TYPES:
             declared = normalise_mime(mimetypes.guess_type(name, strict=False)[0])
         attachment_id = new_id("attachment")
         created = False
@@ -736,7 +337,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
             )
             await source.start()
             sent = normalise_mime(source.content_type)
-            if sent not in _GENERIC_TYPES and sent != mime:
+            if sent not in GENERIC_TYPES and sent != mime:
                 raise ContentMismatchError("The file's type differs from the one declared.")
             size, mime = await self._ingest(
                 user_id, attachment_id, source, declared=mime, declared_size=declared_size
@@ -750,7 +351,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         self,
         user_id: str,
         attachment_id: str,
-        source: _Source,
+        source: UploadSource,
         *,
         declared: str | None,
         declared_size: int | None,

@@ -34,7 +34,8 @@ from openai.types.responses import (
     ResponseInputTextParam,
 )
 
-from .attachments import PREVIEWABLE_IMAGE_TYPES, PgAttachmentStore, is_text_like
+from .attachments import PgAttachmentStore
+from .content import PREVIEWABLE_IMAGE_TYPES, is_text_like
 from .errors import MissingUserError
 from .server import PgThreadItemConverter
 

@@ -24,13 +24,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
-from .attachments import (
-    FILES_PREFIX,
-    PgAttachmentStore,
-    StoredFile,
-    content_disposition,
-)
+from .attachments import PgAttachmentStore, StoredFile
+from .content import content_disposition
 from .errors import AppError
+from .signing import FILES_PREFIX
 
 NOT_FOUND_MESSAGE = "File not found."
 

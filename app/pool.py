@@ -3,9 +3,10 @@
 Why not SQLAlchemy's pool (which the app used before, and which Alembic still uses): a checkout
 through it costs two greenlet hops and its bookkeeping, about half of a point read's time on the
 server; and its overflow connections are closed as soon as they come back, so a busy process
-keeps opening connections (406 in one 500-stream soak). asyncpg's own pool hands out a
-connection with no hop, keeps every connection it opened until it has been idle for
-``IDLE_SECONDS``, and answers the pool-level questions the tests and ``/metrics`` ask.
+keeps opening connections (339 during the 500-stream soak of docs/reliability.md). asyncpg's
+own pool hands out a connection with no hop and keeps every connection it opened until it has
+been idle for ``IDLE_SECONDS`` (0 new connections during the same soak); the counters below
+answer what the tests and the soak run ask of it.
 
 Nothing connects when the pool is made: the first borrower opens the first connection, so the
 app starts (and says so on ``/readyz``) while PostgreSQL is still coming up.
@@ -54,8 +55,8 @@ class PoolObserver(Protocol):
 # Run on every new connection (and again after a full reset): on one node, every statement gets
 # a generic plan. The store's statements are prepared once per connection and run with new
 # parameters each time; left to choose, PostgreSQL kept re-planning the page queries for every
-# call (custom plans: 850 of 850 in the store benchmark), which cost ~4x the statement itself in
-# a 50,000-item thread. Their generic plans are the index range scans the custom ones are
+# call (custom plans: 850 of 850 in the store benchmark), which cost up to ~4x the statement
+# itself (measured in a 50,000-item thread; docs/benchmarks.md). Their generic plans are the index range scans the custom ones are
 # (tests/test_rls.py checks every statement's plan in both modes). On a Citus cluster the
 # default stays: Citus refuses a forced generic plan for a statement it cannot route without
 # its parameters.

@@ -37,20 +37,14 @@ from fastapi import FastAPI, Header, HTTPException
 from pydantic import AnyUrl
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.attachments import (
-    CHUNK_SIZE,
-    PayloadTooLargeError,
-    PgAttachmentStore,
-    UnsupportedMediaTypeError,
-    UrlSigner,
-    content_disposition,
-    sanitise_filename,
-    signing_secret,
-)
+from app.attachments import CHUNK_SIZE, PgAttachmentStore
+from app.content import UnsupportedMediaTypeError, content_disposition, sanitise_filename
 from app.converter import AttachmentConverter, attachment_names, attachments_note
+from app.errors import PayloadTooLargeError
 from app.files import files_router
 from app.prune import prune
 from app.settings import PROJECT_ROOT, Settings
+from app.signing import UrlSigner, signing_secret
 from app.store import PostgresStore
 from tests import factories as f
 

@@ -1,0 +1,115 @@
+"""Signed URLs for what a browser fetches without a Bearer token: the two-phase upload URL and
+an image's ``preview_url``. An HMAC over purpose, user, attachment id and expiry; the key is
+``ATTACHMENT_SIGNING_SECRET`` (shared by every replica), else a random one kept in ``DATA_DIR``
+for development. app.attachments re-signs the URLs whenever an attachment is loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, urlencode
+
+from .errors import AppError
+from .settings import Settings
+
+FILES_PREFIX = "/files"
+Purpose = Literal["upload", "preview"]
+
+
+class InvalidSignatureError(AppError):
+    status_code = 403
+    code = "invalid_signature"
+    public_message = "This link is invalid or has expired."
+
+
+def signing_secret(settings: Settings) -> bytes:
+    """``ATTACHMENT_SIGNING_SECRET``, else a random key kept in ``DATA_DIR`` (development).
+
+    Several replicas must share one key: set the variable in production.
+    """
+    if settings.attachment_signing_secret is not None:
+        return settings.attachment_signing_secret.get_secret_value().encode()
+    path = Path(settings.data_dir) / "attachment-signing.key"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
+class UrlSigner:
+    """HMAC-SHA256 over (purpose, user, attachment, expiry) for URLs without a Bearer token.
+
+    Expiry times are rounded up to a step of a tenth of the TTL, so loading a thread twice in a
+    row yields the same preview URL and the browser's cache keeps working.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        base_url: str,
+        ttl_seconds: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if len(secret) < 16:
+            raise ValueError("the URL signing secret must be at least 16 bytes")
+        self._key = hashlib.sha256(b"chatkit-pg attachment urls\x00" + secret).digest()
+        self.base_url = base_url.rstrip("/")
+        self.ttl = ttl_seconds
+        self._step = max(1, ttl_seconds // 10)
+        self._clock = clock
+
+    def expiry(self) -> int:
+        deadline = int(self._clock()) + self.ttl
+        return -(-deadline // self._step) * self._step
+
+    def signature(self, purpose: Purpose, user_id: str, attachment_id: str, expires: int) -> str:
+        msg = "\x00".join(("v1", purpose, user_id, attachment_id, str(expires))).encode()
+        digest = hmac.new(self._key, msg, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def url(self, purpose: Purpose, user_id: str, attachment_id: str) -> str:
+        expires = self.expiry()
+        query = urlencode(
+            {
+                "u": user_id,
+                "e": expires,
+                "s": self.signature(purpose, user_id, attachment_id, expires),
+            }
+        )
+        return f"{self.base_url}{FILES_PREFIX}/{quote(attachment_id, safe='')}/{purpose}?{query}"
+
+    def verify(
+        self,
+        purpose: Purpose,
+        user_id: str | None,
+        attachment_id: str,
+        expires: str | None,
+        signature: str | None,
+    ) -> int:
+        """Return the expiry time, or raise ``InvalidSignatureError`` (forged, altered, expired)."""
+        if not user_id or not expires or not signature or not expires.isdigit():
+            raise InvalidSignatureError()
+        exp = int(expires)
+        good = self.signature(purpose, user_id, attachment_id, exp)
+        if not hmac.compare_digest(good.encode(), signature.encode()):
+            raise InvalidSignatureError()
+        if exp < self._clock():
+            raise InvalidSignatureError("This link has expired.")
+        return exp

@@ -51,20 +51,24 @@ from .content import (
     HEAD_BYTES,
     PREVIEWABLE_IMAGE_TYPES,
     ContentCheck,
-    ContentMismatchError,
-    UnsupportedMediaTypeError,
     mime_allowed,
     normalise_mime,
     sanitise_filename,
     sniff_mime,
 )
-from .errors import AppError, InvalidInputError
+from .errors import (
+    ContentMismatchError,
+    FileTooLargeError,
+    InvalidInputError,
+    UnsupportedMediaTypeError,
+    UploadConflictError,
+)
 from .ids import new_id
 from .settings import Settings
 from .signing import FILES_PREFIX, Purpose, UrlSigner, signing_secret
 from .sql import gated, gated_select, scoped_insert
 from .store import PostgresStore, user_id_of
-from .uploads import MULTIPART_OVERHEAD, FileTooLargeError, UploadSource, open_body
+from .uploads import MULTIPART_OVERHEAD, UploadSource, open_body
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +80,6 @@ _ATTACHMENT = TypeAdapter[Attachment](Attachment)
 
 
 # --- errors -------------------------------------------------------------------------------
-
-
-class UploadConflictError(AppError):
-    status_code = 409
-    code = "upload_conflict"
-    public_message = "This attachment has already been uploaded."
 
 
 # --- the store ----------------------------------------------------------------------------

@@ -13,21 +13,10 @@ import unicodedata
 from collections.abc import Callable
 from urllib.parse import quote
 
-from .errors import AppError, InvalidInputError
+from .errors import ContentMismatchError, UnsupportedMediaTypeError
 
 HEAD_BYTES = 32
 """Bytes needed to recognise a file's format from its signature."""
-
-
-class UnsupportedMediaTypeError(AppError):
-    status_code = 415
-    code = "unsupported_media_type"
-    public_message = "This type of file is not allowed."
-
-
-class ContentMismatchError(InvalidInputError):
-    code = "content_mismatch"
-    public_message = "The file's content does not match its declared type or size."
 
 
 PREVIEWABLE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})

@@ -128,3 +128,35 @@ class ActionRejectedError(InvalidInputError):
 
     code = "action_rejected"
     public_message = "The action was rejected."
+
+
+# --- attachments (app.attachments, app.content, app.signing, app.uploads) ---
+
+
+class FileTooLargeError(PayloadTooLargeError):
+    """The service-wide 413, with a message about files rather than request bodies."""
+
+    public_message = "The file is larger than the maximum allowed size."
+
+
+class UnsupportedMediaTypeError(AppError):
+    status_code = 415
+    code = "unsupported_media_type"
+    public_message = "This type of file is not allowed."
+
+
+class ContentMismatchError(InvalidInputError):
+    code = "content_mismatch"
+    public_message = "The file's content does not match its declared type or size."
+
+
+class UploadConflictError(AppError):
+    status_code = 409
+    code = "upload_conflict"
+    public_message = "This attachment has already been uploaded."
+
+
+class InvalidSignatureError(AppError):
+    status_code = 403
+    code = "invalid_signature"
+    public_message = "This link is invalid or has expired."

@@ -17,17 +17,11 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlencode
 
-from .errors import AppError
+from .errors import InvalidSignatureError
 from .settings import Settings
 
 FILES_PREFIX = "/files"
 Purpose = Literal["upload", "preview"]
-
-
-class InvalidSignatureError(AppError):
-    status_code = 403
-    code = "invalid_signature"
-    public_message = "This link is invalid or has expired."
 
 
 def signing_secret(settings: Settings) -> bytes:

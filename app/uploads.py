@@ -10,16 +10,10 @@ from collections.abc import AsyncIterable, AsyncIterator
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .errors import InvalidInputError, PayloadTooLargeError
+from .errors import FileTooLargeError, InvalidInputError
 
 MULTIPART_OVERHEAD = 64 * 1024
 """Allowance over MAX_UPLOAD_BYTES for multipart boundaries and part headers."""
-
-
-class FileTooLargeError(PayloadTooLargeError):
-    """The service-wide 413, with a message about files rather than request bodies."""
-
-    public_message = "The file is larger than the maximum allowed size."
 
 
 class UploadSource:

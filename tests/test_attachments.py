@@ -38,9 +38,9 @@ from pydantic import AnyUrl
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.attachments import CHUNK_SIZE, PgAttachmentStore
-from app.content import UnsupportedMediaTypeError, content_disposition, sanitise_filename
+from app.content import content_disposition, sanitise_filename
 from app.converter import AttachmentConverter, attachment_names, attachments_note
-from app.errors import PayloadTooLargeError
+from app.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from app.files import files_router
 from app.prune import prune
 from app.settings import PROJECT_ROOT, Settings

@@ -15,6 +15,9 @@ from app.settings import Settings
 from app.store import PostgresStore
 from tests.pgharness import PgServer, header_line, migrate, postgres_server
 
+# Helper modules whose assert statements check answers (pytest rewrites test modules only).
+pytest.register_assert_rewrite("tests.hostile_world", "tests.hostile_cases")
+
 TABLES = (
     "chatkit_feedback, chatkit_items, chatkit_attachments, chatkit_threads, "
     "chatkit_rate_limits, chatkit_stream_leases"

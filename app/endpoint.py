@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 _LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8}){0,3}")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,40}")
-# In the body of every list request (unless escaped, which only means admitting it sooner).
-_LIST_TYPE = re.compile(rb"threads\.list|items\.list")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -147,11 +145,11 @@ async def _serve(
     limits = runtime.limits
     info = request_info(request.scope) or RequestInfo(request_id="")
     body = await read_body(request, settings.max_body_bytes)
-    if limits is not None and not _LIST_TYPE.search(body):
-        await limits.settle(admission)  # certainly no list: admitted before it is even parsed
     chatkit_request = parse_request(body)
     if limits is not None and not isinstance(chatkit_request, ThreadsListReq | ItemsListReq):
-        await limits.settle(admission)  # only list requests, which change nothing, defer it
+        # Only list requests, which change nothing, defer it; the rest are counted before any
+        # of their work. A body that does not parse is counted by the caller's error path.
+        await limits.settle(admission)
     info.op = chatkit_request.type
     op_var.set(chatkit_request.type)
     thread_id = getattr(chatkit_request.params, "thread_id", None)

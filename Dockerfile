@@ -32,7 +32,7 @@ WORKDIR /app
 # Layer 1: third-party dependencies only, from the lock file (changes rarely).
 COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-install-project
+    uv sync --frozen --no-default-groups --no-install-project
 
 # Layer 2: the project itself (changes often). The app finds alembic.ini and migrations/
 # next to its package, so the code stays in /app and is installed in place; its bytecode is
@@ -41,7 +41,7 @@ COPY README.md alembic.ini ./
 COPY migrations ./migrations
 COPY app ./app
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev \
+    uv sync --frozen --no-default-groups \
  && python -m compileall -q app migrations
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# Everything a developer or CI needs starts from a plain `python3` (3.11+).
+# Everything a developer or CI needs starts from a plain `python3` (3.11 to 3.14).
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
@@ -9,7 +9,15 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .PHONY: install run migrate test lint fmt bench soak clean example-mcp
 
+# One line saying what to install when the interpreter cannot bootstrap the tools.
+define CHECK_PYTHON
+command -v $(PYTHON) >/dev/null 2>&1 || { echo "chatkit-pg: $(PYTHON) not found: install Python 3.11 or newer (or run make PYTHON=/path/to/python3)" >&2; exit 1; }; \
+$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "chatkit-pg: $$($(PYTHON) -V 2>&1) is too old: install Python 3.11 or newer (or run make PYTHON=/path/to/python3)" >&2; exit 1; }; \
+$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "chatkit-pg: $(PYTHON) cannot create a virtual environment: install its venv module (Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
+endef
+
 $(UV):
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 

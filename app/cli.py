@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-import warnings
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 import asyncpg
 from alembic import command
@@ -150,10 +152,12 @@ FAILED = {"serve": "cannot start", "migrate": "cannot migrate", "token": "cannot
 def main(argv: list[str] | None = None) -> int:
     """Run a command. A configuration mistake is one line on stderr naming the setting, and
     exit status 2: no traceback, no log noise before it."""
-    # pgserver (through platformdirs) warns when XDG_RUNTIME_DIR is unset, as in containers.
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("pgserver").setLevel(logging.WARNING)  # dumps of its process objects
+    # SIGTERM as an orderly exit: uvicorn re-raises the signal it caught once it has shut down,
+    # and Python's default action would end the process there, before the embedded
+    # PostgreSQL it started is stopped (app.embedded stops it at exit).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -165,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 2
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """A stop that was asked for: exit 0 (what a supervisor expects of an orderly shutdown),
+    unwinding so the embedded PostgreSQL is stopped on the way out."""
+    raise SystemExit(0)
 
 
 def settings_problem(exc: ValidationError) -> str:

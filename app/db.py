@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import Any
 
 import asyncpg
@@ -16,26 +15,16 @@ from .settings import Settings, normalise_database_url
 
 log = logging.getLogger(__name__)
 
-_embedded_lock = threading.Lock()
-_embedded: dict[str, Any] = {}
-
 
 def start_embedded_postgres(settings: Settings) -> str:
-    """Start (or reuse) the pgserver instance in DATA_DIR and return its asyncpg URL.
+    """Start (or reuse) the embedded server in DATA_DIR and return its asyncpg URL.
 
-    Blocking: call it from a thread when an event loop is running.
-    """
-    from pgserver import get_server  # type: ignore[attr-defined]
+    Blocking: call it from a thread when an event loop is running."""
+    from .embedded import embedded_url
 
-    pgdata = settings.embedded_pg_dir
-    key = str(pgdata)
-    with _embedded_lock:
-        if key not in _embedded:
-            pgdata.parent.mkdir(parents=True, exist_ok=True)
-            log.info("starting embedded PostgreSQL in %s", pgdata)
-            _embedded[key] = get_server(pgdata, cleanup_mode="stop")
-        server = _embedded[key]
-    return normalise_database_url(server.get_uri())
+    return normalise_database_url(
+        embedded_url(settings.embedded_pg_dir, settings.embedded_postgres_bin)
+    )
 
 
 def resolve_database_url(settings: Settings) -> str:

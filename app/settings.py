@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         description="PostgreSQL URL; unset means the embedded server in DATA_DIR.",
     )
     data_dir: Path = Field(default=PROJECT_ROOT / ".data", description="Local state folder.")
+    embedded_postgres_bin: Path | None = Field(
+        default=None,
+        description="Folder with initdb and pg_ctl for the embedded server (development); "
+        "unset: a bundled wheel, else the machine's PostgreSQL.",
+    )
     db_pool_size: int = Field(default=10, ge=1, le=1000)
     db_max_overflow: int = Field(default=5, ge=0, le=1000)
     db_pool_timeout: float = Field(

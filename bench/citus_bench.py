@@ -71,7 +71,7 @@ async def _single_node() -> AsyncIterator[str]:
     node = PgInstance(root, user, bin_dir=PG_BIN, port=port, listen="127.0.0.1", options=options)
     try:
         if user is not None:
-            _prepare_for(user, root)
+            _prepare_for(user, root, PG_BIN)
         node.socket_dir.mkdir()
         if user is not None:
             shutil.chown(node.socket_dir, user, user)

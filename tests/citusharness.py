@@ -150,7 +150,7 @@ def citus_cluster(workers: int = WORKERS) -> Iterator[CitusCluster]:
             )  # fmt: skip
             nodes.append(node)
             if system_user is not None:
-                _prepare_for(system_user, root)
+                _prepare_for(system_user, root, PG_BIN)
             node.socket_dir.mkdir()
             if system_user is not None:
                 shutil.chown(node.socket_dir, system_user, system_user)

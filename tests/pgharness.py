@@ -1,7 +1,7 @@
 """Choose a real PostgreSQL for tests and benchmarks, and make throwaway databases on it.
 
 Order: ``TEST_DATABASE_URL`` → a testcontainers container (``TEST_POSTGRES_IMAGE``) when a
-Docker engine answers → the embedded ``pgserver`` PostgreSQL in a temporary folder. A container
+Docker engine answers → the embedded PostgreSQL (``app.embedded``) in a temporary folder. A container
 that cannot start (offline, no image, registry limits) falls back to the embedded server, and
 the report header says so with the reason.
 """
@@ -16,6 +16,7 @@ import secrets
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -114,14 +115,18 @@ def _container(image: str) -> Iterator[PgServer]:
 
 @contextlib.contextmanager
 def _embedded(note: str = "") -> Iterator[PgServer]:
-    import pgserver
+    """The app's embedded server (``app.embedded``: the same binaries ``make run`` uses) in a
+    temporary folder."""
+    from app.embedded import EmbeddedServer, locate_binaries
+    from tests.pginstance import embedded_bin_dir
 
     with tempfile.TemporaryDirectory(prefix="ckpg-pg-") as tmp:
-        server = pgserver.get_server(tmp, cleanup_mode="delete")
+        server = EmbeddedServer(Path(tmp) / "postgres", locate_binaries(embedded_bin_dir()))
         try:
-            yield PgServer(normalise_database_url(server.get_uri()), "embedded", note=note)
+            url = normalise_database_url(server.ensure_running())
+            yield PgServer(url, f"embedded {server.binaries.describe()}", note=note)
         finally:
-            server.cleanup()
+            server.stop()
 
 
 @contextlib.contextmanager

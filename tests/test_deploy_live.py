@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import ssl
 import urllib.parse
 import warnings
@@ -26,9 +25,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.async_api import async_playwright
 
-from tests.browserharness import launch_chromium
+from tests.browserharness import chromium_browser
 from tests.deployharness import (
     GZIP_EVERYTHING,
     Backend,
@@ -39,6 +37,7 @@ from tests.deployharness import (
     find_nginx,
     pace_prompt,
     read_stream,
+    require,
     threads_create_body,
 )
 from tests.pacedmodel import DELTA_MARK
@@ -61,17 +60,9 @@ NGINX_MAX_BODY = 16 * 1024
 NGINX_MAX_UPLOAD = 32 * 1024
 
 
-def require(binary: str | None, what: str) -> str:
-    if binary:
-        return binary
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is not installed; .ci/run must install it (apt-get install {what})")
-    pytest.skip(f"{what} is not installed (apt-get install {what}); CI installs it and runs this")
-
-
 @pytest.fixture(scope="module")
 def nginx_binary() -> str:
-    return require(find_nginx(), "nginx")
+    return str(require(find_nginx(), "nginx", "apt-get install nginx"))
 
 
 @pytest.fixture(scope="module")
@@ -433,17 +424,13 @@ async def test_headless_chromium_reads_the_stream_as_it_is_produced(
             "prompt": pace_prompt(DELTAS, interval_ms=0, lockstep=lockstep),
         }
     )
-    async with async_playwright() as playwright:
-        browser = await launch_chromium(playwright)
-        try:
-            context = await browser.new_context(ignore_https_errors=True)
-            page = await context.new_page()
-            await page.expose_function("__ack", lockstep.ack_delta)
-            await page.goto(f"{edge.https_url}/#{fragment}")
-            await page.wait_for_function("() => window.__result !== undefined", timeout=180_000)
-            result = await page.evaluate("() => window.__result")
-        finally:
-            await browser.close()
+    async with chromium_browser() as browser:
+        context = await browser.new_context(ignore_https_errors=True)
+        page = await context.new_page()
+        await page.expose_function("__ack", lockstep.ack_delta)
+        await page.goto(f"{edge.https_url}/#{fragment}")
+        await page.wait_for_function("() => window.__result !== undefined", timeout=180_000)
+        result = await page.evaluate("() => window.__result")
     assert result["error"] is None, result["error"]
     assert result["status"] == 200
     assert result["contentType"].startswith("text/event-stream")

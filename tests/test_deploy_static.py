@@ -53,6 +53,7 @@ NOT_PASSED_BY_COMPOSE = {
     "DATA_DIR": "the image sets a writable tmpfs path",
     "HOST": "uvicorn --host 0.0.0.0 in the image's CMD",
     "WORKERS": "one process per container; scale with replicas",
+    "EMBEDDED_POSTGRES_BIN": "development only: compose runs its own PostgreSQL (DATABASE_URL)",
 }
 
 

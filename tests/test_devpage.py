@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 from pydantic import SecretStr
 
 from app import devpage
@@ -31,7 +31,7 @@ from tests.browserharness import (
     DevServer,
     cdn_unreachable,
     chatkit_options,
-    launch_chromium,
+    chromium_browser,
     serve_stand_in,
 )
 from tests.chatkit_client import JWT_TEST_SECRET
@@ -64,10 +64,8 @@ async def dev_server(
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        chromium = await launch_chromium(playwright)
+    async with chromium_browser() as chromium:
         yield chromium
-        await chromium.close()
 
 
 # --- in a browser ----------------------------------------------------------------------------

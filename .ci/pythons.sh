@@ -20,7 +20,7 @@ mkdir -p "$cache"
 for release in "${releases[@]}"; do
   image=$(.ci/python-image/build.sh "$release")
   echo "=== $release: $(docker run --rm "$image" python3 -V)" >&2
-  docker run --rm --network host --shm-size=1g "${tls[@]}" \
+  docker run --rm --network host --shm-size=1g "${tls[@]}" -e UV_LINK_MODE=copy \
     -v "$PWD:/src:ro" -v "$cache:/root/.cache/uv" \
     "$image" bash /src/.ci/python-image/inside.sh
 done

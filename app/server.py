@@ -338,13 +338,13 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
     async def _check_attachments(
         self, ids: list[str], thread_id: str | None, context: RequestContext
     ) -> None:
-        """Each attachment is the user's, and unsent or already in this thread (``thread_id``;
-        None for a new one): an attachment belongs to the thread that first sent it (the
-        store refuses it elsewhere; here that is a 409 before a new thread is made)."""
-        for attachment_id in ids:
-            attachment = await self.store.load_attachment(attachment_id, context)
-            if attachment.thread_id is not None and attachment.thread_id != thread_id:
-                raise AttachmentInUseError()
+        """Each attachment is the user's (all loaded first: a missing one is a 404 whatever the
+        others are), and unsent or already in this thread (``thread_id``; None for a new one):
+        an attachment belongs to the thread that first sent it (the store refuses it
+        elsewhere; here that is a 409 before a new thread is made)."""
+        attachments = [await self.store.load_attachment(i, context) for i in ids]
+        if any(a.thread_id not in (None, thread_id) for a in attachments):
+            raise AttachmentInUseError()
 
     # --- the reply -----------------------------------------------------------------------
 

@@ -120,9 +120,6 @@ SQL_READ_CHUNKS = gated_select(
     "WHERE user_id = $1 AND attachment_id = $2 AND chunk_no >= $3 ORDER BY chunk_no LIMIT $4",
     "q.chunk_no",
 )
-SQL_DELETE_BLOBS = gated(
-    "DELETE FROM chatkit_attachment_blobs WHERE user_id = $1 AND attachment_id = $2"
-)
 
 
 def _is_ours(url: AnyUrl, attachment_id: str, purpose: Purpose) -> bool:
@@ -197,12 +194,13 @@ class PgAttachmentStore(AttachmentStore[Any]):
         return attachment
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
-        """Delete the bytes; the server then calls ``Store.delete_attachment`` for the row.
+        """Delete the attachment with its bytes, as ``PostgresStore.delete_attachment`` does
+        (the server then calls that one too: a no-op). A file that a sent message shows is
+        refused (``AttachmentInUseError``) and kept whole: never its bytes without its row.
 
         Idempotent like the store's deletes: whoever handles the request checks that the
         attachment exists (and is the user's) first, so a client still gets a 404."""
-        async with self.store.connection() as conn:
-            await self.store.modify(conn, SQL_DELETE_BLOBS, user_id_of(context), attachment_id)
+        await self.store.delete_attachment(attachment_id, context)
 
     # --- URLs ---------------------------------------------------------------------------
 

@@ -71,6 +71,17 @@ class ThreadBusyError(AppError):
     )
 
 
+class ItemConflictError(AppError):
+    """A thread item added under an id the thread already holds, with other content.
+
+    Adding the very same item again (a retry) is harmless; anything else would overwrite what
+    is stored, such as a structured input the user has answered (app.store)."""
+
+    status_code = 409
+    code = "item_conflict"
+    public_message = "The thread already holds a different item with this id."
+
+
 class AuthenticationError(AppError):
     """Missing, malformed, expired or untrusted bearer token (RFC 6750)."""
 
@@ -154,6 +165,17 @@ class UploadConflictError(AppError):
     status_code = 409
     code = "upload_conflict"
     public_message = "This attachment has already been uploaded."
+
+
+class AttachmentInUseError(AppError):
+    """An attachment belongs to the thread that first sent it (app.store): another thread may
+    not send it, and it cannot be deleted while a message of its thread shows it."""
+
+    status_code = 409
+    code = "attachment_in_use"
+    public_message = (
+        "This file was already sent in another conversation. Upload it again to send it here."
+    )
 
 
 class InvalidSignatureError(AppError):

@@ -6,6 +6,10 @@
   long (created, updated and newest item all older than the cut-off), with their items,
   feedback, attachments and bytes (``ON DELETE CASCADE``).
 
+Neither takes a file that a message still shows: an attachment belongs to the thread that first
+sends it (app.store refuses it in any other thread and never unsends it), so one without a
+thread is in no message, and one with a thread goes only with that thread.
+
 Deletion runs in small batches, each its own short transaction whose rows are locked with
 ``SKIP LOCKED``, so it can run beside live traffic and from several replicas at once. It
 reports what it removed; ``--dry-run`` only counts. Schedule it (cron, a systemd timer, a

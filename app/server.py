@@ -67,7 +67,12 @@ from pydantic_core import to_json
 from .background import TaskRegistry
 from .context import RequestContext
 from .dictation import NO_TRANSCRIPTION, Transcriber
-from .errors import ActionRejectedError, InvalidInputError, UnsupportedError
+from .errors import (
+    ActionRejectedError,
+    AttachmentInUseError,
+    InvalidInputError,
+    UnsupportedError,
+)
 from .limits import current_lease
 from .observability import thread_id_var
 from .plugins import ActionContext, PluginAgentContext, PluginSet, UserDatabase
@@ -264,10 +269,11 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         store = self.store
         match request:
             case ThreadsCreateReq():
-                await self._check_attachments(request.params.input.attachments, context)
+                await self._check_attachments(request.params.input.attachments, None, context)
             case ThreadsAddUserMessageReq():
-                await store.load_thread(request.params.thread_id, context)
-                await self._check_attachments(request.params.input.attachments, context)
+                thread_id = request.params.thread_id
+                await store.load_thread(thread_id, context)
+                await self._check_attachments(request.params.input.attachments, thread_id, context)
             case ThreadsAddClientToolOutputReq():
                 await store.load_thread(request.params.thread_id, context)
                 last = await store.load_thread_items(
@@ -329,9 +335,16 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             case _:
                 pass
 
-    async def _check_attachments(self, ids: list[str], context: RequestContext) -> None:
-        for attachment_id in ids:
-            await self.store.load_attachment(attachment_id, context)
+    async def _check_attachments(
+        self, ids: list[str], thread_id: str | None, context: RequestContext
+    ) -> None:
+        """Each attachment is the user's (all loaded first: a missing one is a 404 whatever the
+        others are), and unsent or already in this thread (``thread_id``; None for a new one):
+        an attachment belongs to the thread that first sent it (the store refuses it
+        elsewhere; here that is a 409 before a new thread is made)."""
+        attachments = [await self.store.load_attachment(i, context) for i in ids]
+        if any(a.thread_id not in (None, thread_id) for a in attachments):
+            raise AttachmentInUseError()
 
     # --- the reply -----------------------------------------------------------------------
 

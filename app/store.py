@@ -30,7 +30,13 @@ from pydantic import BaseModel, TypeAdapter
 from .admission import pending_for, refused
 from .citus import CITUS_INSTALLED, Fetch, write_as
 from .db import is_unavailable
-from .errors import InvalidInputError, MissingUserError, ServiceUnavailableError
+from .errors import (
+    AttachmentInUseError,
+    InvalidInputError,
+    ItemConflictError,
+    MissingUserError,
+    ServiceUnavailableError,
+)
 from .ids import new_id
 from .pool import ConnectionPool
 from .sql import (
@@ -100,11 +106,20 @@ SQL_SAVE_THREAD = scoped_insert(
     "title = EXCLUDED.title, data = EXCLUDED.data, updated_at = EXCLUDED.updated_at",
 )
 SQL_DELETE_THREAD = gated("DELETE FROM chatkit_threads WHERE user_id = $1 AND id = $2")
-SQL_UPSERT_ITEM = scoped_insert(
-    "chatkit_items (user_id, thread_id, id, created_at, type, data)",
-    "$2::text, $3::text, $4::timestamptz, $5::text, $6::jsonb",
+_ITEM_COLUMNS = "chatkit_items (user_id, thread_id, id, created_at, type, data)"
+_ITEM_VALUES = "$2::text, $3::text, $4::timestamptz, $5::text, $6::jsonb"
+_ITEM_UPDATE = (
     "ON CONFLICT (user_id, thread_id, id) DO UPDATE SET created_at = EXCLUDED.created_at, "
-    "type = EXCLUDED.type, data = EXCLUDED.data",
+    "type = EXCLUDED.type, data = EXCLUDED.data"
+)
+SQL_UPSERT_ITEM = scoped_insert(_ITEM_COLUMNS, _ITEM_VALUES, _ITEM_UPDATE)
+# add_thread_item: a new row, the same item again (a retry), or a workflow replacing itself;
+# anything else under an existing id returns no row and overwrites nothing.
+SQL_ADD_ITEM = scoped_insert(
+    _ITEM_COLUMNS,
+    _ITEM_VALUES,
+    f"{_ITEM_UPDATE} WHERE chatkit_items.data = EXCLUDED.data "
+    "OR (chatkit_items.type = 'workflow' AND EXCLUDED.type = 'workflow') RETURNING 1",
 )
 SQL_LOAD_ITEM = gated_select(
     "q.data",
@@ -114,16 +129,29 @@ SQL_LOAD_ITEM = gated_select(
 SQL_DELETE_ITEM = gated(
     "DELETE FROM chatkit_items WHERE user_id = $1 AND thread_id = $2 AND id = $3"
 )
+# An attachment belongs to the first thread that sends it (the SDK saves it with that thread's
+# id just before the message): saved again for that thread or while it is unsent, it is
+# updated; for another thread (or to unsend it) it returns no row and nothing changes.
 SQL_SAVE_ATTACHMENT = scoped_insert(
     "chatkit_attachments (user_id, id, thread_id, data)",
     "$2::text, $3::text, $4::jsonb",
-    "ON CONFLICT (user_id, id) DO UPDATE SET thread_id = EXCLUDED.thread_id, data = EXCLUDED.data",
+    "ON CONFLICT (user_id, id) DO UPDATE SET thread_id = EXCLUDED.thread_id, data = EXCLUDED.data "
+    "WHERE chatkit_attachments.thread_id IS NULL "
+    "OR chatkit_attachments.thread_id = EXCLUDED.thread_id RETURNING 1",
 )
 SQL_LOAD_ATTACHMENT = gated_select(
     "q.data",
     "SELECT data::text AS data FROM chatkit_attachments WHERE user_id = $1 AND id = $2",
 )
-SQL_DELETE_ATTACHMENT = gated("DELETE FROM chatkit_attachments WHERE user_id = $1 AND id = $2")
+# Deleted (its bytes by cascade) unless a user message of its thread shows it: only messages of
+# the thread it belongs to can (SQL_SAVE_ATTACHMENT), so one thread's messages are searched.
+SQL_DELETE_ATTACHMENT = gated(
+    "DELETE FROM chatkit_attachments WHERE user_id = $1 AND id = $2 AND (thread_id IS NULL "
+    "OR NOT EXISTS (SELECT FROM chatkit_items i WHERE i.user_id = $1 "
+    "AND i.thread_id = chatkit_attachments.thread_id AND i.type = 'user_message' "
+    "AND i.data -> 'attachments' @> jsonb_build_array(jsonb_build_object('id', $2::text))))",
+    "RETURNING 1",
+)
 _FEEDBACK_UPSERT = (
     "ON CONFLICT (user_id, thread_id, item_id) DO UPDATE SET kind = EXCLUDED.kind, "
     "created_at = EXCLUDED.created_at"
@@ -217,14 +245,13 @@ class PostgresStore(Store[Any]):
         async with self.connection() as conn:
             return await conn.fetchval(sql, *args)
 
-    async def _execute(self, sql: str, *args: Any) -> str:
+    async def _execute(self, sql: str, *args: Any, fetch: Fetch = "execute") -> Any:
         async with self.connection() as conn:
             try:
-                result: str = await self.modify(conn, sql, *args)
+                return await self.modify(conn, sql, *args, fetch=fetch)
             except asyncpg.ForeignKeyViolationError as exc:
                 # The parent row is missing, or it is another user's: both read as "not found".
                 raise NotFoundError("parent not found") from exc
-            return result
 
     async def on_citus(self, conn: asyncpg.Connection) -> bool:
         """Whether the database is a Citus cluster (the extension is installed); asked once."""
@@ -358,8 +385,24 @@ class PostgresStore(Store[Any]):
         return page
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
-        """Idempotent: adding the same id again leaves one row holding the latest content."""
-        await self.save_item(thread_id, item, context)
+        """Add a new item; the same item again (a retry) is harmless. A *different* item under
+        an id the thread holds raises ``ItemConflictError`` and changes nothing (the SDK's
+        reference store refuses it too): a responder yielding an id again must not undo what
+        the user did to the item, e.g. store an answered structured input back as pending.
+        ``save_item`` replaces. Only a workflow replaces itself here: the SDK resumes the
+        thread's last workflow and adds it again with its new tasks."""
+        written = await self._execute(
+            SQL_ADD_ITEM,
+            user_id_of(context),
+            thread_id,
+            item.id,
+            _ts(item.created_at),
+            item.type,
+            _dump(item),
+            fetch="fetchval",
+        )
+        if written is None:
+            raise ItemConflictError()
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         await self._execute(
@@ -386,13 +429,20 @@ class PostgresStore(Store[Any]):
     # --- attachments --------------------------------------------------------------------
 
     async def save_attachment(self, attachment: Attachment, context: Any) -> None:
-        await self._execute(
+        """Insert or update. An attachment belongs to the thread that first sends it, and is
+        deleted with that thread (ON DELETE CASCADE): saving it for another thread, or without
+        its thread, raises ``AttachmentInUseError`` and changes nothing, so one thread's
+        deletion can never take a file that another thread's message shows."""
+        written = await self._execute(
             SQL_SAVE_ATTACHMENT,
             user_id_of(context),
             attachment.id,
             attachment.thread_id,
             _dump(attachment),
+            fetch="fetchval",
         )
+        if written is None:
+            raise AttachmentInUseError()
 
     async def load_attachment(self, attachment_id: str, context: Any) -> Attachment:
         user_id = user_id_of(context)
@@ -404,9 +454,23 @@ class PostgresStore(Store[Any]):
         return attachment if hook is None else hook(attachment, user_id)
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
-        """Idempotent: the SDK's ``attachments.delete`` calls the attachment store's delete and
+        """Delete the attachment and its bytes, unless a user message of its thread shows it
+        (``AttachmentInUseError``, 409: it goes with its thread). The ChatKit client deletes
+        the files a user takes out of the composer, before sending them.
+
+        Idempotent: the SDK's ``attachments.delete`` calls the attachment store's delete and
         then this one for the same id, so the row may already be gone."""
-        await self._execute(SQL_DELETE_ATTACHMENT, user_id_of(context), attachment_id)
+        user_id = user_id_of(context)
+        async with self.connection() as conn:
+            deleted = await self.modify(
+                conn, SQL_DELETE_ATTACHMENT, user_id, attachment_id, fetch="fetchval"
+            )
+            if deleted is None and (
+                await conn.fetchval(SQL_LOAD_ATTACHMENT, user_id, attachment_id) is not None
+            ):
+                raise AttachmentInUseError(
+                    "This file is part of a sent message: it is deleted with its conversation."
+                )
 
     # --- feedback -----------------------------------------------------------------------
 

@@ -87,6 +87,7 @@ from app.store import (
     _ITEM_PAGES,
     _THREAD_PAGES,
     MAX_PAGE_SIZE,
+    SQL_ADD_ITEM,
     SQL_DELETE_ATTACHMENT,
     SQL_DELETE_ITEM,
     SQL_DELETE_THREAD,
@@ -254,7 +255,17 @@ class Raw:
                 _dump(item),
             )
 
-    add_thread_item = save_item  # the store's add_thread_item is its save_item
+    async def add_thread_item(self, thread_id: str, item: ThreadItem, user: str) -> None:
+        async with self.acquire() as conn:
+            await conn.fetchval(
+                SQL_ADD_ITEM,
+                user,
+                thread_id,
+                item.id,
+                _ts(item.created_at),
+                item.type,
+                _dump(item),
+            )
 
     async def load_item(self, thread_id: str, item_id: str, user: str) -> ThreadItem:
         async with self.acquire() as conn:

@@ -19,6 +19,7 @@ from tests.hostile_world import (
     BODY_LIMIT,
     CLASSES,
     HOLE,
+    IMAGE_IN,
     NAMES,
     NOT_FOUND,
     NOT_JSON,
@@ -217,6 +218,11 @@ def own_request(
         assert kind == "input.transcribe"
         params = {"audio_base64": "AAAA", "mime_type": "audio/webm"}
         status, code = 400, "unsupported"
+    if kind in ("threads.create", "threads.add_user_message") and (
+        R("image") in params["input"]["attachments"] and params.get("thread_id") != R(IMAGE_IN)
+    ):
+        # an attachment belongs to the thread it was sent in: elsewhere it is refused
+        status, code = 409, "attachment_in_use"
     payload: dict[str, Any] = {"type": kind, "params": params}
     if draw(st.booleans()):
         payload["metadata"] = draw(json_objects)

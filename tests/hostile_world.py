@@ -56,6 +56,7 @@ THREAD_ITEMS = {
 THREADS = tuple(THREAD_ITEMS)
 ITEMS = tuple(i for items in THREAD_ITEMS.values() for i in items)
 ATTACHMENTS = ("attachment", "image")
+IMAGE_IN = "thread"  # the thread "image" was sent in: the one thread that may send it again
 NAMES = THREADS + ITEMS + ATTACHMENTS
 USER_MESSAGE = {"thread": "question", "thread2": "question2"}
 
@@ -474,7 +475,7 @@ async def _seed(client: ChatKitClient, store: PostgresStore, raw: Any, user: str
         await store.add_thread_item(ids["thread2"], item, ctx)
     ids.update(widget=widget.id, structured=structured.id, tool_call=tool_call.id)
     attachment = f.file_attachment()
-    image = f.image_attachment(thread_id=ids["thread"])
+    image = f.image_attachment(thread_id=ids[IMAGE_IN])
     for a in (attachment, image):
         await store.save_attachment(a, ctx)
     ids.update(attachment=attachment.id, image=image.id)

@@ -6,15 +6,44 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
+import httpx
+import pytest
 from agents.items import TResponseInputItem, TResponseStreamEvent
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.errors import AttachmentInUseError
 from app.offline_model import OfflineModel
-from tests.chatkit_client import ChatKitClient, assistant_text, done_items, user_input
+from app.prune import prune
+from app.store import PostgresStore
+from tests.chatkit_client import (
+    ChatKitClient,
+    assistant_text,
+    done_items,
+    of_type,
+    parse_sse,
+    user_input,
+)
 from tests.conftest import MakeClient
-from tests.test_attachments import PDF, counts, png
+
+# Helpers, and the fixtures of its SDK server (for the stream-path test below).
+from tests.test_attachments import (  # noqa: F401
+    PDF,
+    RecordingServer,
+    attachments,
+    chatkit,
+    client,
+    clock,
+    counts,
+    png,
+    server,
+    settings,
+    sql,
+    upload,
+)
+from tests.test_attachments import user_input as sdk_input
 
 BASE = "http://testserver"
 
@@ -188,3 +217,143 @@ async def test_attachments_delete_over_chatkit(
     )
     await ck.call("attachments.delete", {"attachment_id": r.json()["id"]})
     assert await counts(engine) == (0, 0)
+
+
+# --- one thread per attachment (issue 19, item 3) -------------------------------------------
+
+
+async def _upload(ck: ChatKitClient, data: bytes, name: str, mime: str) -> str:
+    r = await ck.http.post("/files", files={"file": (name, data, mime)}, headers=ck.auth("alice"))
+    assert r.status_code == 200, r.text
+    attachment_id: str = r.json()["id"]
+    return attachment_id
+
+
+async def _send(ck: ChatKitClient, thread_id: str | None, text: str, *ids: str) -> httpx.Response:
+    message = user_input(text, attachments=list(ids))
+    if thread_id is None:
+        return await ck.request("threads.create", {"input": message})
+    return await ck.request("threads.add_user_message", {"thread_id": thread_id, "input": message})
+
+
+def _in_use(response: httpx.Response) -> bool:
+    error = response.json().get("error", {}) if response.status_code == 409 else {}
+    return error.get("code") == "attachment_in_use" and "Upload it again" in error["message"]
+
+
+async def test_a_sent_file_is_never_deleted_with_another_thread(
+    make_client: MakeClient, engine: AsyncEngine
+) -> None:
+    """The reproduction: a file sent in thread 1 and again in thread 2 went when thread 2 was
+    deleted, though thread 1's message still showed it. A file now belongs to the thread
+    that first sends it: another thread's use is refused before anything is stored."""
+    ck = await _client(make_client)
+    image = png(6, 5)
+    file_id = await _upload(ck, image, "cat.png", "image/png")
+    first = await _send(ck, None, "first", file_id)
+    assert first.status_code == 200, first.text
+    [thread1] = [e["thread"]["id"] for e in of_type(_events(first), "thread.created")]
+
+    refused = await _send(ck, None, "the same file again", file_id)
+    assert _in_use(refused), refused.text
+    assert len((await ck.call("threads.list", {}))["data"]) == 1  # no empty thread made
+    thread2, _ = await ck.create_thread("another subject")
+    assert _in_use(await _send(ck, thread2, "here too", file_id))
+    again = await _send(ck, thread1, "once more", file_id)  # its own thread: fine
+    assert again.status_code == 200 and not of_type(_events(again), "error")
+
+    await ck.call("threads.delete", {"thread_id": thread2})
+    download = await ck.http.get(f"/files/{file_id}", headers=ck.auth("alice"))
+    assert download.status_code == 200 and download.content == image
+    shown = await ck.call("threads.get_by_id", {"thread_id": thread1})
+    previews = [
+        a["preview_url"]
+        for i in shown["items"]["data"]
+        if i["type"] == "user_message"
+        for a in i["attachments"]
+    ]
+    assert len(previews) == 2
+    for url in previews:
+        assert (await ck.http.get(local(url))).content == image
+
+    # the user cannot delete a file that messages show (ChatKit's attachments.delete is for
+    # files taken out of the composer before sending); it goes with its thread
+    in_use = await ck.request("attachments.delete", {"attachment_id": file_id})
+    assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "attachment_in_use"
+    in_use = await ck.http.delete(f"/files/{file_id}", headers=ck.auth("alice"))
+    assert in_use.status_code == 409 and "deleted with its conversation" in in_use.text
+    assert await counts(engine) == (1, 1)
+    await ck.call("threads.delete", {"thread_id": thread1})
+    gone = await ck.http.get(f"/files/{file_id}", headers=ck.auth("alice"))
+    assert gone.status_code == 404 and await counts(engine) == (0, 0)
+
+
+def _events(response: httpx.Response) -> list[dict[str, Any]]:
+    return parse_sse(response.text)
+
+
+async def _age_thread(engine: AsyncEngine, thread_id: str, days: int) -> None:
+    delta = timedelta(days=days)
+    await sql(
+        engine,
+        "UPDATE chatkit_threads SET created_at = created_at - $2::interval, "
+        "updated_at = updated_at - $2::interval WHERE id = $1",
+        thread_id,
+        delta,
+    )
+    await sql(
+        engine,
+        "UPDATE chatkit_items SET created_at = created_at - $2::interval WHERE thread_id = $1",
+        thread_id,
+        delta,
+    )
+
+
+async def test_prune_takes_a_sent_file_only_with_its_own_thread(
+    make_client: MakeClient, engine: AsyncEngine
+) -> None:
+    ck = await _client(make_client)
+    file_id = await _upload(ck, b"minutes of the meeting", "minutes.txt", "text/plain")
+    first = await _send(ck, None, "keep this", file_id)
+    [thread1] = [e["thread"]["id"] for e in of_type(_events(first), "thread.created")]
+    thread2, _ = await ck.create_thread("another subject")
+    attempt = await _send(ck, thread2, "and here", file_id)
+    # the upload is old (past UPLOAD_ORPHAN_HOURS) and thread 2 has been idle for 100 days
+    await sql(
+        engine,
+        "UPDATE chatkit_attachments SET created_at = created_at - interval '30 hours'",
+    )
+    await _age_thread(engine, thread2, 100)
+    keep30 = ck.settings.model_copy(update={"retention_days": 30.0})
+
+    report = await prune(engine, keep30)
+    assert (report.threads, report.orphan_attachments, report.thread_attachments) == (1, 0, 0)
+    download = await ck.http.get(f"/files/{file_id}", headers=ck.auth("alice"))
+    assert download.status_code == 200 and download.content == b"minutes of the meeting"
+    assert _in_use(attempt)  # (on the old code thread 2 took the file, and prune with it)
+
+    await _age_thread(engine, thread1, 100)
+    report = await prune(engine, keep30)
+    assert (report.threads, report.thread_attachments) == (1, 1)
+    assert await counts(engine) == (0, 0)
+
+
+async def test_a_second_thread_is_refused_inside_the_stream_too(
+    client: httpx.AsyncClient,  # noqa: F811
+    server: RecordingServer,  # noqa: F811
+    store: PostgresStore,
+    engine: AsyncEngine,
+) -> None:
+    """The SDK's own server over our stores, without the endpoint's checks: what two sends
+    racing past them meet. The store's save refuses the second thread atomically, the SDK
+    ends that stream with the error (our endpoint turns it into an ``error`` event with the
+    message) and the file stays with the first thread."""
+    a = (await upload(client, b"only once", "a.txt", "text/plain")).json()
+    create = {"type": "threads.create", "params": {"input": sdk_input("first", [a["id"]])}}
+    await chatkit(server, create, {"user_id": "alice"})
+    [thread1] = (await store.load_threads(10, None, "asc", {"user_id": "alice"})).data
+    with pytest.raises(AttachmentInUseError):
+        await chatkit(server, create, {"user_id": "alice"})
+    rows = await sql(engine, "SELECT thread_id FROM chatkit_attachments WHERE id = $1", a["id"])
+    assert [r[0] for r in rows] == [thread1.id]
+    assert len(server.inputs) == 1  # the second message never reached the model

@@ -291,7 +291,16 @@ def _explicit() -> dict[str, list[Case]]:
             X(req("items.list", thread_id=T2, limit=3), expect_status(200, max_items=3)),
             X(req("threads.get_by_id", thread_id=T2), OK),
             X(req("threads.create", input=msg("emoji \U0001f600")), OK, "pair", ascii_json=True),
-            X(req("threads.create", input=msg("files", R("attachment"), R("image"))), OK),
+            X(req("threads.create", input=msg("files", R("attachment"))), OK),
+            X(
+                req("threads.add_user_message", thread_id=T1, input=msg("again", R("image"))),
+                OK,
+            ),
+            X(
+                req("threads.create", input=msg("files", R("attachment"), R("image"))),
+                expect_status(409, "attachment_in_use"),
+                "the image belongs to T1",
+            ),
             X(req("threads.add_user_message", thread_id=T1, input=msg("more")), OK),
             X(req("threads.add_user_message", thread_id=T2, input=msg("x")), OK),
             X(req("threads.update", thread_id=T1, title="Ünïcödé ✓ \u202e title"), OK),

@@ -9,10 +9,21 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from chatkit.store import NotFoundError
-from chatkit.types import ThreadItem
+from chatkit.types import (
+    StructuredInputAnswer,
+    StructuredInputItem,
+    ThoughtTask,
+    ThreadItem,
+    WorkflowItem,
+)
 from pydantic import BaseModel
 
-from app.errors import InvalidInputError, MissingUserError
+from app.errors import (
+    AttachmentInUseError,
+    InvalidInputError,
+    ItemConflictError,
+    MissingUserError,
+)
 from app.ids import new_id
 from app.store import PostgresStore
 from tests import factories as f
@@ -146,6 +157,116 @@ async def test_add_thread_item_idempotent(store: PostgresStore) -> None:
 async def test_add_item_to_missing_thread_is_not_found(store: PostgresStore) -> None:
     with pytest.raises(NotFoundError):
         await store.add_thread_item("thr_nope", f.user_message("thr_nope"), ALICE)
+
+
+def _structured(tid: str) -> StructuredInputItem:
+    [item] = [i for i in f.all_item_types(tid) if isinstance(i, StructuredInputItem)]
+    return item
+
+
+async def test_add_thread_item_never_replaces_a_different_item(store: PostgresStore) -> None:
+    """Issue 19 (5): a responder yielding an id again must not undo the user's answer."""
+    tid = await _thread(store, ALICE)
+    pending = _structured(tid)
+    await store.add_thread_item(tid, pending, ALICE)
+    answered = pending.model_copy(deep=True)
+    answered.status = "answered"
+    answered.inputs[1].answer = StructuredInputAnswer(values=["because"])
+    await store.save_item(tid, answered, ALICE)  # the SDK's threads.add_structured_input
+
+    with pytest.raises(ItemConflictError):
+        await store.add_thread_item(tid, pending, ALICE)
+    # another type under the id is refused alike
+    other = f.user_message(tid).model_copy(update={"id": pending.id})
+    with pytest.raises(ItemConflictError):
+        await store.add_thread_item(tid, other, ALICE)
+    assert await _all_items(store, tid, ALICE) == [answered]
+
+    # a retry of what is stored stays harmless, and save_item still replaces
+    await store.add_thread_item(tid, answered, ALICE)
+    await store.save_item(tid, pending, ALICE)
+    assert await _all_items(store, tid, ALICE) == [pending]
+
+
+async def test_a_resumed_workflow_is_added_again(store: PostgresStore) -> None:
+    """The SDK's stream_agent_response resumes the thread's last workflow and adds it again
+    with its new tasks (add_thread_item, not save_item): that one replacement is allowed."""
+    tid = await _thread(store, ALICE)
+    [workflow] = [i for i in f.all_item_types(tid) if isinstance(i, WorkflowItem)]
+    await store.add_thread_item(tid, workflow, ALICE)
+    resumed = workflow.model_copy(deep=True)
+    resumed.workflow.tasks.append(ThoughtTask(content="more thinking"))
+    await store.add_thread_item(tid, resumed, ALICE)
+    assert await _all_items(store, tid, ALICE) == [resumed]
+    with pytest.raises(ItemConflictError):  # but nothing else takes a workflow's id
+        await store.add_thread_item(
+            tid, _structured(tid).model_copy(update={"id": workflow.id}), ALICE
+        )
+
+
+async def test_an_attachment_belongs_to_the_first_thread_that_sends_it(
+    store: PostgresStore,
+) -> None:
+    """Issue 19 (3): saved for a second thread, an attachment would go when that thread is
+    deleted, although the first thread's message still shows it."""
+    t1, t2 = await _thread(store, ALICE), await _thread(store, ALICE)
+    att = f.file_attachment()
+    await store.save_attachment(att, ALICE)  # attachments.create: not sent yet
+    sent = att.model_copy(update={"thread_id": t1})
+    await store.save_attachment(sent, ALICE)
+    await store.save_attachment(sent, ALICE)  # sent again in its own thread
+    for elsewhere in (att.model_copy(update={"thread_id": t2}), att):
+        with pytest.raises(AttachmentInUseError):
+            await store.save_attachment(elsewhere, ALICE)
+    assert await store.load_attachment(att.id, ALICE) == sent
+
+    await store.delete_thread(t2, ALICE)
+    assert await store.load_attachment(att.id, ALICE) == sent
+    await store.delete_thread(t1, ALICE)
+    with pytest.raises(NotFoundError):
+        await store.load_attachment(att.id, ALICE)
+
+
+async def test_two_threads_sending_one_attachment_at_once(store: PostgresStore) -> None:
+    threads = [await _thread(store, ALICE) for _ in range(6)]
+    att = f.image_attachment()
+    await store.save_attachment(att, ALICE)
+    results = await asyncio.gather(
+        *(store.save_attachment(att.model_copy(update={"thread_id": t}), ALICE) for t in threads),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, AttachmentInUseError)]
+    assert len(refused) == len(threads) - 1 and results.count(None) == 1
+    winner = threads[results.index(None)]
+    assert (await store.load_attachment(att.id, ALICE)).thread_id == winner
+
+
+async def test_an_attachment_a_message_shows_is_not_deleted(store: PostgresStore) -> None:
+    tid = await _thread(store, ALICE)
+    shown, unsent, stale = f.image_attachment(), f.file_attachment(), f.file_attachment()
+    for att in (shown, unsent, stale):
+        await store.save_attachment(att, ALICE)
+    # as the SDK sends a message: the attachment saved with its thread, then the message
+    shown = shown.model_copy(update={"thread_id": tid})
+    await store.save_attachment(shown, ALICE)
+    message = f.user_message(tid).model_copy(update={"attachments": [shown]})
+    await store.add_thread_item(tid, message, ALICE)
+    # a send that failed after saving the attachment: in the thread, but in no message
+    await store.save_attachment(stale.model_copy(update={"thread_id": tid}), ALICE)
+
+    with pytest.raises(AttachmentInUseError):
+        await store.delete_attachment(shown.id, ALICE)
+    assert await store.load_attachment(shown.id, ALICE) == shown
+    for att in (unsent, stale):
+        await store.delete_attachment(att.id, ALICE)
+        with pytest.raises(NotFoundError):
+            await store.load_attachment(att.id, ALICE)
+    await store.delete_attachment(shown.id, BOB)  # another user's: a no-op, as if missing
+    # once no message shows it (a retry removed the message), it may go
+    await store.delete_thread_item(tid, message.id, ALICE)
+    await store.delete_attachment(shown.id, ALICE)
+    with pytest.raises(NotFoundError):
+        await store.load_attachment(shown.id, ALICE)
 
 
 # --- deletes and cascades -----------------------------------------------------------------

@@ -51,6 +51,7 @@ from chatkit.types import (
     ThreadsSyncCustomActionReq,
     ThreadStreamEvent,
     TranscriptionResult,
+    UserMessageInput,
     UserMessageItem,
     UserMessageTagContent,
     WidgetItem,
@@ -69,6 +70,7 @@ from .context import RequestContext
 from .dictation import NO_TRANSCRIPTION, Transcriber
 from .errors import ActionRejectedError, InvalidInputError, UnsupportedError
 from .limits import current_lease
+from .model_files import ReplyFiles
 from .observability import thread_id_var
 from .plugins import ActionContext, PluginAgentContext, PluginSet, UserDatabase
 from .sanitize import clean_model
@@ -157,6 +159,7 @@ class ServerOptions:
     thread_titles: TitleMode = "model"
     tracing: bool = False
     title_timeout_seconds: float = 20.0
+    max_attachments_per_message: int = 10
 
 
 class ChatKitPgServer(ChatKitServer[RequestContext]):
@@ -264,10 +267,10 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         store = self.store
         match request:
             case ThreadsCreateReq():
-                await self._check_attachments(request.params.input.attachments, context)
+                await self._check_attachments(request.params.input, context)
             case ThreadsAddUserMessageReq():
                 await store.load_thread(request.params.thread_id, context)
-                await self._check_attachments(request.params.input.attachments, context)
+                await self._check_attachments(request.params.input, context)
             case ThreadsAddClientToolOutputReq():
                 await store.load_thread(request.params.thread_id, context)
                 last = await store.load_thread_items(
@@ -329,9 +332,31 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             case _:
                 pass
 
-    async def _check_attachments(self, ids: list[str], context: RequestContext) -> None:
-        for attachment_id in ids:
+    async def _check_attachments(self, input: UserMessageInput, context: RequestContext) -> None:
+        input.attachments = self._attachment_ids(input.attachments, InvalidInputError)
+        for attachment_id in input.attachments:
             await self.store.load_attachment(attachment_id, context)
+
+    def _attachment_ids(self, ids: list[str], error: Callable[[str], Exception]) -> list[str]:
+        """``ids`` with repeats collapsed (a file is attached once), at most the limit of
+        distinct ones: more is refused before anything is loaded."""
+        unique = list(dict.fromkeys(ids))
+        limit = self.options.max_attachments_per_message
+        if len(unique) > limit:
+            raise error(f"A message can carry at most {limit} attachments.")
+        return unique
+
+    async def _build_user_message_item(
+        self, input: UserMessageInput, thread: ThreadMetadata, context: RequestContext
+    ) -> UserMessageItem:
+        # The same rule for callers of ``process`` that skip ``precheck``, inside the stream.
+        def refused(message: str) -> Exception:
+            return CustomStreamError(message, allow_retry=False)
+
+        ids = self._attachment_ids(input.attachments, refused)
+        if ids != input.attachments:
+            input = input.model_copy(update={"attachments": ids})
+        return await super()._build_user_message_item(input, thread, context)
 
     # --- the reply -----------------------------------------------------------------------
 
@@ -350,7 +375,12 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             thread.id, None, self.options.history_items, "desc", context
         )
         history = list(reversed(page.data))
-        agent_input = await self.converter_for(context).to_agent_input(history)
+        converter = self.converter_for(context)
+        agent_input = await converter.to_agent_input(history)
+        # Attachments are markers in ``agent_input``, their bytes read just before each model
+        # call and released when the reply ends (app.model_files).
+        files = getattr(converter, "files", None)
+        files = files if isinstance(files, ReplyFiles) else None
 
         agent_context = PluginAgentContext(
             thread=thread,
@@ -363,7 +393,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             agent_input,
             context=agent_context,
             max_turns=self.options.max_turns,
-            run_config=self.run_config,
+            run_config=self.run_config if files is None else files.run_config(self.run_config),
         )
         ids = ItemIds(lambda: self.store.generate_item_id("message", thread, context))
         finished = False
@@ -375,6 +405,8 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             finished = True
         finally:
             log.info("reply %s", "finished" if finished else "stopped", extra={"events": events})
+            if files is not None:
+                files.release()
             if not finished:
                 # Stop the model call and unblock the SDK's helper tasks.
                 result.cancel()

@@ -333,7 +333,10 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                 pass
 
     async def _check_attachments(self, input: UserMessageInput, context: RequestContext) -> None:
-        input.attachments = self._attachment_ids(input.attachments, InvalidInputError)
+        def refused(message: str) -> Exception:
+            return InvalidInputError(message, field="params.input.attachments")
+
+        input.attachments = self._attachment_ids(input.attachments, refused)
         for attachment_id in input.attachments:
             await self.store.load_attachment(attachment_id, context)
 
@@ -343,7 +346,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         unique = list(dict.fromkeys(ids))
         limit = self.options.max_attachments_per_message
         if len(unique) > limit:
-            raise error(f"A message can carry at most {limit} attachments.")
+            raise error(f"A message can carry at most {limit} attachment{'s' * (limit != 1)}.")
         return unique
 
     async def _build_user_message_item(

@@ -309,7 +309,10 @@ class ReplyFiles:
         attachment_id = self._marker_of(part)
         if attachment_id is None:
             return part
-        info, name = self._sent[attachment_id]
+        sent = self._sent.get(attachment_id)
+        if sent is None:  # not a marker this reply made
+            return part
+        info, name = sent
         content = self._cache.get(attachment_id)
         if content is None:
             content = await self._read(info, name)

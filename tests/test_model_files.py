@@ -326,8 +326,10 @@ async def test_a_file_deleted_after_planning_becomes_a_note(
     converter = AttachmentConverter(ck.app.state.attachment_store).for_user("alice")
     history = (await store.load_thread_items(thread_id, None, 40, "asc", ALICE)).data
     planned = await converter.to_agent_input(history)
-    r = await ck.http.delete(f"/files/{attachment_id}", headers=ck.auth("alice"))
-    assert r.status_code in (200, 204), r.text
+    # the user deletes the thread (and with it the file) while the reply is being prepared
+    await ck.call("threads.delete", {"thread_id": thread_id})
+    r = await ck.http.get(f"/files/{attachment_id}", headers=ck.auth("alice"))
+    assert r.status_code == 404
     assert converter.files is not None
     resolved: list[Any] = await converter.files.resolve(planned)
     parts = [p for m in resolved for p in m.get("content", []) if isinstance(p, dict)]

@@ -114,6 +114,11 @@ SQL_FILE_INFO = gated_select(
     "SELECT size_bytes, mime_type, data->>'name' AS name, data->>'type' AS type "
     "FROM chatkit_attachments WHERE user_id = $1 AND id = $2 AND status = 'ready'",
 )
+SQL_FILES_INFO = gated_select(
+    "q.id, q.size_bytes, q.mime_type, q.name, q.type",
+    "SELECT id, size_bytes, mime_type, data->>'name' AS name, data->>'type' AS type "
+    "FROM chatkit_attachments WHERE user_id = $1 AND id = ANY($2::text[]) AND status = 'ready'",
+)
 SQL_READ_CHUNKS = gated_select(
     "q.chunk_no, q.data",
     "SELECT chunk_no, data FROM chatkit_attachment_blobs "
@@ -136,6 +141,18 @@ class StoredFile:
     mime_type: str
     size: int
     is_image: bool
+
+
+def _stored_file(
+    attachment_id: str, size: int | None, mime: str | None, name: str | None, kind: str | None
+) -> StoredFile:
+    return StoredFile(
+        attachment_id=attachment_id,
+        name=name or "file",
+        mime_type=mime or "application/octet-stream",
+        size=int(size or 0),
+        is_image=kind == "image" and mime in PREVIEWABLE_IMAGE_TYPES,
+    )
 
 
 class PgAttachmentStore(AttachmentStore[Any]):
@@ -439,13 +456,16 @@ class PgAttachmentStore(AttachmentStore[Any]):
             row = await conn.fetchrow(SQL_FILE_INFO, user_id, attachment_id)
         if row is None:
             raise NotFoundError(f"Attachment {attachment_id} not found")
-        return StoredFile(
-            attachment_id=attachment_id,
-            name=row[2] or "file",
-            mime_type=row[1] or "application/octet-stream",
-            size=int(row[0] or 0),
-            is_image=row[3] == "image" and row[1] in PREVIEWABLE_IMAGE_TYPES,
-        )
+        return _stored_file(attachment_id, *row)
+
+    async def files_info(self, user_id: str, attachment_ids: list[str]) -> dict[str, StoredFile]:
+        """The ready attachments of this user among ``attachment_ids``, in one query (a reply
+        plans the files of its whole history at once); missing or others' ids are absent."""
+        if not attachment_ids:
+            return {}
+        async with self.store.connection() as conn:
+            rows = await conn.fetch(SQL_FILES_INFO, user_id, attachment_ids)
+        return {row[0]: _stored_file(row[0], *row[1:]) for row in rows}
 
     async def iter_chunks(self, user_id: str, attachment_id: str) -> AsyncGenerator[bytes, None]:
         """The file's chunks in order, ``READ_BATCH`` per short query: no connection is held

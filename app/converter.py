@@ -12,6 +12,10 @@ user, so a message can never carry another user's file to the model.
   ``pdf_as_file=False`` for providers without file inputs;
 * anything else, or a file no longer there → a short ``input_text`` description.
 
+Within a reply the bytes follow ``app.model_files``: at most ``MODEL_INPUT_FILE_BYTES`` per
+model request, newest files first (older ones become a note saying they were omitted), each
+file once per request, read once per reply and dropped when it ends.
+
 Every user message with attachments also gets a note naming them (``attachments_note``), so a
 model knows what the user attached even when a part carries no name (an image), and the
 offline demo model can acknowledge them (``attachment_names``).
@@ -19,24 +23,32 @@ offline demo model can acknowledge them (``attachment_names``).
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from agents import TResponseInputItem
 from chatkit.store import NotFoundError
-from chatkit.types import Attachment, UserMessageItem
+from chatkit.types import Attachment, ThreadItem, UserMessageItem
 from openai.types.responses import (
     ResponseInputContentParam,
     ResponseInputFileParam,
     ResponseInputImageParam,
-    ResponseInputTextParam,
 )
 
 from .attachments import PgAttachmentStore
-from .content import PREVIEWABLE_IMAGE_TYPES, is_text_like
 from .errors import MissingUserError
+from .model_files import (
+    ImageDetail,
+    ReplyFiles,
+    describe_note,
+    file_kind,
+    read_data_url,
+    read_text,
+    text_part,
+    unavailable_note,
+    unique_attachments,
+)
 from .server import PgThreadItemConverter
 
 NOTE_PREFIX = "[The user attached: "
@@ -75,15 +87,14 @@ def attachment_names(input: str | list[Any]) -> list[str]:
     return []
 
 
-def _data_url(mime: str, data: bytes) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', "'").replace("\n", " ") + '"'
-
-
 class AttachmentConverter(PgThreadItemConverter):
+    """Attachments as model input, one converter per reply (``for_user``).
+
+    ``to_agent_input`` plans the files of the whole history first (``app.model_files``): each
+    attachment becomes a marker, resolved to its bytes just before each model call, or a note
+    (omitted for the budget, shown in a newer message, gone, or a type the model cannot
+    read). ``files`` is that plan, for the server to resolve and release."""
+
     def __init__(
         self,
         attachments: PgAttachmentStore,
@@ -91,13 +102,18 @@ class AttachmentConverter(PgThreadItemConverter):
         *,
         text_max_bytes: int | None = None,
         pdf_as_file: bool = True,
-        image_detail: Literal["low", "high", "auto"] = "auto",
+        image_detail: ImageDetail = "auto",
+        file_budget: int | None = None,
     ) -> None:
         self.attachments = attachments
         self.user_id = user_id
-        self.text_max_bytes = text_max_bytes or attachments.settings.attachment_text_max_bytes
+        settings = attachments.settings
+        self.text_max_bytes = text_max_bytes or settings.attachment_text_max_bytes
         self.pdf_as_file = pdf_as_file
-        self.image_detail: Literal["low", "high", "auto"] = image_detail
+        self.image_detail: ImageDetail = image_detail
+        self.file_budget = settings.model_input_file_bytes if file_budget is None else file_budget
+        self.files: ReplyFiles | None = None
+        self._message_id: str | None = None
 
     def for_user(self, user_id: str) -> AttachmentConverter:
         """The same converter, reading files as ``user_id``."""
@@ -107,64 +123,78 @@ class AttachmentConverter(PgThreadItemConverter):
             text_max_bytes=self.text_max_bytes,
             pdf_as_file=self.pdf_as_file,
             image_detail=self.image_detail,
+            file_budget=self.file_budget,
         )
+
+    def _user(self) -> str:
+        if self.user_id is None:
+            raise MissingUserError("AttachmentConverter used without a user: call for_user()")
+        return self.user_id
+
+    async def to_agent_input(
+        self, thread_items: Sequence[ThreadItem] | ThreadItem
+    ) -> list[TResponseInputItem]:
+        items = list(thread_items) if isinstance(thread_items, Sequence) else [thread_items]
+        self.files = ReplyFiles(
+            self.attachments,
+            self._user(),
+            budget=self.file_budget,
+            text_max_bytes=self.text_max_bytes,
+            pdf_as_file=self.pdf_as_file,
+            image_detail=self.image_detail,
+        )
+        await self.files.plan(items)
+        return await super().to_agent_input(items)
 
     async def user_message_to_input(
         self, item: UserMessageItem, is_last_message: bool = True
     ) -> TResponseInputItem | list[TResponseInputItem] | None:
-        converted = await super().user_message_to_input(item, is_last_message)
+        unique = unique_attachments(item.attachments)
+        if len(unique) != len(item.attachments):  # stored before duplicates were collapsed
+            item = item.model_copy(update={"attachments": unique})
+        self._message_id = item.id
+        try:
+            converted = await super().user_message_to_input(item, is_last_message)
+        finally:
+            self._message_id = None
         if not item.attachments or not isinstance(converted, list) or not converted:
             return converted
         message: Any = converted[0]
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             # right after the typed text, before the attachments themselves
-            content.insert(1, self._text(attachments_note(item.attachments)))
+            content.insert(1, text_part(attachments_note(item.attachments)))
         return converted
-
-    def _text(self, text: str) -> ResponseInputTextParam:
-        return ResponseInputTextParam(type="input_text", text=text)
 
     async def attachment_to_message_content(
         self, attachment: Attachment
     ) -> ResponseInputContentParam:
-        if self.user_id is None:
-            raise MissingUserError("AttachmentConverter used without a user: call for_user()")
-        name = _quote(attachment.name)
+        user_id = self._user()
+        files = self.files
+        if files is not None and self._message_id is not None:
+            place = files.placement(self._message_id, attachment.id)
+            if place is not None:
+                return files.part(place, attachment)
+        # Called on its own (not from a planned history): the content itself, now.
         store = self.attachments
         try:
-            info = await store.file_info(self.user_id, attachment.id)
+            info = await store.file_info(user_id, attachment.id)
         except NotFoundError:
-            return self._text(f"[The user attached {name}, but the file is no longer available.]")
-        mime = info.mime_type
-
-        if mime in PREVIEWABLE_IMAGE_TYPES:
-            _, data = await store.read_bytes(self.user_id, attachment.id)
+            return text_part(unavailable_note(attachment.name))
+        kind = file_kind(info, pdf_as_file=self.pdf_as_file)
+        if kind == "text":
+            return text_part(
+                await read_text(store, user_id, info, attachment.name, self.text_max_bytes)
+            )
+        data_url = await read_data_url(store, user_id, info) if kind != "other" else None
+        if kind == "image" and data_url is not None:
             return ResponseInputImageParam(
-                type="input_image", detail=self.image_detail, image_url=_data_url(mime, data)
+                type="input_image", detail=self.image_detail, image_url=data_url
             )
-
-        if is_text_like(mime):
-            _, data = await store.read_bytes(self.user_id, attachment.id, self.text_max_bytes)
-            truncated = info.size > len(data)
-            text = data.decode("utf-8", "ignore" if truncated else "replace")
-            note = (
-                f"\n[Truncated: the first {len(data)} of {info.size} bytes are shown.]"
-                if truncated
-                else ""
-            )
-            return self._text(
-                f"The user attached the file {name} ({mime}, {info.size} bytes). "
-                f"Its content:\n<file name={name}>\n{text}\n</file>{note}"
-            )
-
-        if mime == "application/pdf" and self.pdf_as_file:
-            _, data = await store.read_bytes(self.user_id, attachment.id)
+        if kind == "pdf" and data_url is not None:
             return ResponseInputFileParam(
-                type="input_file", file_data=_data_url(mime, data), filename=attachment.name
+                type="input_file", file_data=data_url, filename=attachment.name
             )
-
-        return self._text(
-            f"[The user attached the file {name} ({mime}, {info.size} bytes); "
-            "its content cannot be shown to you.]"
-        )
+        if kind == "other":
+            return text_part(describe_note(info, attachment.name))
+        return text_part(unavailable_note(attachment.name))

@@ -179,6 +179,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
                 max_turns=settings.agent_max_turns,
                 thread_titles=settings.thread_titles,
                 tracing=settings.agents_tracing,
+                max_attachments_per_message=settings.max_attachments_per_message,
             ),
             title_agent=None if model.is_offline else build_title_agent(model.model),
             tasks=tasks,

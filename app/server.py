@@ -51,6 +51,7 @@ from chatkit.types import (
     ThreadsSyncCustomActionReq,
     ThreadStreamEvent,
     TranscriptionResult,
+    UserMessageInput,
     UserMessageItem,
     UserMessageTagContent,
     WidgetItem,
@@ -74,6 +75,7 @@ from .errors import (
     UnsupportedError,
 )
 from .limits import current_lease
+from .model_files import ReplyFiles
 from .observability import thread_id_var
 from .plugins import ActionContext, PluginAgentContext, PluginSet, UserDatabase
 from .sanitize import clean_model
@@ -162,6 +164,7 @@ class ServerOptions:
     thread_titles: TitleMode = "model"
     tracing: bool = False
     title_timeout_seconds: float = 20.0
+    max_attachments_per_message: int = 10
 
 
 class ChatKitPgServer(ChatKitServer[RequestContext]):
@@ -269,11 +272,11 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         store = self.store
         match request:
             case ThreadsCreateReq():
-                await self._check_attachments(request.params.input.attachments, None, context)
+                await self._check_attachments(request.params.input, None, context)
             case ThreadsAddUserMessageReq():
                 thread_id = request.params.thread_id
                 await store.load_thread(thread_id, context)
-                await self._check_attachments(request.params.input.attachments, thread_id, context)
+                await self._check_attachments(request.params.input, thread_id, context)
             case ThreadsAddClientToolOutputReq():
                 await store.load_thread(request.params.thread_id, context)
                 last = await store.load_thread_items(
@@ -336,15 +339,42 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                 pass
 
     async def _check_attachments(
-        self, ids: list[str], thread_id: str | None, context: RequestContext
+        self, input: UserMessageInput, thread_id: str | None, context: RequestContext
     ) -> None:
-        """Each attachment is the user's (all loaded first: a missing one is a 404 whatever the
-        others are), and unsent or already in this thread (``thread_id``; None for a new one):
-        an attachment belongs to the thread that first sent it (the store refuses it
-        elsewhere; here that is a 409 before a new thread is made)."""
-        attachments = [await self.store.load_attachment(i, context) for i in ids]
+        """Repeats collapsed and at most the limit of distinct ids (refused before anything is
+        loaded); each attachment is the user's (all loaded first: a missing one is a 404
+        whatever the others are), and unsent or already in this thread (``thread_id``; None for
+        a new one): an attachment belongs to the thread that first sent it (the store refuses
+        it elsewhere; here that is a 409 before a new thread is made)."""
+
+        def refused(message: str) -> Exception:
+            return InvalidInputError(message, field="params.input.attachments")
+
+        input.attachments = self._attachment_ids(input.attachments, refused)
+        attachments = [await self.store.load_attachment(i, context) for i in input.attachments]
         if any(a.thread_id not in (None, thread_id) for a in attachments):
             raise AttachmentInUseError()
+
+    def _attachment_ids(self, ids: list[str], error: Callable[[str], Exception]) -> list[str]:
+        """``ids`` with repeats collapsed (a file is attached once), at most the limit of
+        distinct ones: more is refused before anything is loaded."""
+        unique = list(dict.fromkeys(ids))
+        limit = self.options.max_attachments_per_message
+        if len(unique) > limit:
+            raise error(f"A message can carry at most {limit} attachment{'s' * (limit != 1)}.")
+        return unique
+
+    async def _build_user_message_item(
+        self, input: UserMessageInput, thread: ThreadMetadata, context: RequestContext
+    ) -> UserMessageItem:
+        # The same rule for callers of ``process`` that skip ``precheck``, inside the stream.
+        def refused(message: str) -> Exception:
+            return CustomStreamError(message, allow_retry=False)
+
+        ids = self._attachment_ids(input.attachments, refused)
+        if ids != input.attachments:
+            input = input.model_copy(update={"attachments": ids})
+        return await super()._build_user_message_item(input, thread, context)
 
     # --- the reply -----------------------------------------------------------------------
 
@@ -363,7 +393,12 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             thread.id, None, self.options.history_items, "desc", context
         )
         history = list(reversed(page.data))
-        agent_input = await self.converter_for(context).to_agent_input(history)
+        converter = self.converter_for(context)
+        agent_input = await converter.to_agent_input(history)
+        # Attachments are markers in ``agent_input``, their bytes read just before each model
+        # call and released when the reply ends (app.model_files).
+        files = getattr(converter, "files", None)
+        files = files if isinstance(files, ReplyFiles) else None
 
         agent_context = PluginAgentContext(
             thread=thread,
@@ -376,7 +411,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             agent_input,
             context=agent_context,
             max_turns=self.options.max_turns,
-            run_config=self.run_config,
+            run_config=self.run_config if files is None else files.run_config(self.run_config),
         )
         ids = ItemIds(lambda: self.store.generate_item_id("message", thread, context))
         finished = False
@@ -388,6 +423,8 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             finished = True
         finally:
             log.info("reply %s", "finished" if finished else "stopped", extra={"events": events})
+            if files is not None:
+                files.release()
             if not finished:
                 # Stop the model call and unblock the SDK's helper tasks.
                 result.cancel()

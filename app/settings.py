@@ -309,6 +309,20 @@ class Settings(BaseSettings):
         ge=1,
         description="How much of a text attachment is sent to the model.",
     )
+    max_attachments_per_message: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Distinct files one message may carry (an id repeated counts once); more "
+        "is a 400 before any work.",
+    )
+    model_input_file_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=0,
+        description="File bytes (images, PDFs, text) one model request may carry, counted "
+        "before base64. The newest files of the history are sent first; older ones that no "
+        "longer fit are replaced by a note to the model. 0 sends none.",
+    )
 
     @field_validator("public_base_url")
     @classmethod

@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, each against a baseline measured in the same run.
 
 ``python -m bench`` runs them all; ``python -m bench store server`` (any subset of
-store, server, attachments, deploy, plugins, citus) runs those. Results land in ``bench/results/*.json``.
+store, server, attachments, memory, deploy, plugins, citus) runs those. Results land in ``bench/results/*.json``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ BENCHES = {
     "store": "bench.store_bench",
     "server": "bench.server_bench",
     "attachments": "bench.attachments_bench",
+    "memory": "bench.memory_bench",
     "deploy": "bench.deploy_bench",
     "plugins": "bench.plugins_bench",
     "citus": "bench.citus_bench",

@@ -75,7 +75,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def uvicorn_process(database_url: str, data_dir: str) -> Iterator[tuple[str, psutil.Process]]:
+def uvicorn_process(
+    database_url: str, data_dir: str, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, psutil.Process]]:
     port = _free_port()
     env = {
         **os.environ,
@@ -86,6 +88,7 @@ def uvicorn_process(database_url: str, data_dir: str) -> Iterator[tuple[str, psu
         "JWT_SECRET": JWT_SECRET,
         "LOG_LEVEL": "WARNING",
         "RATE_LIMIT_PER_MINUTE": "100000000",  # limiter runs, never refuses
+        **(extra_env or {}),
     }
     proc = subprocess.Popen(
         [

@@ -152,7 +152,10 @@ class RecordingServer(ChatKitServer[dict[str, str]]):
     ) -> AsyncIterator[Any]:
         page = await self.store.load_thread_items(thread.id, None, 100, "asc", context)
         converter = self.converter.for_user(context["user_id"])
-        self.inputs.append(await converter.to_agent_input(page.data))
+        planned = await converter.to_agent_input(page.data)
+        # what a model call is sent: the files' markers resolved (app.model_files)
+        assert converter.files is not None
+        self.inputs.append(await converter.files.resolve(planned))
         return
         yield
 

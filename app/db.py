@@ -40,6 +40,35 @@ async def aresolve_database_url(settings: Settings) -> str:
     return await asyncio.to_thread(start_embedded_postgres, settings)
 
 
+CANCEL_GRACE_SECONDS = 1.0
+"""How long a cancelled query's connection may wait for PostgreSQL to confirm the cancel."""
+
+
+class Connection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg has no type hints
+    """asyncpg's connection, whose cancellation of an abandoned query gives up quickly.
+
+    When a query is abandoned (its task cancelled by a deadline or a client that went away,
+    or asyncpg's ``command_timeout``), asyncpg sends PostgreSQL a cancel request on a new
+    connection and waits for the server to confirm it on this one: until then the connection
+    can run nothing, so a ``ROLLBACK`` or a return to the pool waits too. It bounds that wait
+    with the command timeout, twice ``DB_STATEMENT_TIMEOUT_MS`` (20 s by default), and a
+    frozen server (a hung host, a stalled disk) accepts the cancel connection and never
+    answers: ``/readyz`` answered after 23 s though its deadline was 3. A healthy server
+    confirms within milliseconds; one that has not after ``CANCEL_GRACE_SECONDS`` is not
+    answering, and the connection is terminated, which releases every waiter at once. The
+    pool (app.pool) does not even wait that long: it terminates a connection whose borrow was
+    cut short rather than returning it.
+    """
+
+    async def _cancel(self, waiter: Any, cancel_waiter: Any = None) -> None:
+        # asyncpg's own ``_cancel`` (run as a task of this connection's) swallows the
+        # CancelledError of the grace's expiry and completes ``waiter`` itself.
+        async with asyncio.timeout(CANCEL_GRACE_SECONDS) as grace:
+            await super()._cancel(waiter, cancel_waiter)
+        if grace.expired() and not self.is_closed():
+            self.terminate()
+
+
 def server_settings(settings: Settings) -> dict[str, str]:
     """Per-connection GUCs: every session gets the timeouts, whoever checks it out."""
     return {
@@ -126,6 +155,7 @@ def _create_engine(url: str, settings: Settings) -> AsyncEngine:
         connect_args={
             "server_settings": server_settings(settings),
             "timeout": settings.db_connect_timeout,
+            "connection_class": Connection,
             # Client side: ends a statement the server never saw (a hung network), where
             # statement_timeout cannot; 0 (no statement timeout) disables it too.
             "command_timeout": settings.db_statement_timeout_ms / 1000 * 2 or None,

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from .db import is_disconnect, server_settings
+from .db import Connection, is_disconnect, server_settings
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ SQL_SESSION_SETUP = (
 )
 
 
+_CUT_SHORT = (asyncio.CancelledError, TimeoutError)
+"""How a borrow ends when its caller gave up on it: the connection may be mid-query."""
+
+
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """asyncpg has already rolled back any open transaction; the app leaves no session state."""
 
@@ -96,6 +100,7 @@ class ConnectionPool:
             max_inactive_connection_lifetime=IDLE_SECONDS,
             init=self._opened,
             reset=_no_reset,
+            connection_class=Connection,
             server_settings=server_settings(settings) | dict(session or {}),
             timeout=settings.db_connect_timeout,
             # Client side: ends a statement the server never saw (a hung network), where
@@ -186,9 +191,19 @@ class _Borrow:
         if owner.observer is not None:
             owner.observer.returned(time.monotonic() - self._started)
         try:
-            if exc is not None and is_disconnect(exc):
-                if not conn.is_closed():
-                    conn.terminate()
+            # Cut short (a deadline, a cancellation, asyncpg's command timeout): the query
+            # may still be running, and asyncpg would make the return wait until PostgreSQL
+            # confirms a cancel request, which a frozen server never does (app.db.Connection).
+            # The caller's time is up: the connection goes at once, and the pool opens a new
+            # one when it is next needed. PostgreSQL ends the old backend's query when it
+            # next writes to the closed socket, or at its statement_timeout.
+            cut_short = isinstance(exc, _CUT_SHORT)
+            # Unusable (the server closed it, or did not answer in time: TimeoutError is an
+            # OSError): the rest of its generation is suspect too and is renewed.
+            gone = exc is not None and is_disconnect(exc)
+            if (cut_short or gone) and not conn.is_closed():
+                conn.terminate()
+            if gone:
                 await owner.pool.expire_connections()
             # asyncpg shields the release itself: it completes even if we are cancelled here.
             await owner.pool.release(conn)

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="Seconds shutdown waits for saves of cancelled streams."
     )
+    ready_timeout_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="Seconds /readyz may take before it answers 503 (database unreachable).",
+    )
 
     # --- authentication ----------------------------------------------------
     production: bool = Field(

@@ -189,28 +189,37 @@ async def test_readyz_answers_within_its_deadline_while_postgres_is_frozen(
 # --- the pool -----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("deadline", ["around the borrow", "around the statement"])
 @pytest.mark.parametrize("in_transaction", [False, True], ids=["statement", "transaction"])
 async def test_a_borrow_cut_off_by_a_deadline_costs_its_connection_not_a_wait(
-    pg: PgInstance, make_pool: Callable[..., Awaitable[ConnectionPool]], in_transaction: bool
+    pg: PgInstance,
+    make_pool: Callable[..., Awaitable[ConnectionPool]],
+    in_transaction: bool,
+    deadline: str,
 ) -> None:
     """Any caller's deadline (not only /readyz's) ends its borrow on time: the query's
     connection is terminated at once, inside a transaction too (its ROLLBACK cannot wait on
-    the cancel either: app.db.Connection gives it ``CANCEL_GRACE_SECONDS``). Old code: the
-    deadline plus the command timeout, 21 s."""
+    the cancel either: app.db.Connection gives it ``CANCEL_GRACE_SECONDS``). A deadline around
+    the borrow (as /readyz's) ends it with a CancelledError; one inside it, with the
+    TimeoutError the deadline raises. Old code: the deadline plus the command timeout, 21 s,
+    except for one statement under a deadline inside the borrow (a TimeoutError, which is an
+    OSError, already closed the connection)."""
     pool = await make_pool(db_pool_size=1, db_max_overflow=0)
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT 1") == 1
+    outer = asyncio.timeout(CUT_OFF if deadline == "around the borrow" else None)
+    inner = asyncio.timeout(CUT_OFF if deadline == "around the statement" else None)
+    what = f"{'a transaction' if in_transaction else 'a statement'} cut off {deadline}"
 
-    what = f"a borrow cut off ({'in a transaction' if in_transaction else 'one statement'})"
     with ExitStack() as freezing:  # frozen from the query until the borrow has ended
 
         async def cut_off() -> None:
-            async with pool.acquire() as conn, AsyncExitStack() as stack:
+            async with outer, pool.acquire() as conn, AsyncExitStack() as stack:
                 if in_transaction:
                     await stack.enter_async_context(conn.transaction())
                     await conn.execute("SELECT 1")
                 freezing.enter_context(frozen(pg))
-                async with asyncio.timeout(CUT_OFF):
+                async with inner:
                     await conn.fetchval("SELECT 1")
 
         # The deadline's TimeoutError; in a transaction, the ROLLBACK's "connection is

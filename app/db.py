@@ -44,7 +44,7 @@ CANCEL_GRACE_SECONDS = 1.0
 """How long a cancelled query's connection may wait for PostgreSQL to confirm the cancel."""
 
 
-class Connection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg has no type hints
+class BoundedCancelConnection(asyncpg.Connection):  # type: ignore[misc]  # untyped base
     """asyncpg's connection, whose cancellation of an abandoned query gives up quickly.
 
     When a query is abandoned (its task cancelled by a deadline or a client that went away,
@@ -155,7 +155,7 @@ def _create_engine(url: str, settings: Settings) -> AsyncEngine:
         connect_args={
             "server_settings": server_settings(settings),
             "timeout": settings.db_connect_timeout,
-            "connection_class": Connection,
+            "connection_class": BoundedCancelConnection,
             # Client side: ends a statement the server never saw (a hung network), where
             # statement_timeout cannot; 0 (no statement timeout) disables it too.
             "command_timeout": settings.db_statement_timeout_ms / 1000 * 2 or None,

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from .db import Connection, is_disconnect, server_settings
+from .db import BoundedCancelConnection, is_disconnect, server_settings
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ConnectionPool:
             max_inactive_connection_lifetime=IDLE_SECONDS,
             init=self._opened,
             reset=_no_reset,
-            connection_class=Connection,
+            connection_class=BoundedCancelConnection,
             server_settings=server_settings(settings) | dict(session or {}),
             timeout=settings.db_connect_timeout,
             # Client side: ends a statement the server never saw (a hung network), where
@@ -137,10 +137,12 @@ class ConnectionPool:
     def acquire(self) -> _Borrow:
         """Borrow a connection for one short call (``async with pool.acquire() as conn``).
 
-        It goes back even if the caller is cancelled. A connection that failed in a way that
-        leaves it unusable is closed, and the rest of its generation is renewed on their next
-        borrow (a server restart closes them all, and not every closed socket is noticed
-        before it is used)."""
+        Its return never waits on the server: a borrow cut short by a deadline or a
+        cancellation closes its connection at once (its query may still be running on a
+        server that does not answer). A connection that failed in a way that leaves it
+        unusable is closed, and the rest of its generation is renewed on their next borrow (a
+        server restart closes them all, and not every closed socket is noticed before it is
+        used)."""
         return _Borrow(self)
 
 
@@ -193,10 +195,11 @@ class _Borrow:
         try:
             # Cut short (a deadline, a cancellation, asyncpg's command timeout): the query
             # may still be running, and asyncpg would make the return wait until PostgreSQL
-            # confirms a cancel request, which a frozen server never does (app.db.Connection).
-            # The caller's time is up: the connection goes at once, and the pool opens a new
-            # one when it is next needed. PostgreSQL ends the old backend's query when it
-            # next writes to the closed socket, or at its statement_timeout.
+            # confirms a cancel request, which a frozen server never does (see
+            # app.db.BoundedCancelConnection). The caller's time is up: the connection goes
+            # at once, and the pool opens a new one when it is next needed. PostgreSQL ends
+            # the old backend's query when it next writes to the closed socket, or at its
+            # statement_timeout.
             cut_short = isinstance(exc, _CUT_SHORT)
             # Unusable (the server closed it, or did not answer in time: TimeoutError is an
             # OSError): the rest of its generation is suspect too and is renewed.

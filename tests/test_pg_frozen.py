@@ -199,7 +199,7 @@ async def test_a_borrow_cut_off_by_a_deadline_costs_its_connection_not_a_wait(
 ) -> None:
     """Any caller's deadline (not only /readyz's) ends its borrow on time: the query's
     connection is terminated at once, inside a transaction too (its ROLLBACK cannot wait on
-    the cancel either: app.db.Connection gives it ``CANCEL_GRACE_SECONDS``). A deadline around
+    the cancel either: app.db.BoundedCancelConnection gives it ``CANCEL_GRACE_SECONDS``). A deadline around
     the borrow (as /readyz's) ends it with a CancelledError; one inside it, with the
     TimeoutError the deadline raises. Old code: the deadline plus the command timeout, 21 s,
     except for one statement under a deadline inside the borrow (a TimeoutError, which is an

@@ -387,25 +387,99 @@ async def test_bodies_over_the_limit_get_413_from_nginx(edge: Nginx, http2: bool
     assert_nginx_413(upload)
 
 
-async def test_per_ip_rate_limit_on_chatkit_and_files(backend: Backend, tmp_path: Path) -> None:
-    nginx = start_nginx(tmp_path, backend, rate_limit="1r/s", rate_burst=3)
+RATE_BURST = 3
+# At one request a minute nothing refills during a test: limit_req with burst=N nodelay admits
+# exactly N + 1 requests at once from an address and refuses every one after (no timing).
+RATE_ONE_A_MINUTE = "1r/m"
+EDGE_429 = {"error": {"code": "rate_limited", "message": "Too many requests. Please retry later."}}
+
+
+def assert_edge_429(response: httpx.Response) -> None:
+    """nginx's own 429: the app's kind of JSON error, one Retry-After, the security headers."""
+    assert response.status_code == 429, response.text[:200]
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == EDGE_429
+    assert response.headers.get_list("retry-after") == ["1"]
+    assert response.headers.get("strict-transport-security"), "headers on errors too"
+    assert response.headers.get("x-content-type-options") == "nosniff"
+
+
+async def test_every_route_to_the_app_is_rate_limited_per_ip(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Unauthenticated requests reach the app before anything checks them: bad tokens on
+    /chatkit, uploads without one on /files, the probes and the JWKS. nginx limits each family
+    by client address, on its own budget (spending ChatKit's leaves /files untouched); what
+    nginx serves itself (the frontend) is not limited. Old template: the probes never were,
+    and a refusal was nginx's HTML page without Retry-After."""
+    nginx = start_nginx(tmp_path, backend, rate_limit=RATE_ONE_A_MINUTE, rate_burst=RATE_BURST)
+    bad_token = {"Authorization": "Bearer not-a-token"}
+    base = nginx.https_url
+    tries = RATE_BURST + 4
     try:
         async with client() as http:
             chatkit = [
-                (await http.post(f"{nginx.https_url}/chatkit", content=b"{}")).status_code
-                for _ in range(8)
+                await http.post(f"{base}/chatkit", json={"type": "threads.list"}, headers=bad_token)
+                for _ in range(tries)
             ]
-            files = [
-                (await http.post(f"{nginx.https_url}/files", content=b"x")).status_code
-                for _ in range(8)
+            files = [await http.post(f"{base}/files", content=b"x") for _ in range(tries)]
+            public = [
+                await http.get(f"{base}{path}")
+                for path in ["/readyz", "/healthz", "/.well-known/jwks.json"] * 3
             ]
-            health = [(await http.get(f"{nginx.https_url}/healthz")).status_code for _ in range(8)]
+            static = [await http.get(f"{base}/") for _ in range(tries)]
     finally:
         nginx.stop()
-    for statuses in (chatkit, files):
-        assert statuses.count(429) >= 3, statuses
-        assert any(s != 429 for s in statuses[:2]), statuses
-    assert set(health) == {200}, "limit_req applies to /chatkit and /files only"
+    admitted = RATE_BURST + 1
+    for family, answers, status in (
+        ("/chatkit with a bad token", chatkit, 401),
+        ("/files without a token", files, 401),
+    ):
+        assert [r.status_code for r in answers] == [status] * admitted + [429] * (
+            tries - admitted
+        ), family
+        for refused in answers[admitted:]:
+            assert_edge_429(refused)
+    # The app's own answers pass through untouched: its JSON, and no Retry-After added.
+    assert chatkit[0].json()["error"]["code"] == "unauthorized"
+    assert "retry-after" not in chatkit[0].headers
+    assert [r.status_code for r in public[:admitted]] == [200] * admitted
+    for refused in public[admitted:]:
+        assert_edge_429(refused)
+    assert {r.status_code for r in static} == {200}
+    assert "limiting requests" in nginx.error_log()  # logged at warn
+
+
+async def test_the_apps_own_429_passes_through_nginx_unchanged(tmp_path: Path) -> None:
+    """Retry-After is added to nginx's own 429s only: an upstream 429 keeps its single
+    header and its body. The upstream here is a one-answer HTTP server, so that its 429 is
+    certain (the app's per-user limits have their own tests)."""
+    body = b'{"error": {"code": "rate_limited", "message": "app"}}'
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 7\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    nginx = Nginx(prefix=tmp_path, upstream=f"127.0.0.1:{port}").start()
+    try:
+        async with client() as http:
+            response = await http.post(f"{nginx.https_url}/chatkit", content=b"{}")
+    finally:
+        nginx.stop()
+        upstream.close()
+        await upstream.wait_closed()
+    assert response.status_code == 429
+    assert response.content == body
+    assert response.headers.get_list("retry-after") == ["7"]
 
 
 # --- a real browser ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ End-to-end behaviour through an MCP server is in test_mcp_tasks.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -37,7 +38,7 @@ from app.identity import (
     public_jwk,
 )
 from app.settings import PROJECT_ROOT, Settings
-from examples.mcp_tasks.identity import IdentityError, IdentityVerifier
+from examples.mcp_tasks.identity import Identity, IdentityError, IdentityVerifier, ReplayGuard
 from tests.conftest import MakeClient
 from tests.loopback import serve
 
@@ -286,6 +287,41 @@ async def test_example_verifier_follows_a_key_rotation() -> None:
             assert fetches == 2  # unknown kids cannot make it hammer the backend
         finally:
             await verifier.aclose()
+
+
+async def test_example_replay_guard_is_bounded_and_remembers_until_expiry() -> None:
+    """The example's record of used tokens (examples/mcp_tasks ReplayGuard): a token id is
+    remembered until its token expires, never more than ``max_tokens`` at once; a resend's
+    answer is kept ``resend_seconds`` only, then the token is just "used"."""
+    now = [1_000.0]
+    guard = ReplayGuard(max_tokens=3, resend_seconds=0, leeway_seconds=5, clock=lambda: now[0])
+    runs: list[str] = []
+
+    def token(jti: str, expires_at: float) -> Identity:
+        return Identity("alice", None, jti, expires_at)
+
+    async def run(name: str) -> str:
+        async def action() -> str:
+            runs.append(name)
+            return name
+
+        return await guard.run_once(token(name, 1_300.0), "list_tasks", {}, action)
+
+    for name in ("t1", "t2", "t3"):
+        assert await run(name) == name
+    assert len(guard) == 3
+    await asyncio.sleep(0.01)  # past resend_seconds (0): the answers are no longer kept
+    with pytest.raises(IdentityError, match=r"already used$"):
+        await run("t1")  # the same call, once its answer is gone
+    with pytest.raises(IdentityError, match="another call"):
+        await guard.run_once(token("t2", 1_300.0), "add_task", {"title": "x"}, lambda: run("x"))
+    assert runs == ["t1", "t2", "t3"]
+
+    assert await run("t4") == "t4"  # full of live tokens: the oldest (t1) is forgotten
+    assert len(guard) == 3
+    now[0] = 1_306.0  # every token so far has expired (exp + leeway)
+    assert await run("t5") == "t5"
+    assert len(guard) == 1
 
 
 async def test_jwks_is_served_over_real_http(make_client: MakeClient) -> None:

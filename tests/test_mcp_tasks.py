@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jwt
 import pytest
 from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
@@ -27,8 +28,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from app.identity import DEV_KEY_FILE, IdentitySigner, public_jwk
 from app.settings import Settings
 from app.store import PostgresStore
+from examples.mcp_tasks.store import asyncpg_dsn
 from tests.chatkit_client import assistant_text, done_items
 from tests.mcp_harness import Stack, identity_meta, task_stack
+
+DEADLINE = 30.0  # for waits on conditions, never a speed assertion
 
 
 @pytest.fixture
@@ -106,13 +110,20 @@ async def test_alice_adds_and_lists_tasks_bob_sees_none(
     assert users == [("alice", True), ("alice", True), ("bob", False)]
 
 
+def fresh_meta(stack: Stack, user: str) -> dict[str, Any]:
+    """A new identity token for one call, as the backend mints for each."""
+    signer = backend_signer(stack)
+    return identity_meta(signer.mint(user_id=user, audience=stack.mcp_url, thread_id=None))
+
+
 async def test_complete_task_only_for_its_owner(stack: tuple[Stack, ScriptedModel]) -> None:
     s, _ = stack
-    signer = backend_signer(s)
-    meta = {
-        u: identity_meta(signer.mint(user_id=u, audience=s.mcp_url, thread_id=None))
-        for u in ("alice", "bob")
-    }
+
+    class Fresh:  # meta[user]: a new token on every read, one per call
+        def __getitem__(self, user: str) -> dict[str, Any]:
+            return fresh_meta(s, user)
+
+    meta = Fresh()
     added = await s.call_tool("add_task", {"title": "Water the plants"}, meta["alice"])
     assert not added.is_error
     task_id = added.structured_content["id"]  # type: ignore[index]
@@ -212,6 +223,79 @@ async def test_bad_identity_tokens_are_refused(stack: tuple[Stack, ScriptedModel
     good = identity_meta(signer.mint(user_id="alice", audience=s.mcp_url, thread_id=None))
     assert not (await s.call_tool("add_task", {"title": "genuine"}, good)).is_error
     assert [r["user_id"] for r in await s.rows()] == ["alice"]
+
+
+async def test_a_token_serves_one_call_and_a_replay_is_refused(
+    stack: tuple[Stack, ScriptedModel],
+) -> None:
+    """The reproduction: a token captured from one call (here an add_task) and replayed
+    within its lifetime, for a write or a read, is refused and changes nothing. The same call
+    resent with it (what the backend's MCP client does when an answer is lost) gets the first
+    answer, and the task is not added twice. Old code: every replay was obeyed."""
+    s, _ = stack
+    token = fresh_meta(s, "alice")
+    first = await s.call_tool("add_task", {"title": "Pay rent"}, token)
+    assert not first.is_error
+    task = first.structured_content
+    assert task is not None
+    replays = [
+        ("add_task", {"title": "Pay the thief"}),
+        ("complete_task", {"task_id": task["id"]}),
+        ("list_tasks", {}),
+        ("list_tasks", {"include_done": True}),
+        ("add_task", {"title": "Pay rent "}),  # not the same arguments
+    ]
+    for name, arguments in replays:
+        refused = await s.call_tool(name, arguments, token)
+        assert "already used for another call" in _refusal(refused), (name, arguments)
+
+    resent = await s.call_tool("add_task", {"title": "Pay rent"}, token)
+    assert not resent.is_error and resent.structured_content == task
+    assert [(r["title"], r["done"]) for r in await s.rows()] == [("Pay rent", False)]
+    # Each new token is a new call: nothing legitimate is refused.
+    listed = await s.call_tool("list_tasks", {}, fresh_meta(s, "alice"))
+    assert not listed.is_error and listed.structured_content == {"tasks": [task]}
+    done = await s.call_tool("complete_task", {"task_id": task["id"]}, fresh_meta(s, "alice"))
+    assert not done.is_error and done.structured_content["done"] is True  # type: ignore[index]
+
+
+async def test_a_resend_during_the_first_run_gets_its_answer_and_runs_nothing(
+    stack: tuple[Stack, ScriptedModel],
+) -> None:
+    """The backend's MCP client times out on a slow call and sends it again, with the same
+    token, while the first is still running: the resend waits for that run and gets its
+    answer; one task is added. The run is held on a table lock the test takes, released
+    once the first insert is seen waiting and both requests have arrived."""
+    s, _ = stack
+    token = fresh_meta(s, "alice")
+    await s.call_tool("list_tasks", {}, fresh_meta(s, "alice"))  # the schema exists
+    # One connection holds the lock; the other watches (pg_stat_activity is a snapshot that
+    # stays the same for the rest of a transaction).
+    conn = await asyncpg.connect(asyncpg_dsn(s.database_url))
+    watch = await asyncpg.connect(asyncpg_dsn(s.database_url))
+    try:
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute("LOCK TABLE mcp_tasks.tasks IN SHARE MODE")
+        first = asyncio.create_task(s.call_tool("add_task", {"title": "Slow"}, token))
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE 'INSERT INTO mcp_tasks.tasks%'"
+        )
+        async with asyncio.timeout(DEADLINE):
+            while await watch.fetchval(waiting) != 1:
+                await asyncio.sleep(0.01)
+            resent = asyncio.create_task(s.call_tool("add_task", {"title": "Slow"}, token))
+            while len(s.recorder.tool_calls()) < 3:
+                await asyncio.sleep(0.01)
+        await lock.rollback()
+        answers = await asyncio.wait_for(asyncio.gather(first, resent), DEADLINE)
+    finally:
+        await watch.close()
+        await conn.close()
+    assert not answers[0].is_error
+    assert answers[1].structured_content == answers[0].structured_content
+    assert [r["title"] for r in await s.rows()] == ["Slow"]
 
 
 async def test_bearer_token_never_reaches_the_mcp_server(

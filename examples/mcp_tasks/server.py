@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -29,10 +29,11 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from .identity import Identity, IdentityError, IdentityVerifier
+from .identity import Identity, IdentityError, IdentityVerifier, ReplayGuard
 from .store import TaskStore
 
 log = logging.getLogger("examples.mcp_tasks")
+T = TypeVar("T")
 
 INSTRUCTIONS = (
     "Keeps the user's to-do list. Use add_task to note something the user wants to do, "
@@ -84,13 +85,23 @@ class TasksServer:
         self.verifier = verifier or IdentityVerifier(
             config.jwks_url, issuer=config.issuer, audience=config.audience
         )
+        self.replays = ReplayGuard(leeway_seconds=self.verifier.leeway_seconds)
         self.store = TaskStore(config.database_url)
         self.mcp = self._build_mcp()
 
-    async def caller(self, ctx: Context) -> Identity:
-        """The verified user of this tool call; any doubt refuses the call."""
+    async def as_caller(
+        self,
+        ctx: Context,
+        tool: str,
+        arguments: Mapping[str, Any],
+        action: Callable[[Identity], Awaitable[T]],
+    ) -> T:
+        """Run ``action`` for the verified user of this tool call, once per identity token
+        (a replayed token is refused; the same call resent gets the first answer). Any doubt
+        about the token refuses the call."""
         try:
-            return await self.verifier.verify_meta(ctx.request_context.meta)
+            who = await self.verifier.verify_meta(ctx.request_context.meta)
+            return await self.replays.run_once(who, tool, arguments, lambda: action(who))
         except IdentityError as exc:
             log.info("refused a tool call: %s", exc)
             raise ToolError(f"Refused: {exc}.") from None
@@ -101,26 +112,35 @@ class TasksServer:
         @mcp.tool()
         async def add_task(title: str, ctx: Context) -> dict[str, Any]:
             """Add a task to the user's list; returns it with its id."""
-            who = await self.caller(ctx)
-            title = title.strip()
-            if not 1 <= len(title) <= 500:
-                raise ToolError("A task needs a title of 1 to 500 characters.")
-            return await self.store.add(who.user_id, title, who.thread_id)
+
+            async def add(who: Identity) -> dict[str, Any]:
+                text = title.strip()
+                if not 1 <= len(text) <= 500:
+                    raise ToolError("A task needs a title of 1 to 500 characters.")
+                return await self.store.add(who.user_id, text, who.thread_id)
+
+            return await self.as_caller(ctx, "add_task", {"title": title}, add)
 
         @mcp.tool()
         async def list_tasks(ctx: Context, include_done: bool = False) -> dict[str, Any]:
             """The user's open tasks (with include_done, completed ones too), oldest first."""
-            who = await self.caller(ctx)
-            return {"tasks": await self.store.tasks_of(who.user_id, include_done=include_done)}
+
+            async def tasks(who: Identity) -> dict[str, Any]:
+                return {"tasks": await self.store.tasks_of(who.user_id, include_done=include_done)}
+
+            return await self.as_caller(ctx, "list_tasks", {"include_done": include_done}, tasks)
 
         @mcp.tool()
         async def complete_task(task_id: int, ctx: Context) -> dict[str, Any]:
             """Mark one of the user's tasks as done, by its id."""
-            who = await self.caller(ctx)
-            task = await self.store.complete(who.user_id, task_id)
-            if task is None:
-                raise ToolError(f"There is no task {task_id}.")
-            return task
+
+            async def complete(who: Identity) -> dict[str, Any]:
+                task = await self.store.complete(who.user_id, task_id)
+                if task is None:
+                    raise ToolError(f"There is no task {task_id}.")
+                return task
+
+            return await self.as_caller(ctx, "complete_task", {"task_id": task_id}, complete)
 
         return mcp
 

@@ -1,8 +1,9 @@
 """The task-manager MCP example (examples/mcp_tasks) behind the backend, over real HTTP.
 
 Alice's tasks are hers: added and listed through /chatkit with a scripted model, invisible to
-Bob, and the example refuses any call whose identity token is missing, forged, expired or for
-another server. The user's bearer token never reaches the MCP server.
+Bob, and the example refuses any call whose identity token is missing, forged, expired, for
+another server or already used for another call (a resend of the same call gets the first
+answer). The user's bearer token never reaches the MCP server.
 """
 
 from __future__ import annotations

@@ -299,6 +299,44 @@ async def test_a_resend_during_the_first_run_gets_its_answer_and_runs_nothing(
     assert [r["title"] for r in await s.rows()] == ["Slow"]
 
 
+async def test_the_backends_own_resend_is_answered_not_refused(
+    app_settings: Settings, database_url: str, store: PostgresStore, tmp_path: Path
+) -> None:
+    """End to end: the backend's MCP client gives up on a slow add_task (MCP_TIMEOUT_SECONDS)
+    and sends it again with the same ``_meta`` (the Agents SDK's retry; it also cancels the
+    first sending, which the server would otherwise stop). The example must not refuse that
+    legitimate resend, nor add the task twice: the model gets the task, and there is one row.
+    A guard refusing every second use of a token fails this test (checked)."""
+    model = ScriptedModel(
+        [
+            [function_call("add_task", {"title": "Slow"}, call_id="call_slow")],
+            [assistant_message("Added.")],
+        ]
+    )
+    settings = app_settings.model_copy(update={"data_dir": tmp_path, "mcp_timeout_seconds": 3.0})
+    async with task_stack(settings, database_url, model) as s:
+        conn = await asyncpg.connect(asyncpg_dsn(s.database_url))
+        try:
+            lock = conn.transaction()
+            await lock.start()
+            await conn.execute("LOCK TABLE mcp_tasks.tasks IN SHARE MODE")
+            reply = asyncio.create_task(s.create_thread("Add: slow", token=s.bearer("alice")))
+            async with asyncio.timeout(DEADLINE):  # the first sending timed out; a resend came
+                while len(s.recorder.tool_calls()) < 2:
+                    await asyncio.sleep(0.01)
+            await lock.rollback()
+            await asyncio.wait_for(reply, DEADLINE)
+        finally:
+            await conn.close()
+        model.assert_complete()
+        sendings = s.recorder.tool_calls()
+        tokens = {call["_meta"]["chatkit-pg/identity"] for call in sendings}
+        assert len(sendings) >= 2 and len(tokens) == 1, "a resend, with the same token"
+        (added,) = tool_outputs(model.calls[1])
+        assert isinstance(added, dict) and added["title"] == "Slow", added
+        assert [r["title"] for r in await s.rows()] == ["Slow"]
+
+
 async def test_bearer_token_never_reaches_the_mcp_server(
     stack: tuple[Stack, ScriptedModel],
 ) -> None:

@@ -70,7 +70,13 @@ from .dictation import NO_TRANSCRIPTION, Transcriber
 from .errors import ActionRejectedError, InvalidInputError, UnsupportedError
 from .limits import current_lease
 from .observability import thread_id_var
-from .plugins import ActionContext, PluginAgentContext, PluginSet, UserDatabase
+from .plugins import (
+    ActionContext,
+    PluginAgentContext,
+    PluginSet,
+    UserDatabase,
+    refusing_bad_values,
+)
 from .sanitize import clean_model
 from .store import PostgresStore
 from .stream_events import ItemIds, clean_event
@@ -483,9 +489,10 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             params.thread_id, params.item_id, params.action, context
         )
         thread_id_var.set(action_context.thread.id)
-        started = handler(action_context)
-        # An async generator function works too, but its checks run after the 200 is sent.
-        events = await started if inspect.isawaitable(started) else started
+        with refusing_bad_values():
+            started = handler(action_context)
+            # An async generator function works too, but its checks run after the 200 is sent.
+            events = await started if inspect.isawaitable(started) else started
 
         async def guarded() -> AsyncIterator[ThreadStreamEvent]:
             try:
@@ -522,15 +529,16 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         if handler is None or sender is None:
             raise UnsupportedError("This server does not handle this action.")
         thread_id_var.set(thread.id)
-        widget = await handler(
-            ActionContext(
-                thread=thread,
-                action=action,
-                sender=sender,
-                request=context,
-                db=self.user_database(context),
+        with refusing_bad_values():
+            widget = await handler(
+                ActionContext(
+                    thread=thread,
+                    action=action,
+                    sender=sender,
+                    request=context,
+                    db=self.user_database(context),
+                )
             )
-        )
         if widget is None:
             return SyncCustomActionResponse()
         updated = sender.model_copy(update={"widget": widget})

@@ -11,9 +11,22 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import FileTooLargeError, InvalidInputError
+from .sanitize import ascii_int
 
 MULTIPART_OVERHEAD = 64 * 1024
 """Allowance over MAX_UPLOAD_BYTES for multipart boundaries and part headers."""
+
+
+def declared_length(value: str | None) -> int | None:
+    """A request's ``Content-Length``: None when absent, a 400 when not 1 to 18 ASCII digits
+    (RFC 9110: ``1*DIGIT``; 18 digits fit a signed 64-bit integer). uvicorn's parser refuses
+    such headers already; this keeps the app's answer a 400 under any server."""
+    if value is None:
+        return None
+    size = ascii_int(value, 18)
+    if size is None:
+        raise InvalidInputError("Invalid Content-Length header.")
+    return size
 
 
 class UploadSource:

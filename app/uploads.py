@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import FileTooLargeError, InvalidInputError
@@ -129,7 +129,7 @@ class _MultipartSource(UploadSource):
             raise FileTooLargeError()
         try:
             self._parser.write(chunk)
-        except MultipartParseError as exc:
+        except FormParserError as exc:
             raise InvalidInputError("The multipart body is malformed.") from exc
         return True
 
@@ -157,7 +157,10 @@ def open_body(
         boundary = options.get(b"boundary")
         if not boundary:
             raise InvalidInputError("The multipart body has no boundary.")
-        return _MultipartSource(body, boundary, max_bytes + MULTIPART_OVERHEAD)
+        try:
+            return _MultipartSource(body, boundary, max_bytes + MULTIPART_OVERHEAD)
+        except FormParserError:  # e.g. longer than the parser takes (RFC 2046: 70)
+            raise InvalidInputError("The multipart boundary is invalid.") from None
     if multipart_only:
         raise InvalidInputError("Send the file as multipart/form-data in a field named 'file'.")
     return _RawSource(body, content_type)

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from app.ids import MAX_ID_CHARS
 from app.store import MAX_PAGE_SIZE
-
 from tests.hostile_world import (
     ANY,
     ATTACHMENTS,

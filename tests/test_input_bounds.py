@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import random
 import string
-import sys
-import typing
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from chatkit.types import ChatKitReq
-from pydantic import BaseModel
 
 from app.ids import ID_FIELDS, MAX_ID_CHARS
 from app.store import MAX_PAGE_SIZE
 from tests.chatkit_client import ChatKitClient, done_items, user_input
 from tests.conftest import MakeClient
+from tests.hostile_fuzz import EACH, field_paths, request_models
 from tests.loopback import serve
 from tests.test_attachments import png
 
@@ -112,6 +109,25 @@ async def test_a_malformed_content_length_is_400(make_client: MakeClient, declar
         assert_json_error(response, 400, "invalid_request")
 
 
+async def test_a_multipart_boundary_the_parser_refuses_is_400(
+    live: tuple[ChatKitClient, httpx.AsyncClient],
+) -> None:
+    """Found by the fuzzer: a boundary longer than python-multipart takes (256; RFC 2046
+    allows 70) made its constructor raise, a 500."""
+    ck, http = live
+    for boundary in ("b" * 257, "9" * 5000):
+        body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"'
+        body += f"\r\n\r\nhi\r\n--{boundary}--\r\n"
+        headers = {**ck.auth("alice"), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        response = await http.post("/files", content=body.encode(), headers=headers)
+        assert_json_error(response, 400, "invalid_request")
+    ok = {**ck.auth("alice"), "Content-Type": "multipart/form-data; boundary=" + "b" * 70}
+    body = f'--{"b" * 70}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"'
+    body += f"\r\nContent-Type: text/plain\r\n\r\nhi\r\n--{'b' * 70}--\r\n"
+    response = await http.post("/files", content=body.encode(), headers=ok)
+    assert response.status_code == 200, response.text
+
+
 # --- ids ---------------------------------------------------------------------------------------
 
 
@@ -134,34 +150,13 @@ async def test_feedback_ids_of_random_kilobytes_are_400_not_500(
     assert (await ck.request("items.feedback", ok)).status_code == 200
 
 
-def request_models() -> list[type[BaseModel]]:
-    """Every request type of the SDK's protocol (the ``ChatKitReq`` union)."""
-    union = typing.get_args(ChatKitReq)[0]
-    return list(typing.get_args(union))
-
-
-def field_paths(model: type[BaseModel], path: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted path, annotation) of every field of ``model`` and of the models it holds."""
-    hints = typing.get_type_hints(model, vars(sys.modules[model.__module__]))
-    for name in model.model_fields:
-        annotation = hints[name]
-        yield f"{path}{name}", annotation
-        stack = [annotation]
-        while stack:
-            tp = stack.pop()
-            if isinstance(tp, type) and issubclass(tp, BaseModel):
-                yield from field_paths(tp, f"{path}{name}.")
-            else:
-                stack.extend(typing.get_args(tp))
-
-
 def test_every_id_field_of_the_protocol_is_checked() -> None:
     """A field of any request that names a stored object is in ``app.ids.ID_FIELDS`` (so an
     SDK release adding one fails here until it is bounded too)."""
     names = set()
     for model in request_models():
-        for path, _ in field_paths(model):
-            leaf = path.rsplit(".", 1)[-1]
+        for path in field_paths(model):
+            leaf = [p for p in path if p != EACH][-1]
             if leaf.endswith(("_id", "_ids")) or leaf in ("after", "before", "attachments"):
                 names.add(leaf)
     assert len(request_models()) >= 16

@@ -53,7 +53,9 @@ def check_id(value: str, field: str | None = None) -> str:
     if len(value) > MAX_ID_CHARS:
         raise InvalidInputError(f"An id has at most {MAX_ID_CHARS} characters.", field=field)
     if not is_storable(value):
-        raise InvalidInputError("An id may not contain NUL characters or unpaired surrogates.")
+        raise InvalidInputError(
+            "An id may not contain NUL characters or unpaired surrogates.", field=field
+        )
     return value
 
 

@@ -496,8 +496,9 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
 
         async def guarded() -> AsyncIterator[ThreadStreamEvent]:
             try:
-                async for event in events:
-                    yield event
+                with refusing_bad_values():
+                    async for event in events:
+                        yield event
             except ActionRejectedError as exc:  # too late for a 400: an error event says it
                 raise CustomStreamError(exc.message, allow_retry=False) from exc
 

@@ -483,7 +483,16 @@ async def done(ctx):  # the payload's value straight to SQL, unchecked
 async def undo(ctx):
     return task_widget(await set_done_and_list(ctx.database(), ctx.payload["task_id"], False))
 
-plugin = Plugin(name="naive", actions={"naive.done": done}, sync_actions={"naive.undo": undo})
+async def gen(ctx):  # an async generator: its work runs after the response started
+    tasks = await set_done_and_list(ctx.database(), ctx.payload["task_id"], True)
+    async for event in replace_widget(ctx.sender, task_widget(tasks)):
+        yield event
+
+plugin = Plugin(
+    name="naive",
+    actions={"naive.done": done, "naive.gen": gen},
+    sync_actions={"naive.undo": undo},
+)
 """
 
 
@@ -513,6 +522,10 @@ async def test_values_the_database_refuses_are_400_for_any_plugin(
                 )
                 assert response.status_code == 400, (kind, bad, response.text)
                 assert response.json()["error"]["code"] == "action_rejected"
+        # too late for a 400: an error event that says so, not a stream.error
+        late = action(thread_id, widget["id"], "naive.gen", {"task_id": 2**63})
+        (error,) = of_type(await client.stream("threads.custom_action", late), "error")
+        assert (error["code"], error["message"]) == ("custom", "The action was rejected.")
         assert await done_flags(pstore, "alice") == {"Buy milk": False}
         done = action(thread_id, widget["id"], "naive.done", {"task_id": milk})
         await client.stream("threads.custom_action", done)

@@ -40,6 +40,7 @@ import jwt
 from jwt import PyJWK
 
 from .errors import AuthenticationError, ConfigurationError, ServiceUnavailableError
+from .ids import MAX_USER_ID_CHARS
 from .sanitize import is_storable
 from .settings import Settings
 
@@ -506,7 +507,7 @@ class TokenVerifier:
         if (
             not isinstance(user_id, str)
             or not user_id.strip()
-            or len(user_id) > 255
+            or len(user_id) > MAX_USER_ID_CHARS
             or not is_storable(user_id)
         ):
             raise _invalid("The token does not name a user.")

@@ -14,6 +14,7 @@ import re
 from chatkit.server import StreamingResult
 from chatkit.types import ChatKitReq, ItemsListReq, ThreadsListReq, is_streaming_req
 from pydantic import ValidationError
+from pydantic_core import from_json
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,6 +27,7 @@ from .errors import (
     ThreadBusyError,
     TooManyRequestsError,
 )
+from .ids import check_ids
 from .limits import StreamLease, current_lease
 from .middleware import RequestInfo, request_info
 from .observability import Stopwatch, op_var, thread_id_var, user_id_var
@@ -33,7 +35,9 @@ from .runtime import Runtime
 from .sanitize import body_has_unstorable_text
 from .server import CHATKIT_REQUEST
 from .sse import SSE_HEADERS, EventPump, SSEResponse
+from .store import MAX_PAGE_SIZE
 from .stream_events import error_chunk
+from .uploads import declared_length
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +47,9 @@ _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,40}")
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing more than ``limit`` bytes whether or not Content-Length says so."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise InvalidInputError("Invalid Content-Length header.") from None
-        if size < 0:
-            raise InvalidInputError("Invalid Content-Length header.")
-        if size > limit:
-            raise PayloadTooLargeError(f"The request body may not exceed {limit} bytes.")
+    size = declared_length(request.headers.get("content-length"))
+    if size is not None and size > limit:
+        raise PayloadTooLargeError(f"The request body may not exceed {limit} bytes.")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -75,8 +72,10 @@ def _field_path(loc: tuple[int | str, ...]) -> str | None:
 
 
 def parse_request(body: bytes) -> ChatKitReq:
+    """The request, checked as the SDK's schema does and then stricter where the store needs
+    it: every id bounded (app.ids), ``limit`` a JSON integer within the page cap."""
     try:
-        return CHATKIT_REQUEST.validate_json(body)
+        request = CHATKIT_REQUEST.validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         first = errors[0] if errors else None
@@ -91,6 +90,21 @@ def parse_request(body: bytes) -> ChatKitReq:
             raise InvalidInputError("The request body must be a JSON object.") from None
         field = _field_path(tuple(first["loc"])) if first else None
         raise InvalidInputError("Invalid request.", field=field) from None
+    # Error fields are named as the schema's are: the request type first.
+    check_ids(request.params, f"{request.type}.params")
+    if isinstance(request, ThreadsListReq | ItemsListReq) and request.params.limit is not None:
+        _check_limit(body, f"{request.type}.params.limit")
+    return request
+
+
+def _check_limit(body: bytes, field: str) -> None:
+    """The SDK's schema turns ``true``, ``"10"`` and ``3.0`` into integers and lets ``0``
+    through (then read as "the default"): the raw value must be an integer from 1 to the cap.
+    Only list requests with a limit pay for this second parse of a (small) body."""
+    params = from_json(body).get("params")
+    limit = params.get("limit") if isinstance(params, dict) else None
+    if type(limit) is not int or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidInputError(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}.", field=field)
 
 
 def locale_from(accept_language: str | None) -> str | None:

@@ -27,7 +27,9 @@ from starlette.requests import ClientDisconnect
 from .attachments import PgAttachmentStore, StoredFile
 from .content import content_disposition
 from .errors import AppError
+from .ids import check_id
 from .signing import FILES_PREFIX
+from .uploads import declared_length
 
 NOT_FOUND_MESSAGE = "File not found."
 
@@ -79,8 +81,7 @@ class _AppHandledRoute(FilesRoute):
 
 
 def _content_length(request: Request) -> int | None:
-    value = request.headers.get("content-length")
-    return int(value) if value is not None and value.isdigit() else None
+    return declared_length(request.headers.get("content-length"))
 
 
 def _attachment_json(attachment: Any) -> JSONResponse:
@@ -154,6 +155,7 @@ def files_router(
         No Bearer token: the ChatKit client sends only the descriptor's headers; the signature
         names the user. The body is multipart (field ``file``) or the raw bytes.
         """
+        check_id(attachment_id, "attachment_id")
         store = store_of(request)
         store.signer.verify("upload", u, attachment_id, e, s)
         assert u is not None
@@ -168,6 +170,7 @@ def files_router(
 
     @router.get("/{attachment_id}")
     async def download(request: Request, attachment_id: str, user_id: User) -> Response:
+        check_id(attachment_id, "attachment_id")
         store = store_of(request)
         info = await store.file_info(user_id, attachment_id)
         return stream(store, user_id, info, inline=False, cache="private, no-store")
@@ -181,6 +184,7 @@ def files_router(
         s: str | None = None,
     ) -> Response:
         """The ``preview_url`` of an image: signed, because an ``<img>`` sends no Bearer."""
+        check_id(attachment_id, "attachment_id")
         store = store_of(request)
         expires = store.signer.verify("preview", u, attachment_id, e, s)
         assert u is not None
@@ -190,6 +194,7 @@ def files_router(
 
     @router.delete("/{attachment_id}")
     async def delete(request: Request, attachment_id: str, user_id: User) -> Response:
+        check_id(attachment_id, "attachment_id")
         store = store_of(request)
         context = {"user_id": user_id}
         # The deletes are idempotent; a missing or foreign id must still be a 404.

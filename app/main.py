@@ -81,6 +81,10 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # No "/chatkit/" -> "/chatkit" redirects: Starlette builds their Location from the
+        # request's Host header (an open redirect for whoever sets it); a path with a slash
+        # too many is a 404 like any unknown path.
+        redirect_slashes=False,
         # FastAPI's own OpenTelemetry hooks ask on every request whether a provider is set up
         # (environment and global lookups) and would record exception messages; the service's
         # telemetry is its Prometheus metrics and JSON logs (app.observability).

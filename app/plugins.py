@@ -12,14 +12,18 @@ loads them at startup (a wrong entry stops it with one line naming the setting) 
 * runs each plugin's Alembic revisions (``migrations``) with ``python -m app migrate``.
 
 A handler refuses a payload by raising ``ActionRejectedError`` before it yields anything: the
-client gets a 400, never a 500. See docs/customising.md and examples/plugin_tasks/.
+client gets a 400, never a 500. Check every value of a payload before it reaches SQL (an
+integer against its column's range: ``PgBigInt``); a value the database still refuses as data
+(SQLSTATE class 22, or too large for an index) is a 400 as well. See docs/customising.md and
+examples/plugin_tasks/.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +34,7 @@ from chatkit.actions import Action
 from chatkit.agents import AgentContext
 from chatkit.types import ThreadItemReplacedEvent, ThreadMetadata, ThreadStreamEvent, WidgetItem
 from chatkit.widgets import WidgetRoot
-from pydantic import SkipValidation
+from pydantic import Field, SkipValidation
 
 from .context import RequestContext
 from .errors import ActionRejectedError, ConfigurationError
@@ -39,6 +43,7 @@ from .store import PostgresStore
 __all__ = [
     "ActionContext",
     "ActionRejectedError",
+    "PgBigInt",
     "Plugin",
     "PluginAgentContext",
     "PluginSet",
@@ -47,6 +52,12 @@ __all__ = [
     "replace_widget",
     "user_database",
 ]
+
+log = logging.getLogger(__name__)
+
+PgBigInt = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+"""An integer a ``bigint`` column can hold, and only a JSON integer (not ``true``, ``"7"`` or
+``7.0``): for a payload model's fields (narrow it further, e.g. ``Field(ge=1)`` for an id)."""
 
 
 # --- the database, scoped to one user -------------------------------------------------------
@@ -134,6 +145,18 @@ Replaced and finished items are saved by the server as they stream."""
 SyncActionHandler = Callable[[ActionContext], Awaitable[WidgetRoot | None]]
 """Returns the sender's new widget (saved and sent back in place of the old one), or None to
 leave it as it is."""
+
+
+@contextmanager
+def refusing_bad_values() -> Iterator[None]:
+    """Around a handler's checks and work: a value of the payload that the database refuses as
+    data (out of range, malformed, too large for an index) is the client's mistake, a 400
+    naming nothing, rather than a 500. Handlers should check first; this is the net."""
+    try:
+        yield
+    except (asyncpg.DataError, asyncpg.ProgramLimitExceededError) as exc:
+        log.warning("action refused by the database", extra={"reason": type(exc).__name__})
+        raise ActionRejectedError() from None
 
 
 async def replace_widget(

@@ -1,7 +1,8 @@
 """Text PostgreSQL cannot store: NUL characters and unpaired UTF-16 surrogates.
 
 Client input containing them is refused (400) before anything is stored; model output is
-repaired with U+FFFD so that a model can never make a store call fail.
+repaired with U+FFFD so that a model can never make a store call fail. Also the strict reading
+of numbers clients send as text (``ascii_int``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ REPLACEMENT = "\ufffd"
 
 # Only bodies with a \u0000 or \uD800-\uDFFF escape (or a raw NUL byte) need the slow walk.
 _SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F][0-9a-fA-F]{2})|\x00")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -88,3 +90,14 @@ def body_has_unstorable_text(body: bytes) -> bool:
         return _has_unstorable(json.loads(body))
     except ValueError:
         return False  # malformed JSON is reported by the request parser
+
+
+def ascii_int(text: str, max_digits: int) -> int | None:
+    """``text`` as a non-negative integer if it is 1 to ``max_digits`` ASCII digits, else None.
+
+    ``str.isdigit()`` and ``int()`` each accept other things: superscripts (``"²"`` is a digit
+    to ``isdigit`` but not to ``int``), other scripts' digits, signs, spaces and underscores;
+    and ``int()`` raises on more than 4,300 digits."""
+    if len(text) > max_digits or not _ASCII_DIGITS.fullmatch(text):
+        return None
+    return int(text)

@@ -77,7 +77,13 @@ from .errors import (
 from .limits import current_lease
 from .model_files import ReplyFiles
 from .observability import thread_id_var
-from .plugins import ActionContext, PluginAgentContext, PluginSet, UserDatabase
+from .plugins import (
+    ActionContext,
+    PluginAgentContext,
+    PluginSet,
+    UserDatabase,
+    refusing_bad_values,
+)
 from .sanitize import clean_model
 from .store import PostgresStore
 from .stream_events import ItemIds, clean_event
@@ -533,14 +539,16 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             params.thread_id, params.item_id, params.action, context
         )
         thread_id_var.set(action_context.thread.id)
-        started = handler(action_context)
-        # An async generator function works too, but its checks run after the 200 is sent.
-        events = await started if inspect.isawaitable(started) else started
+        with refusing_bad_values():
+            started = handler(action_context)
+            # An async generator function works too, but its checks run after the 200 is sent.
+            events = await started if inspect.isawaitable(started) else started
 
         async def guarded() -> AsyncIterator[ThreadStreamEvent]:
             try:
-                async for event in events:
-                    yield event
+                with refusing_bad_values():
+                    async for event in events:
+                        yield event
             except ActionRejectedError as exc:  # too late for a 400: an error event says it
                 raise CustomStreamError(exc.message, allow_retry=False) from exc
 
@@ -572,15 +580,16 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         if handler is None or sender is None:
             raise UnsupportedError("This server does not handle this action.")
         thread_id_var.set(thread.id)
-        widget = await handler(
-            ActionContext(
-                thread=thread,
-                action=action,
-                sender=sender,
-                request=context,
-                db=self.user_database(context),
+        with refusing_bad_values():
+            widget = await handler(
+                ActionContext(
+                    thread=thread,
+                    action=action,
+                    sender=sender,
+                    request=context,
+                    db=self.user_database(context),
+                )
             )
-        )
         if widget is None:
             return SyncCustomActionResponse()
         updated = sender.model_copy(update={"widget": widget})

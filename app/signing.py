@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -18,10 +19,17 @@ from typing import Literal
 from urllib.parse import quote, urlencode
 
 from .errors import InvalidSignatureError
+from .ids import MAX_USER_ID_CHARS
+from .sanitize import ascii_int
 from .settings import Settings
 
 FILES_PREFIX = "/files"
 Purpose = Literal["upload", "preview"]
+
+MAX_EXPIRY_DIGITS = 12
+"""Unix seconds: 10 digits until 2286, 12 until the year 33658."""
+_SIGNATURE = re.compile(r"[A-Za-z0-9_-]{43}")
+"""Unpadded URL-safe base64 of an HMAC-SHA256 digest (32 bytes)."""
 
 
 def signing_secret(settings: Settings) -> bytes:
@@ -74,8 +82,11 @@ class UrlSigner:
         return -(-deadline // self._step) * self._step
 
     def signature(self, purpose: Purpose, user_id: str, attachment_id: str, expires: int) -> str:
-        msg = "\x00".join(("v1", purpose, user_id, attachment_id, str(expires))).encode()
-        digest = hmac.new(self._key, msg, hashlib.sha256).digest()
+        # surrogatepass: text from a URL that no id can hold must fail the comparison, not
+        # the encoding (the bytes of every real id are the same either way).
+        msg = "\x00".join(("v1", purpose, user_id, attachment_id, str(expires)))
+        msg_bytes = msg.encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._key, msg_bytes, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def url(self, purpose: Purpose, user_id: str, attachment_id: str) -> str:
@@ -97,10 +108,21 @@ class UrlSigner:
         expires: str | None,
         signature: str | None,
     ) -> int:
-        """Return the expiry time, or raise ``InvalidSignatureError`` (forged, altered, expired)."""
-        if not user_id or not expires or not signature or not expires.isdigit():
+        """Return the expiry time, or raise ``InvalidSignatureError`` (forged, altered, expired).
+
+        Every field is read strictly before any work: the expiry as ASCII digits of a bounded
+        length (``str.isdigit`` passes ``"²"``, which ``int`` then refuses; ``int`` refuses
+        more than 4,300 digits), the signature as what ``signature`` makes, the user id no
+        longer than a token may name (app.auth)."""
+        exp = ascii_int(expires, MAX_EXPIRY_DIGITS) if expires else None
+        if (
+            exp is None
+            or not user_id
+            or len(user_id) > MAX_USER_ID_CHARS
+            or not signature
+            or not _SIGNATURE.fullmatch(signature)
+        ):
             raise InvalidSignatureError()
-        exp = int(expires)
         good = self.signature(purpose, user_id, attachment_id, exp)
         if not hmac.compare_digest(good.encode(), signature.encode()):
             raise InvalidSignatureError()

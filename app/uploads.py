@@ -7,13 +7,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import FileTooLargeError, InvalidInputError
+from .sanitize import ascii_int
 
 MULTIPART_OVERHEAD = 64 * 1024
 """Allowance over MAX_UPLOAD_BYTES for multipart boundaries and part headers."""
+
+
+def declared_length(value: str | None) -> int | None:
+    """A request's ``Content-Length``: None when absent, a 400 when not 1 to 18 ASCII digits
+    (RFC 9110: ``1*DIGIT``; 18 digits fit a signed 64-bit integer). uvicorn's parser refuses
+    such headers already; this keeps the app's answer a 400 under any server."""
+    if value is None:
+        return None
+    size = ascii_int(value, 18)
+    if size is None:
+        raise InvalidInputError("Invalid Content-Length header.")
+    return size
 
 
 class UploadSource:
@@ -116,7 +129,7 @@ class _MultipartSource(UploadSource):
             raise FileTooLargeError()
         try:
             self._parser.write(chunk)
-        except MultipartParseError as exc:
+        except FormParserError as exc:
             raise InvalidInputError("The multipart body is malformed.") from exc
         return True
 
@@ -144,7 +157,10 @@ def open_body(
         boundary = options.get(b"boundary")
         if not boundary:
             raise InvalidInputError("The multipart body has no boundary.")
-        return _MultipartSource(body, boundary, max_bytes + MULTIPART_OVERHEAD)
+        try:
+            return _MultipartSource(body, boundary, max_bytes + MULTIPART_OVERHEAD)
+        except FormParserError:  # e.g. longer than the parser takes (RFC 2046: 70)
+            raise InvalidInputError("The multipart boundary is invalid.") from None
     if multipart_only:
         raise InvalidInputError("Send the file as multipart/form-data in a field named 'file'.")
     return _RawSource(body, content_type)

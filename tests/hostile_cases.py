@@ -7,12 +7,10 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from chatkit.types import (
-    ThreadListParams,
-)
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
+from app.ids import MAX_ID_CHARS
+from app.store import MAX_PAGE_SIZE
 from tests.hostile_world import (
     ANY,
     ATTACHMENTS,
@@ -140,7 +138,7 @@ def message_input(draw: st.DrawFn, min_attachments: int = 0) -> dict[str, Any]:
 page_params = st.fixed_dictionaries(
     {},
     optional={
-        "limit": st.none() | st.integers(0, 50),
+        "limit": st.none() | st.integers(1, 50),
         "order": st.sampled_from(["asc", "desc"]),
     },
 )
@@ -352,17 +350,14 @@ hostile_limits = st.one_of(
 
 
 def limit_outcome(limit: Any) -> tuple[int, int | None]:
-    """Status and page bound for a ``limit``, by the SDK's schema: 400 when it rejects the
-    value or it is negative; else 200 with at most min(limit or 20, 500) rows."""
-    try:
-        parsed = ThreadListParams.model_validate_json(json.dumps({"limit": limit}))
-    except (ValidationError, ValueError):
-        return 400, None
-    if parsed.limit is None or parsed.limit == 0:
+    """Status and page bound for a ``limit`` (app.endpoint): absent or null is the default
+    page (20); a JSON integer from 1 to 500 is a page of at most that many; anything else
+    (0, negatives, more than 500, ``true``, ``"10"``, ``3.0``) is a 400."""
+    if limit is None:
         return 200, 20
-    if parsed.limit < 0:
-        return 400, None
-    return 200, min(parsed.limit, 500)
+    if type(limit) is int and 1 <= limit <= MAX_PAGE_SIZE:
+        return 200, limit
+    return 400, None
 
 
 @st.composite
@@ -402,8 +397,10 @@ def bad_cursor_case(draw: st.DrawFn, actor: str | None = None) -> Case:
         after = draw(
             texts | st.sampled_from(["", " ", "%", "*", "' OR '1'='1", "thr_", "..", "\\"])
         )
-    elif kind == "long":
-        after = draw(st.text(safe_chars, min_size=300, max_size=3000))
+    elif kind == "long":  # a well-formed id up to the bound (404), a 400 beyond it
+        after = draw(st.text(safe_chars, min_size=MAX_ID_CHARS - 8, max_size=3000))
+        if len(after) > MAX_ID_CHARS:
+            expect = refused()
     elif kind == "nul":
         text = draw(texts)
         at = draw(st.integers(0, len(text)))

@@ -36,6 +36,7 @@ from app.settings import Settings
 from app.store import PostgresStore
 from tests import factories as f
 from tests.chatkit_client import JWT_TEST_SECRET, ChatKitClient, done_items, parse_sse
+from tests.loopback import serve
 
 # --- the two users and their world ----------------------------------------------------------
 
@@ -481,12 +482,20 @@ async def _seed(client: ChatKitClient, store: PostgresStore, raw: Any, user: str
     ids.update(attachment=attachment.id, image=image.id)
     await store.save_feedback(ids["thread"], [ids["reply"]], "positive", ctx)
     await raw.execute("SELECT set_config('app.user_id', $1, false)", user)
+    pdf = f"%PDF-1.4 {MARKER[user]}".encode()
     await raw.execute(
         "INSERT INTO chatkit_attachment_blobs (user_id, attachment_id, chunk_no, data) "
         "VALUES ($1, $2, 0, $3)",
         user,
         attachment.id,
-        f"%PDF-1.4 {MARKER[user]}".encode(),
+        pdf,
+    )
+    await raw.execute(  # uploaded: downloads and previews serve it (the image stays pending)
+        "UPDATE chatkit_attachments SET status = 'ready', size_bytes = $3, "
+        "mime_type = 'application/pdf' WHERE user_id = $1 AND id = $2",
+        user,
+        attachment.id,
+        len(pdf),
     )
     assert set(ids) == set(NAMES)
     return ids
@@ -515,7 +524,7 @@ APP_SETTINGS: dict[str, Any] = {
 
 @asynccontextmanager
 async def seeded_world(
-    test_settings: Settings, engine: AsyncEngine, pool: ConnectionPool
+    test_settings: Settings, engine: AsyncEngine, pool: ConnectionPool, *, live: bool = False
 ) -> AsyncIterator[World]:
     """One started app and one seeded world (tests/test_hostile.py's module-scoped ``world``;
     ``make_client`` does the same per test, but starting, seeding and stopping per property
@@ -541,10 +550,14 @@ async def seeded_world(
         stack.push_async_callback(raw.execute, truncate)
         stack.push_async_callback(raw.execute, "SELECT set_config('app.user_id', '', false)")
         await stack.enter_async_context(app.router.lifespan_context(app))
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        http = await stack.enter_async_context(
-            httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30)
-        )
+        if live:  # the same app behind uvicorn on loopback: every request crosses real HTTP
+            url = await stack.enter_async_context(serve(app, lifespan="off"))
+            http = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=30))
+        else:
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30)
+            )
         client = ChatKitClient(app, http, settings)
         ids = {user: await _seed(client, store, raw, user) for user in (BOB_ID, ALICE_ID)}
         w = World(client, raw, ids, _missing_ids(ids[ALICE_ID]), tables)
@@ -638,6 +651,8 @@ def read_answer(response: httpx.Response) -> Answer:
                 STREAM_EVENT.validate_python(event)
             except ValidationError:
                 answer.fail("other", f"not a ChatKit stream event: {str(event)[:200]}")
+            if event.get("code") == "stream.error":  # a 500 inside the stream
+                answer.fail("5xx", "a stream.error event (an unexpected exception)")
     else:
         answer.fail("other", f"unexpected content type {answer.content_type!r}")
     return answer

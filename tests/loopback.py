@@ -45,6 +45,7 @@ async def serve(
         http="httptools",
         ws="none",
         timeout_graceful_shutdown=5,
+        server_header=False,  # as deployed (Dockerfile, deploy/: --no-server-header)
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

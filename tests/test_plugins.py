@@ -282,6 +282,11 @@ async def test_rejected_payloads_are_400_before_any_stream(
         ({}, "The action needs the id of a task."),
         ({"task_id": "milk"}, "The action needs the id of a task."),
         (None, "The action needs the id of a task."),
+        # the id column's range and type, checked before SQL (a 500 once: int64 overflow)
+        *(
+            ({"task_id": bad}, "The action needs the id of a task.")
+            for bad in (2**63, 2**64, -(2**63) - 1, 10**30, 0, -1, True, str(milk), float(milk))
+        ),
         ({"task_id": milk + 1000}, "There is no such task."),
         ({"task_id": bobs_task}, "There is no such task."),  # bob's task is not alice's
     ]
@@ -465,6 +470,69 @@ async def test_async_generator_handlers_stream_and_reject_with_an_error_event(
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("ckpg_gen_plugin", None)
+
+
+NAIVE_PLUGIN = """
+from app.plugins import Plugin, replace_widget
+from examples.plugin_tasks.plugin import set_done_and_list, task_widget
+
+async def done(ctx):  # the payload's value straight to SQL, unchecked
+    tasks = await set_done_and_list(ctx.database(), ctx.payload["task_id"], True)
+    return replace_widget(ctx.sender, task_widget(tasks))
+
+async def undo(ctx):
+    return task_widget(await set_done_and_list(ctx.database(), ctx.payload["task_id"], False))
+
+async def gen(ctx):  # an async generator: its work runs after the response started
+    tasks = await set_done_and_list(ctx.database(), ctx.payload["task_id"], True)
+    async for event in replace_widget(ctx.sender, task_widget(tasks)):
+        yield event
+
+plugin = Plugin(
+    name="naive",
+    actions={"naive.done": done, "naive.gen": gen},
+    sync_actions={"naive.undo": undo},
+)
+"""
+
+
+async def test_values_the_database_refuses_are_400_for_any_plugin(
+    make_client: MakeClient, plugin_db: str, pstore: PostgresStore, tmp_path: Path
+) -> None:
+    """A plugin that sends a payload's value to SQL unchecked: what PostgreSQL or the driver
+    refuses as data (an integer beyond bigint, text where a number goes) is a 400."""
+    (tmp_path / "ckpg_naive_plugin.py").write_text(NAIVE_PLUGIN)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        (milk,) = await add_tasks(pstore, "alice", "Buy milk")
+        client = await make_client(
+            model=show_tasks_model(),
+            database_url=plugin_db,
+            chatkit_plugins=[PLUGIN, "ckpg_naive_plugin:plugin"],
+        )
+        thread_id, widget = await show_widget(client, pstore)
+        for kind, type_ in (
+            ("threads.custom_action", "naive.done"),
+            ("threads.sync_custom_action", "naive.undo"),
+        ):
+            for bad in (2**63, -(2**63) - 1, "milk"):
+                payload = {"task_id": bad}
+                response = await client.request(
+                    kind, action(thread_id, widget["id"], type_, payload)
+                )
+                assert response.status_code == 400, (kind, bad, response.text)
+                assert response.json()["error"]["code"] == "action_rejected"
+        # too late for a 400: an error event that says so, not a stream.error
+        late = action(thread_id, widget["id"], "naive.gen", {"task_id": 2**63})
+        (error,) = of_type(await client.stream("threads.custom_action", late), "error")
+        assert (error["code"], error["message"]) == ("custom", "The action was rejected.")
+        assert await done_flags(pstore, "alice") == {"Buy milk": False}
+        done = action(thread_id, widget["id"], "naive.done", {"task_id": milk})
+        await client.stream("threads.custom_action", done)
+        assert await done_flags(pstore, "alice") == {"Buy milk": True}
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("ckpg_naive_plugin", None)
 
 
 async def test_a_plugins_session_state_never_reaches_the_next_borrower(

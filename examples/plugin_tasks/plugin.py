@@ -12,19 +12,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 from agents import RunContextWrapper, function_tool
 from chatkit.agents import AgentContext
 from chatkit.types import ThreadStreamEvent
 from chatkit.widgets import DynamicWidgetRoot, WidgetRoot
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from app.context import RequestContext
 from app.plugins import (
     ActionContext,
     ActionRejectedError,
+    PgBigInt,
     Plugin,
     UserDatabase,
     replace_widget,
@@ -162,7 +163,8 @@ async def show_tasks(ctx: ToolContext) -> str:
 
 
 class TaskPayload(BaseModel):
-    task_id: int
+    # A bigint identity column: 1 to 2^63 - 1 (beyond, asyncpg cannot even send it).
+    task_id: Annotated[PgBigInt, Field(ge=1)]
 
 
 def _task_id(ctx: ActionContext) -> int:

@@ -526,6 +526,7 @@ def _statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
         "attachments.SQL_FINISH": (u, a, 5, "text/plain"),
         "attachments.SQL_DISCARD": (u, a),
         "attachments.SQL_FILE_INFO": (u, a),
+        "attachments.SQL_FILES_INFO": (u, [a]),
         "attachments.SQL_READ_CHUNKS": (u, a, 0, 4),
         "limits.SQL_RATE_ADMIT": (u, 0.5, 60.0),
         "limits.SQL_RATE_WAIT": (u, 0.5, 60.0),

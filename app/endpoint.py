@@ -231,5 +231,6 @@ async def _serve(
         tasks=runtime.tasks,
         heartbeat_seconds=settings.sse_heartbeat_seconds,
         error_chunk=error_chunk,
+        max_buffered_bytes=settings.stream_buffer_bytes,
     )
-    return SSEResponse(pump, on_close=on_close)
+    return SSEResponse(pump, stall_seconds=settings.stream_stall_seconds, on_close=on_close)

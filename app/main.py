@@ -29,6 +29,7 @@ from .agent import (
     connect_mcp_servers,
     load_instructions,
 )
+from .agent_run import PacedModel
 from .attachments import PgAttachmentStore
 from .auth import TokenVerifier, check_auth_settings
 from .background import TaskRegistry
@@ -168,7 +169,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
         mcp_servers = await connect_mcp_servers(settings, stack, identity)
         agent = build_agent(
             plugins.instructions(load_instructions(settings)),
-            model.model,
+            PacedModel(model.model),  # waits for the reply's reader (app.agent_run)
             mcp_servers,
             max_output_tokens=settings.max_output_tokens,
             tools=plugins.tools,

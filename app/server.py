@@ -11,9 +11,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from agents import Agent, RunConfig, Runner, TResponseInputItem
+from agents import Agent, RunConfig, TResponseInputItem
 from chatkit.actions import Action
-from chatkit.agents import AgentContext, ThreadItemConverter, stream_agent_response
+from chatkit.agents import AgentContext, ThreadItemConverter
 from chatkit.errors import CustomStreamError
 from chatkit.server import (
     DEFAULT_PAGE_SIZE,
@@ -65,6 +65,7 @@ from openai.types.responses import (
 from pydantic import TypeAdapter
 from pydantic_core import to_json
 
+from .agent_run import reply_events
 from .background import TaskRegistry
 from .context import RequestContext
 from .dictation import NO_TRANSCRIPTION, Transcriber
@@ -412,18 +413,17 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             request_context=context,
             db=self.user_database(context),
         )
-        result = Runner.run_streamed(
-            self.agent,
-            agent_input,
-            context=agent_context,
-            max_turns=self.options.max_turns,
-            run_config=self.run_config if files is None else files.run_config(self.run_config),
-        )
         ids = ItemIds(lambda: self.store.generate_item_id("message", thread, context))
         finished = False
         events = 0
         try:
-            async for event in stream_agent_response(agent_context, result):
+            async for event in reply_events(
+                self.agent,
+                agent_input,
+                agent_context,
+                max_turns=self.options.max_turns,
+                run_config=self.run_config if files is None else files.run_config(self.run_config),
+            ):
                 events += 1
                 yield ids.apply(clean_event(event))
             finished = True
@@ -431,10 +431,6 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             log.info("reply %s", "finished" if finished else "stopped", extra={"events": events})
             if files is not None:
                 files.release()
-            if not finished:
-                # Stop the model call and unblock the SDK's helper tasks.
-                result.cancel()
-                agent_context._complete()  # type: ignore[no-untyped-call]
         _reply_complete.set(True)
 
         if (

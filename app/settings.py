@@ -113,6 +113,20 @@ class Settings(BaseSettings):
     sse_heartbeat_seconds: float = Field(
         default=15.0, gt=0, description="Idle seconds before an SSE comment keeps a stream open."
     )
+    stream_buffer_bytes: int = Field(
+        default=256 * 1024,
+        ge=4096,
+        description="Bytes of a reply that may wait for a client reading slower than the model "
+        "writes (beyond what the sockets hold); one more and the stream is cut as on a "
+        "disconnect (the reply so far is saved). Bounds each stream's memory.",
+    )
+    stream_stall_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait for a client to take the next part of a stream; a client "
+        "that reads nothing for this long is cut as on a disconnect (the reply so far is "
+        "saved), so it holds no stream slot or model run.",
+    )
     cors_origins: CommaList = Field(
         default_factory=list, description="Browser origins allowed to call the API."
     )

@@ -1,23 +1,38 @@
-"""Server-sent events for ChatKit streams: a producer task, heartbeats and disconnects.
+"""Server-sent events for ChatKit streams: a producer task, heartbeats, disconnects and readers
+that stop reading.
 
 The ChatKit stream runs in a *pump* task of its own, not in the request's task. When the
 client goes away, the pump is cancelled exactly once, at the await it is blocked on (the model,
 a tool, the store), so the SDK's cancellation handler runs in a task that is not inside
-Starlette's cancelled scope and its saves can complete. The pump never blocks on the consumer
-(the queue is unbounded; a reply is bounded by what the model writes), so a cancellation always
-lands inside the SDK's code rather than between two events.
+Starlette's cancelled scope and its saves can complete. The pump never blocks on the consumer,
+so a cancellation always lands inside the SDK's code rather than between two events (blocking
+it would not bound memory anyway: the Agents SDK's run keeps reading the model into a queue of
+its own, whoever reads its events).
+
+What bounds a stream's memory and time whatever its reader does is a cut, made exactly as a
+disconnect is (the partial reply and the SDK's "cancelled" marker are saved):
+
+* the chunks waiting for the client may not exceed ``max_buffered_bytes``
+  (``STREAM_BUFFER_BYTES``): a client that reads slower than the model writes, by that much
+  beyond what the socket buffers hold, is cut at once;
+* one write to the client may not wait longer than ``stall_seconds`` (``STREAM_STALL_SECONDS``):
+  a client that stops reading is cut then, even once the reply is complete and saved, so a
+  stuck connection holds no stream slot for ever.
+
+A cut response cannot be finished (the last write would wait on the same full socket): it is
+left unfinished, and the server closes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any
 
 import anyio
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .background import TaskRegistry
 from .errors import ServiceUnavailableError
@@ -27,11 +42,14 @@ log = logging.getLogger(__name__)
 PING = b": ping\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-_END = object()
-
 
 class EventPump:
-    """Moves chunks from ``source`` (run in its own task) to the response, adding heartbeats."""
+    """Moves chunks from ``source`` (run in its own task) to the response, adding heartbeats.
+
+    Chunks wait in a buffer of at most ``max_buffered_bytes`` (a single chunk larger than that
+    still goes when nothing else waits); one more, and the pump gives up on the reader: the
+    buffer is dropped and ``cut`` is set, for the response to end the stream as on a
+    disconnect."""
 
     def __init__(
         self,
@@ -40,12 +58,18 @@ class EventPump:
         tasks: TaskRegistry,
         heartbeat_seconds: float,
         error_chunk: Callable[[BaseException], bytes],
+        max_buffered_bytes: int,
     ) -> None:
         self._source = source
         self._tasks = tasks
         self._heartbeat = heartbeat_seconds
         self._error_chunk = error_chunk
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._max_bytes = max_buffered_bytes
+        self._buffer: deque[bytes] = deque()
+        self.buffered_bytes = 0
+        self._ready = asyncio.Event()  # something is buffered, or the source has ended
+        self._ended = False
+        self.cut = asyncio.Event()  # the reader fell too far behind
         self._task: asyncio.Task[None] | None = None
         self.failed = False
         self.chunks_sent = 0
@@ -61,10 +85,26 @@ class EventPump:
             return True
         return False
 
+    def _push(self, chunk: bytes) -> None:
+        if self.cut.is_set():
+            return  # the reader is being cut: nothing more is kept for it
+        if self._buffer and self.buffered_bytes + len(chunk) > self._max_bytes:
+            log.warning(
+                "stream cut: the client is not reading",
+                extra={"reason": "buffer", "buffered_bytes": self.buffered_bytes},
+            )
+            self._buffer.clear()
+            self.buffered_bytes = 0
+            self.cut.set()
+            return
+        self._buffer.append(chunk)
+        self.buffered_bytes += len(chunk)
+        self._ready.set()
+
     async def _pump(self) -> None:
         try:
             async for chunk in self._source:
-                self._queue.put_nowait(chunk)
+                self._push(chunk)
         except Exception as exc:
             self.failed = True
             if isinstance(exc, ServiceUnavailableError):
@@ -77,46 +117,43 @@ class EventPump:
                 )
             else:
                 log.exception("stream failed after the response started")
-            self._queue.put_nowait(self._error_chunk(exc))
+            self._push(self._error_chunk(exc))
         finally:
-            self._queue.put_nowait(_END)
+            self._ended = True
+            self._ready.set()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        getter: asyncio.Future[Any] | None = None
-        try:
-            while True:
-                if getter is None:
-                    getter = asyncio.ensure_future(self._queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=self._heartbeat)
-                if not done:
+        while True:
+            if not self._buffer and not self._ended:
+                self._ready.clear()
+                try:
+                    async with asyncio.timeout(self._heartbeat):
+                        await self._ready.wait()
+                except TimeoutError:
                     yield PING
                     continue
-                batch = [getter.result()]
-                getter = None
-                # Everything already queued goes out in one write (fewer sends when the model
-                # is faster than the network).
-                while not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                end = any(item is _END for item in batch)
-                chunks = [item for item in batch if item is not _END]
-                if chunks:
-                    self.chunks_sent += len(chunks)
-                    yield b"".join(chunks)
-                if end:
-                    return
-        finally:
-            if getter is not None:
-                getter.cancel()
+            if self._buffer:
+                # Everything already buffered goes out in one write (fewer sends when the
+                # model is faster than the network); at most ``max_buffered_bytes``.
+                batch = b"".join(self._buffer)
+                self.chunks_sent += len(self._buffer)
+                self._buffer.clear()
+                self.buffered_bytes = 0
+                yield batch
+            elif self._ended:
+                return
 
 
 class SSEResponse(StreamingResponse):
     """Streams an ``EventPump``; always listens for ``http.disconnect`` so an idle stream
-    notices a client that left, and cancels the producer when the response ends early."""
+    notices a client that left, cuts a client that stops reading (see the module's doc), and
+    cancels the producer when the response ends early."""
 
     def __init__(
         self,
         pump: EventPump,
         *,
+        stall_seconds: float,
         on_close: Callable[[str], None] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
@@ -126,10 +163,12 @@ class SSEResponse(StreamingResponse):
             headers={**SSE_HEADERS, **(headers or {})},
         )
         self._pump = pump
+        self._stall_seconds = stall_seconds
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
+        cut = False
         self._pump.start()
         try:
             async with anyio.create_task_group() as tg:
@@ -141,14 +180,40 @@ class SSEResponse(StreamingResponse):
                             break
                     tg.cancel_scope.cancel()
 
+                async def watch_the_buffer() -> None:
+                    nonlocal cut
+                    await self._pump.cut.wait()
+                    cut = True
+                    tg.cancel_scope.cancel()
+
+                async def send_or_cut(message: Message) -> None:
+                    nonlocal cut
+                    # A write waits only while the socket is full (the server drains before it
+                    # writes), so one cancelled here has written nothing.
+                    with anyio.move_on_after(self._stall_seconds) as waited:
+                        await send(message)
+                    if waited.cancelled_caught:
+                        log.warning(
+                            "stream cut: the client is not reading",
+                            extra={"reason": "stall", "duration_ms": self._stall_seconds * 1000},
+                        )
+                        cut = True
+                        tg.cancel_scope.cancel()
+
                 tg.start_soon(listen_for_disconnect)
-                await self.stream_response(send)
-                completed = True
+                tg.start_soon(watch_the_buffer)
+                await self.stream_response(send_or_cut)
+                completed = not cut
                 tg.cancel_scope.cancel()
         except OSError:
             pass  # the client went away while we were writing
         finally:
             self._pump.stop()
-            outcome = "error" if self._pump.failed else "completed" if completed else "disconnected"
+            if self._pump.failed:
+                outcome = "error"
+            elif cut:
+                outcome = "stalled"
+            else:
+                outcome = "completed" if completed else "disconnected"
             if self._on_close is not None:
                 self._on_close(outcome)

@@ -528,9 +528,18 @@ def _preexec(cpu: int | None) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def server_process(url: str, args: argparse.Namespace, cpu: int | None) -> Iterator[Server]:
+def server_process(
+    url: str,
+    args: argparse.Namespace,
+    cpu: int | None,
+    *,
+    extra_env: dict[str, str] | None = None,
+    log_name: str = "soak-server.log",
+) -> Iterator[Server]:
+    """The soak app in a uvicorn process of its own; ``extra_env`` adds settings (other
+    benchmarks reuse it: bench/stall_bench.py)."""
     port = free_port()
-    log = RESULTS_DIR / "soak-server.log"
+    log = RESULTS_DIR / log_name
     env = {
         k: v
         for k, v in os.environ.items()
@@ -552,6 +561,7 @@ def server_process(url: str, args: argparse.Namespace, cpu: int | None) -> Itera
         env["DB_MAX_OVERFLOW"] = str(args.max_overflow)
     if args.without_limits:
         env["SOAK_WITHOUT_LIMITS"] = "1"
+    env |= extra_env or {}
     cmd = [
         sys.executable, "-m", "uvicorn", "bench.soak_app:create_soak_app", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",

@@ -62,7 +62,8 @@ class SoakModel(Model):
         deltas, interval, tag = (
             (int(match[1]), float(match[2]) / 1000, match[3]) if match else (10, 0.05, "x")
         )
-        chunks = [delta_text(tag, n) for n in range(1, deltas + 1)]
+        # Made as they are sent: a long reply costs the model nothing up front (bench/stall_bench).
+        chunks = (delta_text(tag, n) for n in range(1, deltas + 1))
         for event in text_response_events(chunks, item_id=new_id("message")):
             if event.type == "response.output_text.delta":
                 await asyncio.sleep(interval)

@@ -185,6 +185,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
                 thread_titles=settings.thread_titles,
                 tracing=settings.agents_tracing,
                 max_attachments_per_message=settings.max_attachments_per_message,
+                save_retry_seconds=settings.save_retry_seconds,
             ),
             title_agent=None if model.is_offline else build_title_agent(model.model),
             tasks=tasks,

@@ -70,6 +70,18 @@ SQL_SESSION_SETUP = (
 _CUT_SHORT = (asyncio.CancelledError, TimeoutError)
 """How a borrow ends when its caller gave up on it: the connection may be mid-query."""
 
+MAX_ABANDONED = 1000
+FENCE_POLL_SECONDS = 0.05
+# The backends the pool gave up on that still run: same database and role, and started before
+# the pool gave up on them ($2: seconds ago), so a pid the system reused since is not one.
+_ABANDONED = (
+    "FROM pg_stat_activity a JOIN unnest($1::int[], $2::float8[]) AS g(pid, age) "
+    "ON g.pid = a.pid WHERE a.datname = current_database() AND a.usename = current_user "
+    "AND a.backend_start < now() - make_interval(secs => g.age)"
+)
+SQL_TERMINATE_ABANDONED = f"SELECT pg_terminate_backend(a.pid) {_ABANDONED}"
+SQL_COUNT_ABANDONED = f"SELECT count(*) {_ABANDONED}"
+
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """asyncpg has already rolled back any open transaction; the app leaves no session state."""
@@ -93,6 +105,9 @@ class ConnectionPool:
         # A plan-cache mode the caller pins (tests check plans in each mode) is left alone.
         self._generic_plans = "plan_cache_mode" not in (session or {})
         self.observer: PoolObserver | None = None
+        # Server pid → when the pool gave up on that connection after a failure that may have
+        # left a statement in the server's hands (see ``fence``).
+        self.abandoned: dict[int, float] = {}
         self.pool = asyncpg.create_pool(
             asyncpg_dsn(url),
             min_size=0,
@@ -133,6 +148,32 @@ class ConnectionPool:
     def size(self) -> int:
         """Connections open now (borrowed or idle)."""
         return int(self.pool.get_size())
+
+    def abandon(self, conn: asyncpg.Connection) -> None:
+        """Remember a connection given up on with a statement perhaps still in the server's
+        hands (a command timeout while the server was stalled): it may yet commit."""
+        if len(self.abandoned) >= MAX_ABANDONED:
+            del self.abandoned[next(iter(self.abandoned))]  # the oldest: long settled
+        self.abandoned[conn.get_server_pid()] = time.monotonic()
+
+    async def fence(self) -> None:
+        """Return once no backend the pool gave up on is running: each one still there is
+        terminated first. Then nothing it was sent can commit any more, and what it did commit
+        can be read. Raises if the database does not answer (the caller retries later); the
+        caller bounds the wait."""
+        if not self.abandoned:
+            return
+        given_up = dict(self.abandoned)
+        pids = list(given_up)
+        async with self.acquire() as conn:
+            ages = [time.monotonic() - given_up[pid] for pid in pids]
+            await conn.fetch(SQL_TERMINATE_ABANDONED, pids, ages)
+            while await conn.fetchval(SQL_COUNT_ABANDONED, pids, ages):
+                await asyncio.sleep(FENCE_POLL_SECONDS)
+                ages = [time.monotonic() - given_up[pid] for pid in pids]
+        for pid in pids:
+            if self.abandoned.get(pid) == given_up[pid]:
+                del self.abandoned[pid]
 
     def acquire(self) -> _Borrow:
         """Borrow a connection for one short call (``async with pool.acquire() as conn``).
@@ -204,6 +245,9 @@ class _Borrow:
             # Unusable (the server closed it, or did not answer in time: TimeoutError is an
             # OSError): the rest of its generation is suspect too and is renewed.
             gone = exc is not None and is_disconnect(exc)
+            if cut_short or gone:
+                # Its statement, if it reached the server, may still commit (app.settle).
+                owner.abandon(conn)
             if (cut_short or gone) and not conn.is_closed():
                 conn.terminate()
             if gone:

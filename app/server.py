@@ -29,6 +29,7 @@ from chatkit.types import (
     AudioInput,
     ChatKitReq,
     ClientToolCallItem,
+    ErrorEvent,
     FeedbackKind,
     HiddenContextItem,
     InputTranscribeReq,
@@ -86,6 +87,7 @@ from .plugins import (
     refusing_bad_values,
 )
 from .sanitize import clean_model
+from .settle import SettledWrites
 from .store import PostgresStore
 from .stream_events import ItemIds, clean_event
 from .titles import make_title
@@ -172,6 +174,8 @@ class ServerOptions:
     tracing: bool = False
     title_timeout_seconds: float = 20.0
     max_attachments_per_message: int = 10
+    # How long a write of a reply whose outcome is unknown is retried (app.settle); 0: never.
+    save_retry_seconds: float = 30.0
 
 
 class ChatKitPgServer(ChatKitServer[RequestContext]):
@@ -189,12 +193,16 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         plugin_store: PostgresStore | None = None,
         transcriber: Transcriber | None = None,
     ) -> None:
-        super().__init__(store, attachment_store)
-        self.agent = agent
         self.options = options or ServerOptions()
+        self.tasks = tasks or TaskRegistry()
+        # A reply's writes are settled before the client is told how they went (app.settle).
+        settled = SettledWrites(
+            store, tasks=self.tasks, retry_seconds=self.options.save_retry_seconds
+        )
+        super().__init__(settled, attachment_store)
+        self.agent = agent
         # None means "derive titles from the first message" (the offline model).
         self.title_agent = title_agent
-        self.tasks = tasks or TaskRegistry()
         # A converter, or a factory making one per request (for converters bound to a user).
         self.converter = converter or PgThreadItemConverter()
         # Widget actions go to plugins (app.plugins), whose tables live in the store's database.
@@ -446,6 +454,30 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             )
             if title:
                 thread.title = title  # the SDK saves it and sends thread.updated
+
+    async def _process_events(
+        self,
+        thread: ThreadMetadata,
+        context: RequestContext,
+        stream: Callable[[], AsyncIterator[ThreadStreamEvent]],
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        """The SDK's, except that once the reply is complete and saved, nothing after it (its
+        title, the thread's save) ends the stream in an error: the client would show as failed,
+        and offer to retry, a reply the thread keeps. Such a failure is only logged (the SDK
+        logs its exception too); the title is then simply not there, on either side."""
+        try:
+            async for event in super()._process_events(thread, context, stream):
+                if isinstance(event, ErrorEvent) and _reply_complete.get():
+                    log.warning("a step after the complete reply failed; the reply stands")
+                    continue
+                yield event
+        except Exception as exc:
+            if not _reply_complete.get():
+                raise
+            log.warning(
+                "a step after the complete reply failed; the reply stands",
+                extra={"reason": type(exc).__name__},
+            )
 
     # --- cancellation ----------------------------------------------------------------------
 

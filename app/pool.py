@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import asyncpg
@@ -70,6 +71,16 @@ SQL_SESSION_SETUP = (
 _CUT_SHORT = (asyncio.CancelledError, TimeoutError)
 """How a borrow ends when its caller gave up on it: the connection may be mid-query."""
 
+
+def abandoned_here() -> int:
+    """How many connections the pool gave up on mid-call in this task so far: a call that
+    failed while this grew may have left its statement in the server's hands (its outcome is
+    unknown); one that failed without (no connection, refused) certainly did nothing."""
+    return _abandoned_here.get()
+
+
+# Set in the borrower's own task (``__aexit__`` runs in it): the caller sees it.
+_abandoned_here: ContextVar[int] = ContextVar("abandoned_here", default=0)
 MAX_ABANDONED = 1000
 FENCE_POLL_SECONDS = 0.05
 # The backends the pool gave up on that still run: same database and role, and started before
@@ -149,12 +160,13 @@ class ConnectionPool:
         """Connections open now (borrowed or idle)."""
         return int(self.pool.get_size())
 
-    def abandon(self, conn: asyncpg.Connection) -> None:
+    def abandon(self, server_pid: int) -> None:
         """Remember a connection given up on with a statement perhaps still in the server's
         hands (a command timeout while the server was stalled): it may yet commit."""
+        _abandoned_here.set(_abandoned_here.get() + 1)
         if len(self.abandoned) >= MAX_ABANDONED:
             del self.abandoned[next(iter(self.abandoned))]  # the oldest: long settled
-        self.abandoned[conn.get_server_pid()] = time.monotonic()
+        self.abandoned[server_pid] = time.monotonic()
 
     async def fence(self) -> None:
         """Return once no backend the pool gave up on is running: each one still there is
@@ -192,11 +204,12 @@ class _Borrow:
     the wait is bounded with ``asyncio.timeout`` rather than asyncpg's ``acquire(timeout=)``,
     which wraps every acquire in a task (``wait_for``) on Python 3.11."""
 
-    __slots__ = ("_conn", "_owner", "_started")
+    __slots__ = ("_conn", "_owner", "_pid", "_started")
 
     def __init__(self, owner: ConnectionPool) -> None:
         self._owner = owner
         self._conn: asyncpg.Connection | None = None
+        self._pid = 0  # the server process (asyncpg may detach a lost connection before exit)
         self._started = 0.0
 
     async def __aenter__(self) -> asyncpg.Connection:
@@ -217,6 +230,7 @@ class _Borrow:
         finally:
             owner.waiting -= 1
         self._conn = conn
+        self._pid = conn.get_server_pid()
         owner._outstanding += 1
         owner.in_use += 1
         if owner.in_use > owner.peak_in_use:
@@ -247,7 +261,7 @@ class _Borrow:
             gone = exc is not None and is_disconnect(exc)
             if cut_short or gone:
                 # Its statement, if it reached the server, may still commit (app.settle).
-                owner.abandon(conn)
+                owner.abandon(self._pid)
             if (cut_short or gone) and not conn.is_closed():
                 conn.terminate()
             if gone:

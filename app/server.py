@@ -37,6 +37,7 @@ from chatkit.types import (
     ItemsListReq,
     Page,
     SDKHiddenContextItem,
+    StreamingReq,
     StructuredInputItem,
     SyncCustomActionResponse,
     ThreadItem,
@@ -87,7 +88,7 @@ from .plugins import (
     refusing_bad_values,
 )
 from .sanitize import clean_model
-from .settle import SettledWrites
+from .settle import SettledWrites, settle_writes_here
 from .store import PostgresStore
 from .stream_events import ItemIds, clean_event
 from .titles import make_title
@@ -261,6 +262,21 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         if is_streaming_req(request):
             return StreamingResult(self._process_streaming(request, context))
         return NonStreamingResult(await self._process_non_streaming(request, context))
+
+    async def _process_streaming(
+        self, request: StreamingReq, context: RequestContext
+    ) -> AsyncGenerator[bytes, None]:
+        """The SDK's, with the stream's writes settled (app.settle): set here, in the
+        stream's own task, so that it reaches no other request."""
+        settle_writes_here()
+        try:
+            async for event in self._process_streaming_impl(request, context):
+                yield b"data: " + self._serialize(event) + b"\n\n"
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("Error while generating streamed response")
+            raise
 
     async def _list_items(self, request: ItemsListReq, context: RequestContext) -> bytes:
         """``items.list`` as the SDK does it, in one query when the thread has items: a page
@@ -581,6 +597,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
                 raise CustomStreamError(exc.message, allow_retry=False) from exc
 
         async def stream() -> AsyncGenerator[bytes, None]:
+            settle_writes_here()  # in the stream's task: its writes, not the checks before
             async for event in self._process_events(action_context.thread, context, guarded):
                 yield b"data: " + self._serialize(event) + b"\n\n"
 

@@ -7,9 +7,11 @@ command timeout has given up on it. A stream that reported that failure (an ``er
 PostgreSQL, the stale ``INSERT`` commits the moment the server is resumed.
 
 The item writes are idempotent (the same item added again is harmless; deleting a missing item
-is a no-op; replacing and saving a thread are upserts), so ``SettledWrites`` tries a failed one
+is a no-op; replacing and saving a thread are upserts), so ``SettledWrites`` tries one whose
+outcome is unknown (the pool gave up on its connection mid-statement: ``abandoned_here``)
 again until a try succeeds (the item is then stored, whatever the first did), for up to
-``SAVE_RETRY_SECONDS``. Past that the error stands, and an item that may have been added
+``SAVE_RETRY_SECONDS``. A failure that certainly did nothing (no connection to be had: the
+server down or refusing) is reported at once, as before. Past that the error stands, and an item that may have been added
 after all is taken back in the background once the database answers: after every backend the
 pool gave up on has ended (``ConnectionPool.fence``), so a late commit cannot outlive the error
 the client was shown. (A replaced item or a workflow, which existed before, is left as it is.)
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from chatkit.store import Store, StoreItemType
@@ -28,7 +31,7 @@ from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
 
 from .background import TaskRegistry
 from .errors import ServiceUnavailableError
-from .pool import ConnectionPool
+from .pool import ConnectionPool, abandoned_here
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,16 @@ MAX_RETRY_GAP_SECONDS = 2.0
 UNDO_WITHIN_SECONDS = 900.0
 """How long the background undo of an unsettled add keeps waiting for the database."""
 FENCE_SECONDS = 10.0
+
+
+_settling: ContextVar[bool] = ContextVar("settle_writes", default=False)
+
+
+def settle_writes_here() -> None:
+    """Writes from here on in this context (a stream about to start: its client learns how
+    they went only later, in the stream) are settled. A plain request's failed write stays a
+    503 at once: its client knows it failed and may send it again."""
+    _settling.set(True)
 
 
 class SettledWrites(Store[Any]):
@@ -57,13 +70,16 @@ class SettledWrites(Store[Any]):
     # --- the writes ------------------------------------------------------------------------
 
     async def _settle(self, write: Callable[[], Awaitable[None]]) -> None:
-        """Run ``write``; on a failure of the database, run it again until it succeeds or the
-        retries are over (the last failure is raised: the outcome stays unknown)."""
+        """Run ``write``. A failure whose outcome is unknown (the pool gave up on the call's
+        connection mid-statement) is followed by more tries, until one succeeds or the
+        retries are over (then the last failure is raised). A failure that certainly did
+        nothing (no connection could be had) is raised at once."""
+        before = abandoned_here()
         try:
             await write()
             return
         except ServiceUnavailableError as exc:
-            if self._retry_seconds <= 0:
+            if not _settling.get() or self._retry_seconds <= 0 or abandoned_here() == before:
                 raise
             failure = exc
             cause = exc.__cause__
@@ -86,10 +102,13 @@ class SettledWrites(Store[Any]):
         raise failure
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
+        before = abandoned_here()
         try:
             await self._settle(lambda: self.inner.add_thread_item(thread_id, item, context))
         except ServiceUnavailableError:
-            if item.type != "workflow":  # a workflow adds itself again: it existed before
+            # Still unknown (not a failure that did nothing); a workflow adds itself again,
+            # it existed before.
+            if _settling.get() and abandoned_here() != before and item.type != "workflow":
                 self._undo_later(thread_id, item.id, context)
             raise
 

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         default="chatkit-pg",
         description="application_name of the service's connections (pg_stat_activity).",
     )
+    save_retry_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a reply's write whose outcome is unknown (the database stopped "
+        "answering mid-statement) is tried again before the stream reports the error; 0 turns "
+        "the retries off.",
+    )
 
     # --- HTTP server -------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Interface uvicorn binds to.")
@@ -126,13 +133,6 @@ class Settings(BaseSettings):
         description="Longest wait for a client to take the next part of a stream; a client "
         "that reads nothing for this long is cut as on a disconnect (the reply so far is "
         "saved), so it holds no stream slot or model run.",
-    )
-    save_retry_seconds: float = Field(
-        default=30.0,
-        ge=0,
-        description="How long a reply's write whose outcome is unknown (the database stopped "
-        "answering mid-statement) is tried again before the stream reports the error; 0 turns "
-        "the retries off.",
     )
     cors_origins: CommaList = Field(
         default_factory=list, description="Browser origins allowed to call the API."

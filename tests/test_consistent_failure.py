@@ -39,7 +39,7 @@ from tests.chatkit_client import ChatKitClient, done_items, of_type, user_input
 from tests.conftest import TABLES
 from tests.pgharness import migrate
 from tests.pginstance import PgInstance, private_postgres
-from tests.test_faults import DEADLINE, GatedModel, stream_error, until, value
+from tests.test_faults import DEADLINE, GatedModel, now, report, stream_error, until, value
 
 DATABASE = "ckpg_consistent"
 APP_NAME = "chatkit-pg-consistent"
@@ -187,8 +187,10 @@ async def second_turn_saved_while_frozen(
         await until(value(lambda: runtime.pool.size() == 0), "the app to give up the statement")
         if resume == "after":
             events = await asyncio.wait_for(turn, DEADLINE)
+        resumed_at = now()
     if resume == "at once":
         events = await asyncio.wait_for(turn, DEADLINE)
+        report("frozen while a reply is saved: stream ended after the resume", now() - resumed_at)
     return thread_id, events, before
 
 
@@ -232,7 +234,11 @@ async def test_a_reply_reported_failed_is_not_left_in_the_thread(
     )
     stream_error(events)
     assert not done_items(events, "assistant_message")
+    resumed_at = now()
     await settled(pg, client, before)
+    report(
+        "frozen past the retries: reply checked and taken back after the resume", now() - resumed_at
+    )
     stored = await stored_replies(pg, thread_id)
     assert len(stored) == 1, stored  # turn 1's reply only
 

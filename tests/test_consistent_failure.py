@@ -1,6 +1,6 @@
 """A stream never reports an error for a reply it stored, nor success for one it did not: the
 client's view and the thread agree, while PostgreSQL is frozen (SIGSTOP on every process of a
-private server, tests/pginstance.py: a hung host, a stalled disk) and after it resumes.
+private server, tests/pgfreeze.py: a hung host, a stalled disk) and after it resumes.
 
 What made them disagree: a statement the frozen server had received (the reply's ``INSERT``,
 already prepared on the connection, so sent in one write) outlived asyncpg's command timeout,
@@ -20,15 +20,12 @@ backend is gone once resumed) under a generous deadline; nothing depends on a sl
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
 import httpx
-import psutil
 import pytest
 from agents.testing import ModelStep, ScriptedModel, assistant_message
 
@@ -37,6 +34,7 @@ from app.runtime import Runtime
 from app.settings import Settings
 from tests.chatkit_client import ChatKitClient, done_items, of_type, user_input
 from tests.conftest import TABLES
+from tests.pgfreeze import frozen
 from tests.pgharness import migrate
 from tests.pginstance import PgInstance, private_postgres
 from tests.test_faults import DEADLINE, GatedModel, now, report, stream_error, until, value
@@ -66,41 +64,11 @@ async def private_url(private_pg: PgInstance) -> str:
 @pytest.fixture
 async def pg(private_pg: PgInstance, private_url: str) -> AsyncIterator[PgInstance]:
     yield private_pg
-    thaw(private_pg)  # whatever a failure left frozen
     conn = await asyncpg.connect(private_pg.dsn(DATABASE))
     try:
         await conn.execute(f"TRUNCATE {TABLES} CASCADE")
     finally:
         await conn.close()
-
-
-@contextmanager
-def frozen(pg: PgInstance) -> Iterator[None]:
-    """Every process of the server stopped (the postmaster first: it forks no more), resumed
-    on the way out."""
-    pid = pg.postmaster_pid()
-    assert pid is not None
-    master = psutil.Process(pid)
-    master.send_signal(signal.SIGSTOP)
-    try:
-        signal_all(master.children(recursive=True), signal.SIGSTOP)
-        yield
-    finally:
-        thaw(pg)
-
-
-def thaw(pg: PgInstance) -> None:
-    pid = pg.postmaster_pid()
-    if pid is None:
-        return
-    master = psutil.Process(pid)
-    signal_all([master, *master.children(recursive=True)], signal.SIGCONT)
-
-
-def signal_all(processes: list[psutil.Process], sig: signal.Signals) -> None:
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):  # a backend that has just exited
-            process.send_signal(sig)
 
 
 async def fetch(pg: PgInstance, sql: str, *args: Any) -> list[asyncpg.Record]:

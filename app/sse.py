@@ -20,7 +20,8 @@ disconnect is (the partial reply and the SDK's "cancelled" marker are saved):
   stuck connection holds no stream slot for ever.
 
 A cut response cannot be finished (the last write would wait on the same full socket): it is
-left unfinished, and the server closes the connection.
+left unfinished, and the server closes the connection (uvicorn logs "ASGI callable returned
+without completing response" for it; ASGI gives an app no way to abort a connection).
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    """``argv`` None (``python -m bench stall``): the defaults."""
+    args = parse_args(argv or [])
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
     with database_server() as pg:

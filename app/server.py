@@ -17,7 +17,6 @@ from chatkit.agents import AgentContext, ThreadItemConverter
 from chatkit.errors import CustomStreamError
 from chatkit.server import (
     DEFAULT_PAGE_SIZE,
-    ChatKitServer,
     NonStreamingResult,
     StreamingResult,
 )
@@ -29,7 +28,6 @@ from chatkit.types import (
     AudioInput,
     ChatKitReq,
     ClientToolCallItem,
-    ErrorEvent,
     FeedbackKind,
     HiddenContextItem,
     InputTranscribeReq,
@@ -37,7 +35,6 @@ from chatkit.types import (
     ItemsListReq,
     Page,
     SDKHiddenContextItem,
-    StreamingReq,
     StructuredInputItem,
     SyncCustomActionResponse,
     ThreadItem,
@@ -91,15 +88,13 @@ from .sanitize import clean_model
 from .settle import SettledWrites, settle_writes_here
 from .store import PostgresStore
 from .stream_events import ItemIds, clean_event
+from .stream_outcome import ConsistentStreams, reply_complete
 from .titles import make_title
 
 log = logging.getLogger(__name__)
 
 CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
 
-# Set once the model's reply is complete (in the stream's own task): a cancellation after that
-# point (while the title is made) has no partial reply to save and nothing to mark.
-_reply_complete: ContextVar[bool] = ContextVar("reply_complete", default=False)
 # The thread and widget an action's precheck loaded, reused by ``process_parsed`` (the endpoint
 # awaits both in one context), so an action reads them once.
 _action_target: ContextVar[tuple[ThreadMetadata, WidgetItem] | None] = ContextVar(
@@ -179,7 +174,7 @@ class ServerOptions:
     save_retry_seconds: float = 30.0
 
 
-class ChatKitPgServer(ChatKitServer[RequestContext]):
+class ChatKitPgServer(ConsistentStreams):
     def __init__(
         self,
         store: Store[RequestContext],
@@ -262,21 +257,6 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         if is_streaming_req(request):
             return StreamingResult(self._process_streaming(request, context))
         return NonStreamingResult(await self._process_non_streaming(request, context))
-
-    async def _process_streaming(
-        self, request: StreamingReq, context: RequestContext
-    ) -> AsyncGenerator[bytes, None]:
-        """The SDK's, with the stream's writes settled (app.settle): set here, in the
-        stream's own task, so that it reaches no other request."""
-        settle_writes_here()
-        try:
-            async for event in self._process_streaming_impl(request, context):
-                yield b"data: " + self._serialize(event) + b"\n\n"
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("Error while generating streamed response")
-            raise
 
     async def _list_items(self, request: ItemsListReq, context: RequestContext) -> bytes:
         """``items.list`` as the SDK does it, in one query when the thread has items: a page
@@ -416,7 +396,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
         thread_id_var.set(thread.id)
-        _reply_complete.set(False)
+        reply_complete.set(False)
         lease = current_lease.get()
         if lease is not None:
             await lease.attach(thread.id)  # a new thread's reply claims it
@@ -455,7 +435,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             log.info("reply %s", "finished" if finished else "stopped", extra={"events": events})
             if files is not None:
                 files.release()
-        _reply_complete.set(True)
+        reply_complete.set(True)
 
         if (
             input_user_message is not None
@@ -471,30 +451,6 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
             if title:
                 thread.title = title  # the SDK saves it and sends thread.updated
 
-    async def _process_events(
-        self,
-        thread: ThreadMetadata,
-        context: RequestContext,
-        stream: Callable[[], AsyncIterator[ThreadStreamEvent]],
-    ) -> AsyncIterator[ThreadStreamEvent]:
-        """The SDK's, except that once the reply is complete and saved, nothing after it (its
-        title, the thread's save) ends the stream in an error: the client would show as failed,
-        and offer to retry, a reply the thread keeps. Such a failure is only logged (the SDK
-        logs its exception too); the title is then simply not there, on either side."""
-        try:
-            async for event in super()._process_events(thread, context, stream):
-                if isinstance(event, ErrorEvent) and _reply_complete.get():
-                    log.warning("a step after the complete reply failed; the reply stands")
-                    continue
-                yield event
-        except Exception as exc:
-            if not _reply_complete.get():
-                raise
-            log.warning(
-                "a step after the complete reply failed; the reply stands",
-                extra={"reason": type(exc).__name__},
-            )
-
     # --- cancellation ----------------------------------------------------------------------
 
     async def handle_stream_cancelled(
@@ -508,7 +464,7 @@ class ChatKitPgServer(ChatKitServer[RequestContext]):
         The saves run in a task of their own (kept by the registry, which shutdown waits for);
         shielding means a second cancellation stops only our waiting, never the saves.
         """
-        if not pending_items and _reply_complete.get():
+        if not pending_items and reply_complete.get():
             return
         items = [clean_model(item) for item in pending_items]
         save = self.tasks.spawn(

@@ -17,10 +17,29 @@ if [ -f "$bundle" ]; then
 fi
 cache=${CHATKIT_CI_CACHE:-/var/cache/chatkit-pg-ci}/uv
 mkdir -p "$cache"
+# The releases run side by side (their suites mostly wait on servers and clients, so two fit
+# on two cores), each into its own log, printed whole once both are done.
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+pids=()
 for release in "${releases[@]}"; do
   image=$(.ci/python-image/build.sh "$release")
-  echo "=== $release: $(docker run --rm "$image" python3 -V)" >&2
-  docker run --rm --network host --shm-size=1g "${tls[@]}" -e UV_LINK_MODE=copy \
-    -v "$PWD:/src:ro" -v "$cache:/root/.cache/uv" \
-    "$image" bash /src/.ci/python-image/inside.sh
+  (
+    echo "=== $release: $(docker run --rm "$image" python3 -V)"
+    docker run --rm --network host --shm-size=1g "${tls[@]}" -e UV_LINK_MODE=copy \
+      -v "$PWD:/src:ro" -v "$cache:/root/.cache/uv" \
+      "$image" bash /src/.ci/python-image/inside.sh
+  ) >"$logs/$release.log" 2>&1 &
+  pids+=($!)
 done
+failed=()
+for i in "${!releases[@]}"; do
+  wait "${pids[$i]}" || failed+=("${releases[$i]}")
+done
+for release in "${releases[@]}"; do
+  cat "$logs/$release.log"
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "failed on: ${failed[*]}" >&2
+  exit 1
+fi

@@ -18,7 +18,8 @@ fi
 cache=${CHATKIT_CI_CACHE:-/var/cache/chatkit-pg-ci}/uv
 mkdir -p "$cache"
 # The releases run side by side (their suites mostly wait on servers and clients, so two fit
-# on two cores), each into its own log, printed whole once both are done.
+# on two cores), each into its own log, printed whole once both are done. Each container has a
+# network of its own (the default bridge): its loopback ports are its own, whatever runs beside.
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 pids=()
@@ -26,7 +27,7 @@ for release in "${releases[@]}"; do
   image=$(.ci/python-image/build.sh "$release")
   (
     echo "=== $release: $(docker run --rm "$image" python3 -V)"
-    docker run --rm --network host --shm-size=1g "${tls[@]}" -e UV_LINK_MODE=copy \
+    docker run --rm --shm-size=1g "${tls[@]}" -e UV_LINK_MODE=copy \
       -v "$PWD:/src:ro" -v "$cache:/root/.cache/uv" \
       "$image" bash /src/.ci/python-image/inside.sh
   ) >"$logs/$release.log" 2>&1 &

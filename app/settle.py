@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
 from chatkit.store import Store, StoreItemType
-from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
+from chatkit.types import Attachment, FeedbackKind, Page, ThreadItem, ThreadMetadata
 
 from .background import TaskRegistry
 from .errors import ServiceUnavailableError
@@ -160,6 +160,17 @@ class SettledWrites(Store[Any]):
         self, item_type: StoreItemType, thread: ThreadMetadata, context: Any
     ) -> str:
         return self.inner.generate_item_id(item_type, thread, context)
+
+    # Feedback is written by plain requests only (never retried), but is defined here all the
+    # same: since Python 3.12 a runtime protocol check (``isinstance``) does not see what
+    # ``__getattr__`` forwards, so a store's optional methods must be real ones.
+    async def save_feedback(
+        self, thread_id: str, item_ids: Sequence[str], kind: FeedbackKind, context: Any
+    ) -> None:
+        await self.inner.save_feedback(thread_id, item_ids, kind, context)  # type: ignore[attr-defined]
+
+    async def load_feedback(self, thread_id: str, context: Any) -> dict[str, str]:
+        return await self.inner.load_feedback(thread_id, context)  # type: ignore[attr-defined, no-any-return]
 
     async def load_thread(self, thread_id: str, context: Any) -> ThreadMetadata:
         return await self.inner.load_thread(thread_id, context)

@@ -450,7 +450,9 @@ async def test_every_route_to_the_app_is_rate_limited_per_ip(
     assert "limiting requests" in nginx.error_log()  # logged at warn
 
 
-async def test_the_apps_own_429_passes_through_nginx_unchanged(tmp_path: Path) -> None:
+async def test_the_apps_own_429_passes_through_nginx_unchanged(
+    tmp_path: Path, nginx_binary: str
+) -> None:
     """Retry-After is added to nginx's own 429s only: an upstream 429 keeps its single
     header and its body. The upstream here is a one-answer HTTP server, so that its 429 is
     certain (the app's per-user limits have their own tests)."""

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from datetime import timedelta
 
 from agents.testing import ScriptedModel, assistant_message
 
+from app.background import TaskRegistry
+from app.metered_store import MeteredStore
+from app.observability import Metrics
+from app.server import FeedbackStore
+from app.settle import SettledWrites
 from app.store import PostgresStore
 from tests import factories as f
 from tests.chatkit_client import assistant_text, done_items, of_type, user_input
@@ -266,3 +272,18 @@ async def test_user_input_options_are_kept(make_client: MakeClient, store: Postg
     )
     (message,) = done_items(events, "user_message")
     assert message["quoted_text"] == "an earlier line"
+
+
+def test_the_servers_store_wrappers_define_the_optional_methods(store: PostgresStore) -> None:
+    """The server wraps its store (metrics, settled writes) and asks for feedback support with
+    a runtime protocol check. Since Python 3.12 that check looks attributes up statically, so
+    a wrapper that only forwarded them through ``__getattr__`` made the server answer "does not
+    record feedback" on 3.12+ alone; this looks them up the same way on every Python."""
+    wrapped = SettledWrites(
+        MeteredStore(store, Metrics().store_seconds),
+        tasks=TaskRegistry(),
+        retry_seconds=0,
+    )
+    for name in ("save_feedback", "load_feedback"):
+        assert callable(inspect.getattr_static(wrapped, name)), name
+    assert isinstance(wrapped, FeedbackStore)

@@ -161,6 +161,13 @@ class ContentMismatchError(InvalidInputError):
     public_message = "The file's content does not match its declared type or size."
 
 
+class UploadInterruptedError(InvalidInputError):
+    """The client went away before the upload's body ended (app.files.routes)."""
+
+    code = "client_disconnected"
+    public_message = "The upload was interrupted."
+
+
 class UploadConflictError(AppError):
     status_code = 409
     code = "upload_conflict"

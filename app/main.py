@@ -106,7 +106,7 @@ def create_app(
     app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
     # Attachment bytes (app.files.routes): uploads, downloads, signed previews; errors go to the
     # handlers below like every other route's.
-    app.include_router(files_router(bearer_user, handle_errors=False))
+    app.include_router(files_router(bearer_user))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,24 @@ def _split_list(value: Any) -> Any:
 
 
 CommaList = Annotated[list[str], NoDecode]
+
+# The optional settings an empty value leaves unset (``Settings._blank_is_unset``), and those
+# of them whose surrounding spaces are dropped (a URL or a name, never a secret).
+_TRIMMED = frozenset(
+    {"jwt_jwks_url", "jwt_issuer", "jwt_audience", "openai_base_url", "model_name"}
+)
+_BLANK_IS_UNSET = (
+    *sorted(_TRIMMED),
+    "jwt_secret",
+    "openai_api_key",
+    "max_output_tokens",
+    "retention_days",
+    "attachment_signing_secret",
+    "identity_signing_key_file",
+    "identity_previous_public_key_file",
+    "transcription_model",
+    "transcription_max_audio_bytes",
+)
 
 DEFAULT_INSTRUCTIONS = (
     "You are a helpful assistant inside a chat application. Answer clearly and concisely, "
@@ -265,25 +283,6 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("jwt_jwks_url", "jwt_issuer", "jwt_audience", "openai_base_url", "model_name")
-    @classmethod
-    def _blank_text_is_unset(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        return value.strip()
-
-    @field_validator("max_output_tokens", mode="before")
-    @classmethod
-    def _blank_number_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("jwt_secret", "openai_api_key")
-    @classmethod
-    def _blank_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or not value.get_secret_value().strip():
-            return None
-        return value
-
     @field_validator("chatkit_path")
     @classmethod
     def _path(cls, value: str) -> str:
@@ -299,7 +298,7 @@ class Settings(BaseSettings):
             raise ValueError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
 
-    # --- attachments and data lifecycle (issue 5) -----------------------------------------
+    # --- attachments and data lifecycle -----------------------------------------------------
     public_base_url: str = Field(
         default="http://127.0.0.1:8000",
         description="Public origin of this backend (the HTTPS origin behind nginx); "
@@ -375,12 +374,7 @@ class Settings(BaseSettings):
             return types
         return value
 
-    @field_validator("retention_days", "attachment_signing_secret", mode="before")
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    # --- identity tokens for MCP servers (issue 12, app/chat/identity.py) -------------------------
+    # --- identity tokens for MCP servers (app.chat.identity) ------------------------------
     identity_signing_key_file: Path | None = Field(
         default=None,
         description="PEM Ed25519 private key signing the identity tokens sent to MCP servers; "
@@ -396,14 +390,7 @@ class Settings(BaseSettings):
         default=300, ge=10, le=300, description="Lifetime of an identity token (at most 300 s)."
     )
 
-    @field_validator(
-        "identity_signing_key_file", "identity_previous_public_key_file", mode="before"
-    )
-    @classmethod
-    def _blank_path_is_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    # --- plugins and dictation (issue 12) -------------------------------------------------
+    # --- plugins and dictation -------------------------------------------------------------
     chatkit_plugins: CommaList = Field(
         default_factory=list,
         description="Comma-separated `module:attribute` plugins loaded at startup (app.chat.plugins, "
@@ -426,10 +413,18 @@ class Settings(BaseSettings):
     def _plugin_list(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("transcription_model", "transcription_max_audio_bytes", mode="before")
+    @field_validator(*_BLANK_IS_UNSET, mode="before")
     @classmethod
-    def _blank_transcription_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+    def _blank_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty or all-blank variable is an unset one: .env.example and the compose file
+        leave optional settings empty. ``MAX_OUTPUT_TOKENS`` empty is no limit (its default is
+        4096), which is why this is not pydantic-settings' ``env_ignore_empty`` (that would give
+        the default) and why it runs on whitespace too."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return None
+        return value.strip() if info.field_name in _TRIMMED else value
 
     @model_validator(mode="after")
     def _audio_fits_in_a_body(self) -> Settings:

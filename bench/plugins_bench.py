@@ -31,9 +31,9 @@ from alembic import command
 from pydantic import SecretStr
 
 from app.chat.plugins import load_plugins
-from app.cli.commands import alembic_config
 from app.context import RequestContext
 from app.main import create_app
+from app.pg.engine import alembic_config
 from app.settings import Settings
 from tests.harness.chatkit_client import (
     JWT_TEST_SECRET,

@@ -21,10 +21,8 @@ before the switch still verify. docs/mcp-identity.md is the guide for MCP server
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -39,6 +37,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.errors import ConfigurationError
+from app.secret_files import secret_file
 from app.settings import Settings
 
 IDENTITY_META_KEY = "chatkit-pg/identity"
@@ -144,30 +143,16 @@ def _read_public_key(path: Path, setting: str) -> Ed25519PublicKey:
 
 
 def dev_key_file(data_dir: Path) -> Path:
-    """The development signing key, generated once (mode 0600) in ``data_dir``.
+    """The development signing key, generated once (mode 0600) in ``data_dir``."""
+    return secret_file(data_dir, DEV_KEY_FILE, _new_private_key_pem)
 
-    Written to a private temporary file, then linked into place: several workers starting at
-    once all end up with the one key that won, and nobody ever reads a half-written file."""
-    path = data_dir / DEV_KEY_FILE
-    if path.exists():
-        return path
-    data_dir.mkdir(parents=True, exist_ok=True)
-    pem = Ed25519PrivateKey.generate().private_bytes(
+
+def _new_private_key_pem() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    temporary = data_dir / f".{DEV_KEY_FILE}.{os.getpid()}.{uuid.uuid4().hex}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        # Another process may have won the race: its key is then the key.
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
 
 
 def load_identity(settings: Settings) -> IdentitySigner | None:

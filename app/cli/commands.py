@@ -8,13 +8,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 
 import asyncpg
 from alembic import command
-from alembic.config import Config
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
@@ -25,8 +22,8 @@ from app.cli import distribute, prune
 from app.errors import ConfigurationError
 from app.http.auth import check_auth_settings, mint_token
 from app.observability import configure_logging
-from app.pg.engine import resolve_database_url
-from app.settings import PROJECT_ROOT, Settings, get_settings
+from app.pg.engine import alembic_config, resolve_database_url
+from app.settings import Settings, get_settings
 
 log = logging.getLogger("app.cli.commands")
 
@@ -38,21 +35,6 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, bad password
     asyncpg.InvalidCatalogNameError,  # no such database
 )
-
-
-def alembic_config(
-    database_url: str, plugin_locations: Sequence[Path] = (), *, quiet: bool = False
-) -> Config:
-    cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    if plugin_locations:  # each plugin's revisions are a branch of their own (app.chat.plugins)
-        locations = [PROJECT_ROOT / "migrations" / "versions", *plugin_locations]
-        cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in locations))
-    cfg.attributes["database_url"] = database_url
-    # alembic.ini's logging section prints a line per revision: right for `migrate`, noise
-    # before `serve`'s first screen.
-    cfg.attributes["skip_logging_config"] = quiet
-    return cfg
 
 
 def migrate(settings: Settings, *, quiet: bool = False) -> str:

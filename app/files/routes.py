@@ -9,29 +9,26 @@ authentication in as ``get_user_id`` (a FastAPI dependency returning the user id
 * ``GET /files/{id}/preview?u&e&s`` (signed URL): an image's ``preview_url``, inline;
 * ``DELETE /files/{id}`` (user): delete the attachment and its bytes.
 
-Another user's file answers exactly like a missing one (404). Errors are JSON
-``{"error": {"code": ..., "message": ...}}`` with messages written for the client.
+Another user's file answers exactly like a missing one (404). Errors are the service's
+exceptions, which the app maps to JSON in one place (app.main).
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the dependency in the closure.
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from chatkit.store import NotFoundError
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
-from app.errors import AppError
+from app.errors import UploadInterruptedError
 from app.files.content import content_disposition
 from app.files.signing import FILES_PREFIX
 from app.files.store import PgAttachmentStore, StoredFile
 from app.files.uploads import declared_length
 from app.ids import check_id
-
-NOT_FOUND_MESSAGE = "File not found."
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -41,43 +38,14 @@ SECURITY_HEADERS = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}},
-        status_code=status,
-        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
-    )
-
-
-class FilesRoute(APIRoute):
-    """Maps the service's errors to JSON inside the router, so it works in any app."""
-
-    handle_errors = True
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        handle_errors = self.handle_errors
-
-        async def run(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ClientDisconnect:
-                # Nobody is listening any more; the upload has already been discarded.
-                return error_response(400, "client_disconnected", "The upload was interrupted.")
-            except NotFoundError:
-                if not handle_errors:
-                    raise
-                return error_response(404, "not_found", NOT_FOUND_MESSAGE)
-            except AppError as exc:
-                if not handle_errors:
-                    raise
-                return error_response(exc.status_code, exc.code, exc.message)
-
-        return run
-
-
-class _AppHandledRoute(FilesRoute):
-    handle_errors = False
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The request body; a client that goes away mid-upload is the app's 400 (the upload has
+    already been discarded, and nobody is listening for the answer)."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect as exc:
+        raise UploadInterruptedError() from exc
 
 
 def _content_length(request: Request) -> int | None:
@@ -92,17 +60,13 @@ def _attachment_json(attachment: Any) -> JSONResponse:
 
 
 def files_router(
-    get_user_id: Callable[..., Awaitable[str]],
-    attachments: PgAttachmentStore | None = None,
-    *,
-    handle_errors: bool = True,
+    get_user_id: Callable[..., Awaitable[str]], attachments: PgAttachmentStore | None = None
 ) -> APIRouter:
     """The file endpoints. ``attachments`` defaults to ``request.app.state.attachment_store``
-    (so an app may build its stores at startup, after the router exists). With
-    ``handle_errors=False`` the service's errors go to the app's own exception handlers."""
+    (so an app may build its stores at startup, after the router exists). Errors are raised
+    (``AppError``, chatkit's ``NotFoundError``): the app's exception handlers answer them."""
 
-    route_class = FilesRoute if handle_errors else _AppHandledRoute
-    router = APIRouter(prefix=FILES_PREFIX, tags=["files"], route_class=route_class)
+    router = APIRouter(prefix=FILES_PREFIX, tags=["files"])
     User = Annotated[str, Depends(get_user_id)]
 
     def store_of(request: Request) -> PgAttachmentStore:
@@ -136,7 +100,7 @@ def files_router(
         """Direct upload: multipart/form-data with the file in a field named ``file``."""
         attachment = await store_of(request).upload_direct(
             user_id,
-            request.stream(),
+            _body(request),
             request.headers.get("content-type"),
             _content_length(request),
         )
@@ -162,7 +126,7 @@ def files_router(
         attachment = await store.upload_to(
             u,
             attachment_id,
-            request.stream(),
+            _body(request),
             request.headers.get("content-type"),
             _content_length(request),
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import time
@@ -21,9 +20,11 @@ from urllib.parse import quote, urlencode
 from app.errors import InvalidSignatureError
 from app.ids import MAX_USER_ID_CHARS
 from app.sanitize import ascii_int
+from app.secret_files import secret_file
 from app.settings import Settings
 
 FILES_PREFIX = "/files"
+DEV_KEY_FILE = "attachment-signing.key"
 Purpose = Literal["upload", "preview"]
 
 MAX_EXPIRY_DIGITS = 12
@@ -32,27 +33,18 @@ _SIGNATURE = re.compile(r"[A-Za-z0-9_-]{43}")
 """Unpadded URL-safe base64 of an HMAC-SHA256 digest (32 bytes)."""
 
 
-def signing_secret(settings: Settings) -> bytes:
-    """``ATTACHMENT_SIGNING_SECRET``, else a random key kept in ``DATA_DIR`` (development).
+def url_signing_secret(settings: Settings) -> bytes:
+    """The key of the signed file URLs: ``ATTACHMENT_SIGNING_SECRET``, else a random key kept
+    in ``DATA_DIR`` (development).
 
     Several replicas must share one key: set the variable in production.
     """
     if settings.attachment_signing_secret is not None:
         return settings.attachment_signing_secret.get_secret_value().encode()
-    path = Path(settings.data_dir) / "attachment-signing.key"
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
-    return key
+    path = secret_file(
+        Path(settings.data_dir), DEV_KEY_FILE, lambda: secrets.token_hex(32).encode()
+    )
+    return path.read_bytes().strip()
 
 
 class UrlSigner:

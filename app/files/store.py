@@ -63,7 +63,7 @@ from app.files.content import (
     sanitise_filename,
     sniff_mime,
 )
-from app.files.signing import FILES_PREFIX, Purpose, UrlSigner, signing_secret
+from app.files.signing import FILES_PREFIX, Purpose, UrlSigner, url_signing_secret
 from app.files.uploads import MULTIPART_OVERHEAD, UploadSource, open_body
 from app.ids import new_id
 from app.pg.sql import gated, gated_select, scoped_insert
@@ -169,7 +169,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         self.store = store
         self.settings = settings
         self.signer = signer or UrlSigner(
-            signing_secret(settings), settings.public_base_url, settings.signed_url_ttl_seconds
+            url_signing_secret(settings), settings.public_base_url, settings.signed_url_ttl_seconds
         )
         self._cleanups: set[asyncio.Task[None]] = set()
 

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 import time
@@ -42,6 +41,7 @@ from jwt import PyJWK
 from app.errors import AuthenticationError, ConfigurationError, ServiceUnavailableError
 from app.ids import MAX_USER_ID_CHARS
 from app.sanitize import is_storable
+from app.secret_files import secret_file
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,19 +132,13 @@ def check_auth_settings(settings: Settings) -> None:
 
 def dev_secret(data_dir: Path) -> str:
     """The development signing secret, created once (mode 0600) in ``data_dir``."""
-    path = data_dir / DEV_SECRET_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text(encoding="utf-8").strip()
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(secrets.token_urlsafe(48))
+    path = secret_file(data_dir, DEV_SECRET_FILE, lambda: secrets.token_urlsafe(48).encode())
     return path.read_text(encoding="utf-8").strip()
 
 
-def signing_secret(settings: Settings) -> str:
-    """The HS secret this deployment verifies with (and the CLI signs dev tokens with)."""
+def token_signing_secret(settings: Settings) -> str:
+    """The HS secret of the bearer tokens: what this deployment verifies them with (and what
+    the CLI signs development tokens with)."""
     mode = auth_mode(settings)
     if mode == "jwks":
         raise ConfigurationError(
@@ -158,7 +152,7 @@ def signing_secret(settings: Settings) -> str:
 def mint_token(settings: Settings, subject: str, *, ttl_seconds: int = 24 * 3600) -> str:
     """A token this server accepts, for development and tests (HS modes only)."""
     check_auth_settings(settings)
-    secret = signing_secret(settings)
+    secret = token_signing_secret(settings)
     algorithm = next((a for a in allowed_algorithms(settings) if a in SYMMETRIC), None)
     if algorithm is None:
         raise ConfigurationError("no HS algorithm is allowed by JWT_ALGORITHMS")
@@ -431,7 +425,7 @@ class TokenVerifier:
                 "local secret in DATA_DIR (python -m app token --sub <user>); never use this "
                 "in production"
             )
-        return cls(mode=mode, checks=checks, secret=signing_secret(settings).encode())
+        return cls(mode=mode, checks=checks, secret=token_signing_secret(settings).encode())
 
     async def aclose(self) -> None:
         if self.jwks is not None:

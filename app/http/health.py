@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
-from alembic.config import Config
 from alembic.script import ScriptDirectory
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.http.runtime import Runtime
-from app.settings import PROJECT_ROOT
+from app.pg.engine import alembic_config
+from app.pg.store import SQL_ROW_SECURITY_ACTIVE
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +24,9 @@ router = APIRouter()
 def alembic_heads(plugin_locations: Sequence[Path] = ()) -> frozenset[str]:
     """The revisions ``python -m app migrate`` leads to (read from the migration scripts):
     the app's head and the head of each plugin's branch."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    if plugin_locations:
-        locations = [PROJECT_ROOT / "migrations" / "versions", *plugin_locations]
-        cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in locations))
-        cfg.set_main_option("path_separator", "os")
-    return frozenset(ScriptDirectory.from_config(cfg).get_heads())
+    return frozenset(
+        ScriptDirectory.from_config(alembic_config(None, plugin_locations)).get_heads()
+    )
 
 
 @router.get("/healthz")
@@ -54,7 +49,7 @@ async def readyz(request: Request) -> JSONResponse:
                 rows = await conn.fetch("SELECT version_num FROM alembic_version")
                 versions = frozenset(str(r[0]) for r in rows)
                 if runtime.row_security is None and versions == runtime.alembic_heads:
-                    enforced = await conn.fetchval("SELECT row_security_active('chatkit_threads')")
+                    enforced = await conn.fetchval(SQL_ROW_SECURITY_ACTIVE)
                     runtime.row_security = bool(enforced)
                     _report_row_security(runtime)
     except asyncpg.UndefinedTableError:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from app.settings import Settings, normalise_database_url
+from app.settings import PROJECT_ROOT, Settings, normalise_database_url
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +165,26 @@ def _create_engine(url: str, settings: Settings) -> AsyncEngine:
             "command_timeout": settings.db_statement_timeout_ms / 1000 * 2 or None,
         },
     )
+
+
+def alembic_config(
+    database_url: str | None = None,
+    plugin_locations: Sequence[Path] = (),
+    *,
+    quiet: bool = False,
+) -> Config:
+    """The Alembic configuration of ``python -m app migrate`` and of the readiness check's
+    heads: the app's migrations, plus one branch per plugin (app.chat.plugins) when given.
+
+    ``database_url`` is what migrations/env.py connects to (``None``: the settings' own);
+    ``quiet`` skips alembic.ini's logging section, which prints a line per revision: right for
+    ``migrate``, noise before ``serve``'s first screen and in tests."""
+    cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    if plugin_locations:
+        locations = [PROJECT_ROOT / "migrations" / "versions", *plugin_locations]
+        cfg.set_main_option("version_locations", os.pathsep.join(str(p) for p in locations))
+    if database_url is not None:
+        cfg.attributes["database_url"] = database_url
+    cfg.attributes["skip_logging_config"] = quiet
+    return cfg

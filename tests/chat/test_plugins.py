@@ -24,8 +24,8 @@ from chatkit.types import WidgetItem
 from sqlalchemy.engine import make_url
 
 from app.chat.plugins import Plugin, UserDatabase, load_plugins
-from app.cli.commands import alembic_config
 from app.errors import ConfigurationError
+from app.pg.engine import alembic_config
 from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import PROJECT_ROOT, Settings

@@ -1,8 +1,9 @@
 """Attachments end to end: real HTTP (FastAPI over ASGI, and uvicorn on a socket), real PostgreSQL,
 the real ChatKit SDK server for ``attachments.create`` / ``threads.create``.
 
-The test app mounts ``app.files.routes.files_router`` with a header-based user (``X-User``): these tests
-are about the file endpoints, not about authentication.
+The test app mounts ``app.files.routes.files_router`` with a header-based user (``X-User``) and the
+app's exception handlers (its one error mapping): these tests are about the file endpoints, not
+about authentication.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from app.cli.prune import prune
 from app.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from app.files.content import content_disposition, sanitise_filename
 from app.files.routes import files_router
-from app.files.signing import UrlSigner, signing_secret
+from app.files.signing import UrlSigner, url_signing_secret
 from app.files.store import CHUNK_SIZE, PgAttachmentStore
+from app.main import install_error_handlers
 from app.pg.store import PostgresStore
 from app.settings import PROJECT_ROOT, Settings
 from tests.harness import factories as f
@@ -99,7 +101,9 @@ async def header_user(x_user: Annotated[str | None, Header()] = None) -> str:
 
 
 def make_app(attachments: PgAttachmentStore) -> FastAPI:
+    """The file routes with the app's one error mapping (app.main), as the service mounts them."""
     app = FastAPI()
+    install_error_handlers(app)
     app.include_router(files_router(header_user, attachments))
     return app
 
@@ -190,7 +194,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def attachments(store: PostgresStore, settings: Settings, clock: Clock) -> PgAttachmentStore:
-    signer = UrlSigner(signing_secret(settings), BASE, settings.signed_url_ttl_seconds, clock)
+    signer = UrlSigner(url_signing_secret(settings), BASE, settings.signed_url_ttl_seconds, clock)
     return PgAttachmentStore(store, settings, signer).install()
 
 
@@ -991,11 +995,12 @@ def test_filenames_are_sanitised() -> None:
 
 def test_signing_secret_is_kept_in_data_dir(tmp_path: Any) -> None:
     s = Settings(data_dir=tmp_path)
-    first = signing_secret(s)
-    assert len(first) >= 32 and signing_secret(s) == first
+    first = url_signing_secret(s)
+    assert len(first) >= 32 and url_signing_secret(s) == first
     assert (tmp_path / "attachment-signing.key").stat().st_mode & 0o077 == 0
     assert (
-        signing_secret(Settings(data_dir=tmp_path, attachment_signing_secret="x" * 32)) == b"x" * 32
+        url_signing_secret(Settings(data_dir=tmp_path, attachment_signing_secret="x" * 32))
+        == b"x" * 32
     )
 
 
@@ -1034,34 +1039,6 @@ async def test_only_our_own_links_are_resigned(
     loaded = await store.load_attachment("atc_moved", ALICE)
     assert isinstance(loaded, ImageAttachment)
     assert str(loaded.preview_url).startswith(f"{BASE}/files/atc_moved/preview?u=alice&e=")
-
-
-async def test_errors_can_go_to_the_apps_own_handlers(attachments: PgAttachmentStore) -> None:
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-
-    from app.errors import AppError
-
-    app = FastAPI()
-    app.include_router(files_router(header_user, attachments, handle_errors=False))
-
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": {"code": "not_found", "by": "app"}}, status_code=404)
-
-    async def app_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, AppError)
-        return JSONResponse({"error": {"code": exc.code, "by": "app"}}, status_code=exc.status_code)
-
-    app.add_exception_handler(NotFoundError, not_found)
-    app.add_exception_handler(AppError, app_error)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
-        r = await c.get("/files/atc_nope", headers={"X-User": "alice"})
-        assert r.status_code == 404 and r.json()["error"]["by"] == "app"
-        r = await c.get("/files/atc_nope/preview?u=alice&e=1&s=bad")
-        assert r.status_code == 403 and r.json()["error"] == {
-            "code": "invalid_signature",
-            "by": "app",
-        }
 
 
 def test_attachment_names_come_from_the_latest_turn_only() -> None:

@@ -24,7 +24,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
-from app.settings import PROJECT_ROOT, normalise_database_url
+from app.pg.engine import alembic_config as app_alembic_config
+from app.settings import normalise_database_url
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +170,8 @@ def header_line(server: PgServer) -> str:
 
 
 def alembic_config(database_url: str) -> Config:
-    cfg = Config(str(PROJECT_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    cfg.attributes["database_url"] = database_url
-    cfg.attributes["skip_logging_config"] = True
-    return cfg
+    """The app's Alembic configuration (app.pg.engine), quiet: a test keeps its own logging."""
+    return app_alembic_config(database_url, quiet=True)
 
 
 def migrate(database_url: str, revision: str = "head") -> None:

@@ -51,7 +51,7 @@ from app.http.auth import TokenVerifier, check_auth_settings
 from app.http.endpoint import chatkit_endpoint
 from app.http.health import alembic_heads
 from app.http.health import router as ops_router
-from app.http.middleware import RequestContextMiddleware, request_info
+from app.http.middleware import AccessLogMiddleware, request_info
 from app.http.runtime import Runtime
 from app.observability import Metrics, configure_logging, user_id_var
 from app.pg.engine import aresolve_database_url
@@ -116,9 +116,7 @@ def create_app(
             expose_headers=["X-Request-ID"],
             max_age=600,
         )
-    app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, chatkit_path=settings.chatkit_path
-    )
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, chatkit_path=settings.chatkit_path)
     return app
 
 

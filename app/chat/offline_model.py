@@ -14,9 +14,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, cast
 
-from agents import Model, ModelResponse, ModelSettings, ModelTracing, Tool, Usage
-from agents.agent_output import AgentOutputSchemaBase
-from agents.handoffs import Handoff
+from agents import Model, ModelResponse, ModelSettings, Usage
 from agents.items import TResponseInputItem, TResponseStreamEvent
 from openai.types.responses import (
     Response,
@@ -31,7 +29,6 @@ from openai.types.responses import (
     ResponseTextDeltaEvent,
     ResponseTextDoneEvent,
 )
-from openai.types.responses.response_prompt_param import ResponsePromptParam
 
 from app.chat.converter import attachment_names
 from app.ids import new_id
@@ -50,115 +47,119 @@ def _message(item_id: str, text: str, status: str) -> ResponseOutputMessage:
     )
 
 
-def _response(response_id: str, output: list[Any], status: str) -> Response:
-    return Response(
-        id=response_id,
-        created_at=0,
-        model=OFFLINE_MODEL_NAME,
-        object="response",
-        output=output,
-        tool_choice="auto",
-        tools=[],
-        parallel_tool_calls=False,
-        status=status,
-    )
+class TextEvents:
+    """The Responses events of one assistant message whose text arrives in pieces:
+    ``opening()``, ``delta(piece)`` for each piece, then ``closing()``.
+
+    Split in three so that a model producing its pieces over time (a paced test model that
+    sleeps or waits between them) emits the very sequence ``text_response_events`` does."""
+
+    def __init__(
+        self, item_id: str, *, response_id: str = "resp_offline", model: str = OFFLINE_MODEL_NAME
+    ) -> None:
+        self.item_id = item_id
+        self.response_id = response_id
+        self.model = model
+        self._seq = 0
+        self._parts: list[str] = []
+        # Where every text event points: the message's one content part.
+        self._part: dict[str, Any] = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+    def _n(self) -> int:
+        self._seq += 1
+        return self._seq - 1
+
+    def _response(self, output: list[Any], status: str) -> Response:
+        return Response(
+            id=self.response_id,
+            created_at=0,
+            model=self.model,
+            object="response",
+            output=output,
+            tool_choice="auto",
+            tools=[],
+            parallel_tool_calls=False,
+            status=status,
+        )
+
+    def opening(self) -> list[TResponseStreamEvent]:
+        empty = ResponseOutputText(type="output_text", text="", annotations=[], logprobs=[])
+        events = [
+            ResponseCreatedEvent(
+                type="response.created",
+                response=self._response([], "in_progress"),
+                sequence_number=self._n(),
+            ),
+            ResponseOutputItemAddedEvent(
+                type="response.output_item.added",
+                item=_message(self.item_id, "", "in_progress"),
+                output_index=0,
+                sequence_number=self._n(),
+            ),
+            ResponseContentPartAddedEvent(
+                type="response.content_part.added",
+                **self._part,
+                part=empty,
+                sequence_number=self._n(),
+            ),
+        ]
+        return cast(list[TResponseStreamEvent], events)
+
+    def delta(self, piece: str) -> TResponseStreamEvent:
+        self._parts.append(piece)
+        return cast(
+            TResponseStreamEvent,
+            ResponseTextDeltaEvent(
+                type="response.output_text.delta",
+                **self._part,
+                delta=piece,
+                logprobs=[],
+                sequence_number=self._n(),
+            ),
+        )
+
+    def closing(self) -> list[TResponseStreamEvent]:
+        text = "".join(self._parts)
+        final = ResponseOutputText(type="output_text", text=text, annotations=[], logprobs=[])
+        message = _message(self.item_id, text, "completed")
+        events = [
+            ResponseTextDoneEvent(
+                type="response.output_text.done",
+                **self._part,
+                text=text,
+                logprobs=[],
+                sequence_number=self._n(),
+            ),
+            ResponseContentPartDoneEvent(
+                type="response.content_part.done",
+                **self._part,
+                part=final,
+                sequence_number=self._n(),
+            ),
+            ResponseOutputItemDoneEvent(
+                type="response.output_item.done",
+                item=message,
+                output_index=0,
+                sequence_number=self._n(),
+            ),
+            ResponseCompletedEvent(
+                type="response.completed",
+                response=self._response([message], "completed"),
+                sequence_number=self._n(),
+            ),
+        ]
+        return cast(list[TResponseStreamEvent], events)
 
 
 def text_response_events(
     chunks: Iterable[str], *, item_id: str, response_id: str = "resp_offline"
 ) -> Iterator[TResponseStreamEvent]:
     """The Responses stream of one assistant message whose text arrives as ``chunks``."""
-    seq = 0
-
-    def n() -> int:
-        nonlocal seq
-        seq += 1
-        return seq - 1
-
-    yield cast(
-        TResponseStreamEvent,
-        ResponseCreatedEvent(
-            type="response.created",
-            response=_response(response_id, [], "in_progress"),
-            sequence_number=n(),
-        ),
-    )
-    yield cast(
-        TResponseStreamEvent,
-        ResponseOutputItemAddedEvent(
-            type="response.output_item.added",
-            item=_message(item_id, "", "in_progress"),
-            output_index=0,
-            sequence_number=n(),
-        ),
-    )
-    empty = ResponseOutputText(type="output_text", text="", annotations=[], logprobs=[])
-    yield cast(
-        TResponseStreamEvent,
-        ResponseContentPartAddedEvent(
-            type="response.content_part.added",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            part=empty,
-            sequence_number=n(),
-        ),
-    )
-    parts: list[str] = []
+    events = TextEvents(item_id, response_id=response_id)
+    yield from events.opening()
     for chunk in chunks:
-        parts.append(chunk)
-        yield cast(
-            TResponseStreamEvent,
-            ResponseTextDeltaEvent(
-                type="response.output_text.delta",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                delta=chunk,
-                logprobs=[],
-                sequence_number=n(),
-            ),
-        )
-    text = "".join(parts)
-    final = ResponseOutputText(type="output_text", text=text, annotations=[], logprobs=[])
-    yield cast(
-        TResponseStreamEvent,
-        ResponseTextDoneEvent(
-            type="response.output_text.done",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            text=text,
-            logprobs=[],
-            sequence_number=n(),
-        ),
-    )
-    yield cast(
-        TResponseStreamEvent,
-        ResponseContentPartDoneEvent(
-            type="response.content_part.done",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            part=final,
-            sequence_number=n(),
-        ),
-    )
-    message = _message(item_id, text, "completed")
-    yield cast(
-        TResponseStreamEvent,
-        ResponseOutputItemDoneEvent(
-            type="response.output_item.done", item=message, output_index=0, sequence_number=n()
-        ),
-    )
-    yield cast(
-        TResponseStreamEvent,
-        ResponseCompletedEvent(
-            type="response.completed",
-            response=_response(response_id, [message], "completed"),
-            sequence_number=n(),
-        ),
-    )
+        yield events.delta(chunk)
+    yield from events.closing()
 
 
 def _last_user_text(input: str | list[TResponseInputItem]) -> str:
@@ -216,19 +217,15 @@ class OfflineModel(Model):
     def __init__(self, *, word_delay: float = 0.03) -> None:
         self.word_delay = word_delay
 
+    # Of agents.Model's arguments, the reply depends on the input and the output limit only: the
+    # tools, schema, handoffs, tracing and response ids are taken and ignored.
+
     async def get_response(
         self,
         system_instructions: str | None,
         input: str | list[TResponseInputItem],
-        model_settings: ModelSettings,
-        tools: list[Tool],
-        output_schema: AgentOutputSchemaBase | None,
-        handoffs: list[Handoff],
-        tracing: ModelTracing,
-        *,
-        previous_response_id: str | None,
-        conversation_id: str | None,
-        prompt: ResponsePromptParam | None,
+        *args: Any,
+        **kwargs: Any,
     ) -> ModelResponse:
         message = _message(new_id("message"), demo_reply(input), "completed")
         return ModelResponse(output=[message], usage=Usage(), response_id=None)
@@ -238,14 +235,8 @@ class OfflineModel(Model):
         system_instructions: str | None,
         input: str | list[TResponseInputItem],
         model_settings: ModelSettings,
-        tools: list[Tool],
-        output_schema: AgentOutputSchemaBase | None,
-        handoffs: list[Handoff],
-        tracing: ModelTracing,
-        *,
-        previous_response_id: str | None,
-        conversation_id: str | None,
-        prompt: ResponsePromptParam | None,
+        *args: Any,
+        **kwargs: Any,
     ) -> AsyncIterator[TResponseStreamEvent]:
         chunks = words_of(demo_reply(input))
         if model_settings.max_tokens is not None:

@@ -37,7 +37,11 @@ def request_info(scope: Scope) -> RequestInfo | None:
     return info if isinstance(info, RequestInfo) else None
 
 
-class RequestContextMiddleware:
+class AccessLogMiddleware:
+    """Gives each HTTP request its id (the client's ``X-Request-ID`` when well formed, else a
+    new one; echoed in the response), resets the log context, and writes the access-log line
+    and the request metrics when the response is done."""
+
     def __init__(self, app: ASGIApp, *, metrics: Metrics, chatkit_path: str) -> None:
         self.app = app
         self.metrics = metrics

@@ -29,6 +29,8 @@ from typing import Any
 
 from agents import Model
 
+from app.chat.offline_model import TextEvents
+
 DELTA_MARK = re.compile(r"\[d(\d+)@(\d+)(?: (first|acked|timeout))?\]")
 
 
@@ -106,141 +108,32 @@ class PacedModel(Model):
             output=[assistant_message("Paced reply")], usage=Usage(requests=1), response_id=None
         )
 
-    async def stream_response(  # type: ignore[override]
+    async def stream_response(
         self,
         system_instructions: str | None,
         input: Any,
         *args: Any,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
-        from openai.types.responses import (
-            Response,
-            ResponseCompletedEvent,
-            ResponseContentPartAddedEvent,
-            ResponseContentPartDoneEvent,
-            ResponseCreatedEvent,
-            ResponseOutputItemAddedEvent,
-            ResponseOutputItemDoneEvent,
-            ResponseOutputMessage,
-            ResponseOutputText,
-            ResponseTextDeltaEvent,
-            ResponseTextDoneEvent,
-            ResponseUsage,
-        )
-        from openai.types.responses.response_usage import (
-            InputTokensDetails,
-            OutputTokensDetails,
-        )
-
+        """The offline model's event sequence (app.chat.offline_model), paced."""
         pace = self._pace(input)
-        deltas = pace.deltas
         item_id = f"msg_paced_{time.monotonic_ns()}"
-        seq = 0
-
-        def nxt() -> int:
-            nonlocal seq
-            seq += 1
-            return seq - 1
-
-        def response(status: Any, output: list[Any]) -> Response:
-            return Response(
-                id=f"resp_{item_id}",
-                created_at=time.time(),
-                model="paced-model",
-                object="response",
-                output=output,
-                tool_choice="none",
-                tools=[],
-                top_p=None,
-                parallel_tool_calls=False,
-                status=status,
-                usage=ResponseUsage(
-                    input_tokens=1,
-                    output_tokens=deltas,
-                    total_tokens=deltas + 1,
-                    input_tokens_details=InputTokensDetails.model_validate(
-                        {"cached_tokens": 0, "cache_write_tokens": 0}
-                    ),
-                    output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
-                ),
-            )
-
-        def message(status: Any, text: str | None) -> ResponseOutputMessage:
-            content = [] if text is None else [self._text(text)]
-            return ResponseOutputMessage(
-                id=item_id, type="message", role="assistant", status=status, content=content
-            )
-
-        yield ResponseCreatedEvent(
-            type="response.created", response=response("in_progress", []), sequence_number=nxt()
-        )
-        yield ResponseOutputItemAddedEvent(
-            type="response.output_item.added",
-            item=message("in_progress", None),
-            output_index=0,
-            sequence_number=nxt(),
-        )
-        yield ResponseContentPartAddedEvent(
-            type="response.content_part.added",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            part=ResponseOutputText(type="output_text", text="", annotations=[], logprobs=[]),
-            sequence_number=nxt(),
-        )
+        events = TextEvents(item_id, response_id=f"resp_{item_id}", model="paced-model")
+        for event in events.opening():
+            yield event
         if pace.lead_ms:
             await asyncio.sleep(pace.lead_ms / 1000)
         deadline = time.monotonic() + pace.wait_ms / 1000
-        parts = []
-        for i in range(deltas):
+        for i in range(pace.deltas):
             if i:
                 await asyncio.sleep(pace.interval_ms / 1000)
             status = ""
             if pace.lockstep is not None:
                 acked = i == 0 or await wait_for_ack(pace.lockstep, i - 1, deadline)
                 status = " first" if i == 0 else " acked" if acked else " timeout"
-            piece = f"[d{i}@{time.monotonic_ns()}{status}] "
-            parts.append(piece)
-            yield ResponseTextDeltaEvent(
-                type="response.output_text.delta",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                delta=piece,
-                logprobs=[],
-                sequence_number=nxt(),
-            )
-        text = "".join(parts)
-        yield ResponseTextDoneEvent(
-            type="response.output_text.done",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            text=text,
-            logprobs=[],
-            sequence_number=nxt(),
-        )
-        yield ResponseContentPartDoneEvent(
-            type="response.content_part.done",
-            item_id=item_id,
-            output_index=0,
-            content_index=0,
-            part=self._text(text),
-            sequence_number=nxt(),
-        )
-        done = message("completed", text)
-        yield ResponseOutputItemDoneEvent(
-            type="response.output_item.done", item=done, output_index=0, sequence_number=nxt()
-        )
-        yield ResponseCompletedEvent(
-            type="response.completed", response=response("completed", [done]), sequence_number=nxt()
-        )
-
-    @staticmethod
-    def _text(text: str) -> Any:
-        from openai.types.responses import ResponseOutputText
-
-        return ResponseOutputText(type="output_text", text=text, annotations=[], logprobs=[])
+            yield events.delta(f"[d{i}@{time.monotonic_ns()}{status}] ")
+        for event in events.closing():
+            yield event
 
 
 def paced_app() -> Any:

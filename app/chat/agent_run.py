@@ -3,11 +3,11 @@ reader, and ended without leaving tasks behind when the reply is cut.
 
 Paced. The Agents SDK reads the model's stream into a queue of its own (unbounded), whoever
 reads the run's events. When the model writes faster than the process turns events into
-ChatKit events and saves (a fast provider, a busy process: ~1 KB of Python objects per queued
-event), that queue holds the reply: a 8,192-delta reply measured ~8 MB per stream, readers or
-not. ``PacedModel`` wraps the chat agent's model: before it hands the run one more event, it
-waits while the run's queue holds ``WINDOW`` events, until the reply's reader has taken it
-down to half. The model's HTTP stream then waits in its socket: back-pressure to the provider,
+ChatKit events and saves (a fast provider, a busy process), that queue holds the whole reply,
+megabytes per stream, readers or not (docs/benchmarks.md, "Clients that never read").
+``PacedModel`` wraps the chat agent's model: before it hands the run one more event, it waits
+while the run's queue holds ``WINDOW`` events, until the reply's reader has taken it down to
+half. The model's HTTP stream then waits in its socket: back-pressure to the provider,
 and at most ``WINDOW`` events held per stream. (Between this reader and the client, memory is
 bounded by ``STREAM_BUFFER_BYTES``: app.http.sse.)
 

@@ -79,13 +79,10 @@ READ_BATCH = 4
 _ATTACHMENT = TypeAdapter[Attachment](Attachment)
 
 
-# --- errors -------------------------------------------------------------------------------
-
-
 # --- the store ----------------------------------------------------------------------------
 
 # Each statement sets ``app.user_id`` for the row-level security policies itself, in the shapes
-# explained in app.pg.store (reads: fenced under the gate; inserts: values selected from the
+# explained in app.pg.sql (reads: fenced under the gate; inserts: values selected from the
 # one-row relation that sets it; updates and deletes: the gate in their WHERE clause). $1 is
 # always the user id.
 SQL_INSERT = scoped_insert(

@@ -9,7 +9,7 @@ refuse every new one), and it plans ``INSERT ... SELECT`` from a subquery as a p
 coordinator plus COPY, which row-level security forbids. So a write runs here in a transaction
 that starts with ``SET LOCAL app.user_id``, which Citus replays on every worker the transaction
 uses (``citus.propagate_set_commands = local``), and the statement is its Citus form (recorded
-by app.pg.store's builders next to the one-node form: without the gate, inserting from VALUES),
+by app.pg.sql's builders next to the one-node form: without the gate, inserting from VALUES),
 which routes to exactly one shard. Two more round trips than one node's single statement:
 BEGIN with the SETs, and COMMIT.
 """

@@ -57,7 +57,7 @@ class BoundedCancelConnection(asyncpg.Connection):  # type: ignore[misc]  # unty
     can run nothing, so a ``ROLLBACK`` or a return to the pool waits too. It bounds that wait
     with the command timeout, twice ``DB_STATEMENT_TIMEOUT_MS`` (20 s by default), and a
     frozen server (a hung host, a stalled disk) accepts the cancel connection and never
-    answers: ``/readyz`` answered after 23 s though its deadline was 3. A healthy server
+    answers: ``/readyz`` answered long after its deadline (docs/reliability.md). A healthy server
     confirms within milliseconds; one that has not after ``CANCEL_GRACE_SECONDS`` is not
     answering, and the connection is terminated, which releases every waiter at once. The
     pool (app.pg.pool) does not even wait that long: it terminates a connection whose borrow was

@@ -56,9 +56,9 @@ class PoolObserver(Protocol):
 # Run on every new connection (and again after a full reset): on one node, every statement gets
 # a generic plan. The store's statements are prepared once per connection and run with new
 # parameters each time; left to choose, PostgreSQL kept re-planning the page queries for every
-# call (custom plans: 850 of 850 in the store benchmark), which cost up to ~4x the statement
-# itself (measured in a 50,000-item thread; docs/benchmarks.md). Their generic plans are the index range scans the custom ones are
-# (tests/pg/test_rls.py checks every statement's plan in both modes). On a Citus cluster the
+# call, which cost more than the statement itself in a large thread (docs/benchmarks.md). Their
+# generic plans are the index range scans the custom ones are (tests/pg/test_rls.py checks
+# every statement's plan in both modes). On a Citus cluster the
 # default stays: Citus refuses a forced generic plan for a statement it cannot route without
 # its parameters.
 SQL_SESSION_SETUP = (

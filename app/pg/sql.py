@@ -61,7 +61,7 @@ class _PageSQL:
 # Reads run as they are on a cluster (the worker runs the gate itself); writes need the user set
 # for the worker's transaction, and a statement Citus routes to one shard: app.pg.citus runs them.
 # The builders below record each write's Citus form next to its one-node form: the same
-# statement without the gate, and an insert from VALUES. tests/test_citus*.py prove the setting
+# statement without the gate, and an insert from VALUES. tests/citus/ prove the setting
 # reaches the worker and that every statement is single-shard.
 
 CITUS_FORMS: dict[str, str] = {}

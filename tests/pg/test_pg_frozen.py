@@ -167,7 +167,7 @@ async def test_readyz_answers_within_its_deadline_while_postgres_is_frozen(
     the very next probe is 200."""
     app = await served(ready_timeout_seconds=CUT_OFF)
     assert (await app.http.get("/readyz")).status_code == 200  # one pooled connection
-    assert app.pg.pool.size() == 1
+    assert app.pool.size() == 1
     before = await backends(pg)
     with frozen(pg):
         for what in ("pooled connection", "new connection"):

@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from app.errors import ServiceUnavailableError
 from app.http.runtime import Runtime
 from app.main import create_app
-from app.pool import ConnectionPool, open_pool
+from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.conftest import TABLES

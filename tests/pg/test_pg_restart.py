@@ -290,7 +290,7 @@ async def test_postgres_stopped_during_a_stream(pg: PgInstance, served: Any) -> 
     )
     assert took < RECOVERY_SECONDS
 
-    runtime = app.http.runtime
+    runtime = app.runtime
     await until(value(lambda: len(runtime.tasks) == 0), "background tasks to end")
     await until(value(lambda: checked_out(pool) == 0), "every connection back in the pool")
     assert await fetch(pg, "SELECT id FROM chatkit_stream_leases") == []

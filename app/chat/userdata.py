@@ -59,7 +59,7 @@ async def export_archive(
     *,
     when: datetime | None = None,
     counts: dict[str, Any] | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The user's archive, piece by piece. A user with no rows gets an archive holding empty
     files and the manifest (counts all zero). ``counts``, if given, is filled with the
     manifest's counts as the archive is written."""
@@ -86,8 +86,9 @@ async def export_archive(
         ):
             yield piece
     counts["plugins"] = plugin_counts
+    body = manifest(archive, user_id, when, counts)  # every member but itself
     archive.open("manifest.json")
-    archive.write(manifest(archive, user_id, when, counts))
+    archive.write(body)
     yield archive.close()
 
 

@@ -65,31 +65,35 @@ async def export_archive(
     manifest's counts as the archive is written."""
     when = when or datetime.now(UTC)
     archive = ZipStream(when)
-    counts = {} if counts is None else counts
-    sections = (
-        ("threads.jsonl", "threads", userdata.thread_lines(store, user_id)),
-        ("items.jsonl", "items", userdata.item_lines(store, user_id)),
-        ("feedback.jsonl", "feedback", userdata.feedback_lines(store, user_id)),
-    )
-    for name, key, lines in sections:
-        async for piece in write_lines(archive, name, _counted(lines, counts, key)):
+    try:
+        counts = {} if counts is None else counts
+        sections = (
+            ("threads.jsonl", "threads", userdata.thread_lines(store, user_id)),
+            ("items.jsonl", "items", userdata.item_lines(store, user_id)),
+            ("feedback.jsonl", "feedback", userdata.feedback_lines(store, user_id)),
+        )
+        for name, key, lines in sections:
+            async for piece in write_lines(archive, name, _counted(lines, counts, key)):
+                yield piece
+        async for piece in _attachments(archive, store, user_id, counts):
             yield piece
-    async for piece in _attachments(archive, store, user_id, counts):
-        yield piece
-    plugin_counts: dict[str, dict[str, int]] = {}
-    for plugin in plugins.plugins:
-        if plugin.export_user is None:
-            continue
-        tables = plugin_counts[plugin.name] = {}
-        async for piece in _plugin(
-            archive, plugin.name, plugin.export_user, store, user_id, tables
-        ):
-            yield piece
-    counts["plugins"] = plugin_counts
-    body = manifest(archive, user_id, when, counts)  # every member but itself
-    archive.open("manifest.json")
-    archive.write(body)
-    yield archive.close()
+        plugin_counts: dict[str, dict[str, int]] = {}
+        for plugin in plugins.plugins:
+            if plugin.export_user is None:
+                continue
+            tables = plugin_counts[plugin.name] = {}
+            async for piece in _plugin(
+                archive, plugin.name, plugin.export_user, store, user_id, tables
+            ):
+                yield piece
+        counts["plugins"] = plugin_counts
+        body = manifest(archive, user_id, when, counts)  # every member but itself
+        archive.open("manifest.json")
+        archive.write(body)
+        yield archive.close()
+    except BaseException:
+        archive.abandon()
+        raise
 
 
 async def _attachments(

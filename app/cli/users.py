@@ -30,7 +30,7 @@ import asyncpg
 
 from app.chat.plugins import load_plugins
 from app.chat.userdata import EraseReport, erase_user, export_archive, is_empty
-from app.errors import ConfigurationError
+from app.errors import ConfigurationError, ServiceUnavailableError
 from app.ids import MAX_USER_ID_CHARS
 from app.pg.engine import aresolve_database_url
 from app.pg.pool import open_pool
@@ -145,7 +145,8 @@ def cmd_users(args: argparse.Namespace) -> int:
     except (UsageError, ConfigurationError) as exc:
         print(f"users {args.users_command}: {exc}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError) as exc:
-        line = next(iter(str(exc).splitlines()), "")[:200]
+    except (OSError, asyncpg.PostgresError, ServiceUnavailableError) as exc:
+        cause = exc.__cause__ if isinstance(exc, ServiceUnavailableError) else exc
+        line = next(iter(str(cause or exc).splitlines()), "")[:200]
         print(f"users {args.users_command}: failed ({type(exc).__name__}: {line})", file=sys.stderr)
         return 1

@@ -138,6 +138,14 @@ class ZipStream:
         self._zip.close()
         return self.drain()
 
+    def abandon(self) -> None:
+        """After a failure: end the archive quietly and drop what was not handed on, so the
+        collector finds nothing to close (the receiver's copy lacks its end: it does not open)."""
+        with contextlib.suppress(Exception):  # nothing is sent any more: objects are released
+            self.close_member()
+            self._zip.close()
+        self._sink.buffer.clear()
+
     def digests(self) -> dict[str, dict[str, Any]]:
         return {
             name: {"size": m.size, "sha256": m.sha256.hexdigest()}

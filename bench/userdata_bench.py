@@ -9,9 +9,10 @@ A fresh migrated database on the tests' PostgreSQL holds three users, written in
 
 Each export runs as the operator runs it, a real ``python -m app users export`` process writing
 to a file; its peak resident memory is the kernel's own figure for that child (``wait4``'s
-``ru_maxrss``), so nothing between samples is missed. We quote the median time of the rounds,
-the throughput, and each peak minus the empty export's peak (the interpreter and libraries):
-what the data costs. Bounded memory means the 100 MiB export costs about what the 10 MiB one
+``ru_maxrss``), so nothing between samples is missed. We quote each peak minus the empty
+export's peak (the interpreter and libraries): what the data costs. The time is the export
+itself, run in this process to a file (median of the rounds), since a command's start-up
+(imports) is the same whatever the user holds; the command's whole time is recorded too. Bounded memory means the 100 MiB export costs about what the 10 MiB one
 does, a small constant plus about one 256 KiB chunk, not the size of the data.
 
 ``python -m bench.userdata_bench`` (or ``python -m bench userdata``); results go to
@@ -40,7 +41,8 @@ from bench import RESULTS_DIR
 from tests.harness.pg import PgServer, describe, migrate, postgres_server
 
 MiB = 1024 * 1024
-ROUNDS = 3
+ROUNDS = 3  # in-process exports, timed
+PROCESS_ROUNDS = 1  # command runs, for the peak memory (the kernel's figure is exact)
 USERS = {"big": 100, "tenth": 10, "nobody": 0}  # user -> attachments of 1 MiB
 THREADS, ITEMS_PER_THREAD = 100, 100
 
@@ -113,6 +115,25 @@ def export_once(url: str, user: str, out: Path) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss * 1024
 
 
+async def export_in_process(url: str, user: str, out: Path) -> float:
+    """Seconds of the export itself (what the command does after its imports), to a file."""
+    from app.chat.plugins import PluginSet
+    from app.chat.userdata import export_archive
+    from app.pg.pool import open_pool
+    from app.pg.store import PostgresStore
+    from app.settings import Settings
+
+    pool = await open_pool(url, Settings(database_url=url))
+    try:
+        start = time.perf_counter()
+        with out.open("wb") as f:
+            async for piece in export_archive(PostgresStore(pool), PluginSet(), user):
+                f.write(piece)
+        return time.perf_counter() - start
+    finally:
+        await pool.close()
+
+
 def run() -> None:
     with postgres_server() as server:
         url = asyncio.run(server.create_database("ckpg_bench_userdata"))
@@ -123,14 +144,16 @@ def run() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 for user, files in USERS.items():
                     out = Path(tmp) / f"{user}.zip"
-                    runs = [export_once(url, user, out) for _ in range(ROUNDS)]
+                    runs = [export_once(url, user, out) for _ in range(PROCESS_ROUNDS)]
+                    timed = [asyncio.run(export_in_process(url, user, out)) for _ in range(ROUNDS)]
                     with zipfile.ZipFile(out) as archive:
                         counts = json.loads(archive.read("manifest.json"))["counts"]
                     results["users"][user] = {
                         "attachment_mib": files,
                         "items": counts["items"],
                         "archive_bytes": out.stat().st_size,
-                        "seconds_median": statistics.median(r[0] for r in runs),
+                        "process_seconds_median": statistics.median(r[0] for r in runs),
+                        "export_seconds_median": statistics.median(timed),
                         "peak_rss_mib_median": statistics.median(r[1] for r in runs) / MiB,
                     }
             base = results["users"]["nobody"]
@@ -139,10 +162,7 @@ def run() -> None:
                 row["peak_rss_over_empty_mib"] = (
                     row["peak_rss_mib_median"] - base["peak_rss_mib_median"]
                 )
-                data_s = row["seconds_median"] - base["seconds_median"]
-                row["mib_per_second_beyond_startup"] = (
-                    row["archive_bytes"] / MiB / data_s if data_s > 0 else None
-                )
+                row["mib_per_second"] = row["archive_bytes"] / MiB / row["export_seconds_median"]
             big, tenth = results["users"]["big"], results["users"]["tenth"]
             results["rss_growth_100mib_vs_10mib_mib"] = (
                 big["peak_rss_mib_median"] - tenth["peak_rss_mib_median"]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m app {serve,migrate,token,prune,distribute}``."""
+"""Command line: ``python -m app {serve,migrate,token,prune,distribute,users}``."""
 
 from __future__ import annotations
 

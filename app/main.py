@@ -51,6 +51,7 @@ from app.http.auth import TokenVerifier, check_auth_settings
 from app.http.endpoint import chatkit_endpoint
 from app.http.health import alembic_heads
 from app.http.health import router as ops_router
+from app.http.me import me_router
 from app.http.middleware import AccessLogMiddleware, request_info
 from app.http.runtime import Runtime
 from app.observability import Metrics, configure_logging, user_id_var
@@ -107,6 +108,7 @@ def create_app(
     # Attachment bytes (app.files.routes): uploads, downloads, signed previews; errors go to the
     # handlers below like every other route's.
     app.include_router(files_router(bearer_user))
+    app.include_router(me_router(bearer_user))  # GET /me/export (app.http.me)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

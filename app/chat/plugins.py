@@ -43,6 +43,8 @@ from app.pg.store import PostgresStore
 __all__ = [
     "ActionContext",
     "ActionRejectedError",
+    "EraseHook",
+    "ExportHook",
     "PgBigInt",
     "Plugin",
     "PluginAgentContext",
@@ -146,6 +148,9 @@ SyncActionHandler = Callable[[ActionContext], Awaitable[WidgetRoot | None]]
 """Returns the sender's new widget (saved and sent back in place of the old one), or None to
 leave it as it is."""
 
+ExportHook = Callable[[UserDatabase], AsyncIterator[tuple[str, Sequence[Mapping[str, Any]]]]]
+EraseHook = Callable[[asyncpg.Connection, str], Awaitable[Mapping[str, int]]]
+
 
 @contextmanager
 def refusing_bad_values() -> Iterator[None]:
@@ -184,6 +189,12 @@ class Plugin:
     actions: Mapping[str, StreamingActionHandler] = field(default_factory=dict)
     sync_actions: Mapping[str, SyncActionHandler] = field(default_factory=dict)
     migrations: Path | None = None
+    # A user's rows in the plugin's tables, for ``users export`` and ``users erase``
+    # (app.chat.userdata, docs/userdata.md): ``export_user(db)`` yields (table, page of rows as
+    # JSON-able dicts); ``erase_user(conn, user_id)`` deletes them in the caller's transaction
+    # (``app.user_id`` set; rolled back for --dry-run) and returns the count per table.
+    export_user: ExportHook | None = None
+    erase_user: EraseHook | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +252,8 @@ def load_plugin(entry: str) -> Plugin:
         for action_type, handler in kind.items():
             if not isinstance(action_type, str) or not action_type or not callable(handler):
                 raise _fail(entry, "actions map action types (text) to async functions")
+    if any(h is not None and not callable(h) for h in (plugin.export_user, plugin.erase_user)):
+        raise _fail(entry, "export_user and erase_user must be async functions")
     if plugin.migrations is not None and not Path(plugin.migrations).is_dir():
         raise _fail(entry, f"its migrations folder {plugin.migrations} does not exist")
     return plugin

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from app.chat.agent import check_model_settings, load_instructions
 from app.chat.identity import load_identity
 from app.chat.plugins import load_plugins
-from app.cli import distribute, prune
+from app.cli import distribute, prune, users
 from app.errors import ConfigurationError
 from app.http.auth import check_auth_settings, mint_token
 from app.observability import configure_logging
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distribute",
         help="after migrate: distribute the chatkit_ tables on a Citus cluster (docs/citus.md)",
     )
+    users.add_parser(sub)
     return parser
 
 
@@ -125,6 +126,7 @@ COMMANDS = {
     "token": cmd_token,
     "prune": prune.cmd_prune,
     "distribute": distribute.cmd_distribute,
+    "users": users.cmd_users,
 }
 
 

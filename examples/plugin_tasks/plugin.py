@@ -5,6 +5,8 @@
   sync action, ``tasks.reopen``). Both actions update the task and replace the widget in place.
 * Tasks live in the table ``plugin_tasks`` (migrations/, run by ``python -m app migrate``), read
   and written through ``UserDatabase``: every transaction acts for the requesting user only.
+* ``export_tasks`` and ``erase_tasks`` hand the user's tasks to ``users export`` (and
+  ``GET /me/export``) and remove them for ``users erase`` (docs/userdata.md).
 """
 
 from __future__ import annotations
@@ -85,6 +87,36 @@ async def set_done_and_list(db: UserDatabase, task_id: int, done: bool) -> list[
         if status != "UPDATE 1":
             raise ActionRejectedError("There is no such task.")
         return await fetch_tasks(conn, db.user_id)
+
+
+# --- the user's data (python -m app users export / erase, GET /me/export) -----------------------
+
+EXPORT_PAGE = 500
+
+
+async def export_tasks(db: UserDatabase) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """The user's tasks for their archive, a keyset page at a time (plugins/tasks/plugin_tasks.jsonl)."""
+    after = 0
+    while True:
+        async with db.transaction() as conn:
+            rows = await conn.fetch(
+                "SELECT id, title, done FROM plugin_tasks WHERE user_id = $1 AND id > $2 "
+                "ORDER BY id LIMIT $3",
+                db.user_id,
+                after,
+                EXPORT_PAGE,
+            )
+        if rows:
+            yield "plugin_tasks", [dict(r) for r in rows]
+            after = rows[-1]["id"]
+        if len(rows) < EXPORT_PAGE:
+            return
+
+
+async def erase_tasks(conn: asyncpg.Connection, user_id: str) -> dict[str, int]:
+    """Delete the user's tasks in the caller's transaction; the count per table."""
+    status = await conn.execute("DELETE FROM plugin_tasks WHERE user_id = $1", user_id)
+    return {"plugin_tasks": int(status.rsplit(" ", 1)[-1])}
 
 
 # --- the widget ----------------------------------------------------------------------------------
@@ -196,4 +228,6 @@ plugin = Plugin(
     actions={COMPLETE: complete},
     sync_actions={REOPEN: reopen},
     migrations=Path(__file__).parent / "migrations",
+    export_user=export_tasks,
+    erase_user=erase_tasks,
 )

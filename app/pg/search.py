@@ -20,9 +20,11 @@ starts strictly after it in the order (rank descending, titles before items, new
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -31,8 +33,12 @@ from typing import Any
 import asyncpg
 
 from app.errors import ConfigurationError, InvalidInputError
+from app.pg.engine import is_unavailable
+from app.pg.pool import ConnectionPool
 from app.pg.sql import gated_select
-from app.pg.store import PostgresStore
+from app.pg.store import StoreCall
+
+log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 256
 MAX_LIMIT = 500
@@ -50,9 +56,7 @@ _LAST_WORD = re.compile(r"(\w+)$")
 
 _CFG = "chatkit_search_config()"
 # $2: the text before the word being typed; $3: that word as a quoted prefix term, or NULL.
-_TQ = (
-    f"(websearch_to_tsquery({_CFG}, $2) && coalesce(to_tsquery({_CFG}, $3), ''::tsquery))"
-)
+_TQ = f"(websearch_to_tsquery({_CFG}, $2) && coalesce(to_tsquery({_CFG}, $3), ''::tsquery))"
 _MATCHES = (
     "SELECT 0 AS src, id AS thread_id, NULL::text AS item_id, seq, "
     f"ts_rank(search_vector, {_TQ}) AS rank FROM chatkit_threads "
@@ -213,11 +217,11 @@ def segments(headline: str) -> list[Segment]:
 
 
 class ThreadSearch:
-    """Searches through a ``PostgresStore``'s pool, with its error mapping (503 when the
-    database is away, 400 for text it cannot take)."""
+    """Searches through the app's pool, with the store's error mapping (503 when the database
+    is away, 400 for text it cannot take)."""
 
-    def __init__(self, store: PostgresStore) -> None:
-        self.store = store
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
 
     async def search(
         self, user_id: str, q: str | None, *, limit: int = 20, after: str | None = None
@@ -235,7 +239,7 @@ class ThreadSearch:
             cursor.seq if cursor else None,
             HEADLINE_OPTIONS,
         )
-        async with self.store.connection() as conn:
+        async with StoreCall(self.pool) as conn:
             rows = await conn.fetch(SQL_SEARCH, *args)
         more = len(rows) > limit
         rows = rows[:limit]
@@ -246,6 +250,23 @@ class ThreadSearch:
         last = rows[-1] if more else None
         next_cursor = Cursor(last["rank"], last["src"], last["seq"]).encode() if last else None
         return SearchPage(hits, next_cursor)
+
+
+CHECK_TIMEOUT_SECONDS = 3.0
+
+
+async def verify_search_config(pool: ConnectionPool, name: str) -> None:
+    """At startup: ``check_search_config`` when the database answers; when it does not (yet),
+    the app starts anyway, as it does without any database (app.pg.pool)."""
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS), pool.acquire() as conn:
+            await check_search_config(conn, name)
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        if not (is_unavailable(exc) or isinstance(exc, TimeoutError)):
+            raise
+        log.warning("SEARCH_TEXT_CONFIG not checked: the database did not answer")
 
 
 async def check_search_config(conn: asyncpg.Connection, name: str) -> None:

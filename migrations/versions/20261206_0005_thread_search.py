@@ -148,10 +148,14 @@ def upgrade() -> None:
         for table in INDEXES.values():
             backfill(table)
         for name, table in INDEXES.items():
-            valid = op.get_bind().execute(
-                sa.text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:n)"),
-                {"n": name},
-            ).scalar()
+            valid = (
+                op.get_bind()
+                .execute(
+                    sa.text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:n)"),
+                    {"n": name},
+                )
+                .scalar()
+            )
             if valid is False:  # left by an interrupted build
                 op.execute(f"DROP INDEX CONCURRENTLY {name}")
             op.execute(

@@ -42,7 +42,7 @@ BOB = {"user_id": "bob"}
 
 @pytest.fixture
 def search(store: PostgresStore) -> ThreadSearch:
-    return ThreadSearch(store)
+    return ThreadSearch(store.pool)
 
 
 def assistant(thread_id: str, text: str, n: int = 0) -> AssistantMessageItem:
@@ -130,9 +130,11 @@ async def test_edits_deletes_and_retitles_keep_the_index(
     await store.save_thread(thread, ALICE)
     reply = assistant(thread.id, "original wording")
     await store.add_thread_item(thread.id, reply, ALICE)
-    await store.save_item(thread.id, reply.model_copy(update={"content": [
-        AssistantMessageContent(text="rewritten wording")
-    ]}), ALICE)
+    await store.save_item(
+        thread.id,
+        reply.model_copy(update={"content": [AssistantMessageContent(text="rewritten wording")]}),
+        ALICE,
+    )
     assert (await search.search("alice", "original ")).hits == []
     assert found(await search.search("alice", "rewritten ")) == [(thread.id, reply.id)]
     await store.save_thread(thread.model_copy(update={"title": "second name"}), ALICE)
@@ -179,7 +181,7 @@ async def test_row_level_security_alone_keeps_users_apart(
     try:
         role_store = PostgresStore(pool)
         assert await role_store.row_security_enforced()
-        page = await ThreadSearch(role_store).search("bob", "common")
+        page = await ThreadSearch(pool).search("bob", "common")
         assert {h.thread_id for h in page.hits} == {bobs}
         crossed = SQL_SEARCH.replace("WHERE user_id = $1 AND", "WHERE user_id = $9 AND")
         async with role_store.connection() as conn:
@@ -226,8 +228,25 @@ async def test_web_search_syntax_works_and_is_never_an_error(
         red,
         blue,
     }
-    for hostile in ("&", "!", "a & | b", "'", "\\", "):*", "fox:*", "(((", "'fox':* & !",
-                    "<->", "<2>", "\"", "-", "or", "*", "a:b:c", "fo\\'o"):
+    for hostile in (
+        "&",
+        "!",
+        "a & | b",
+        "'",
+        "\\",
+        "):*",
+        "fox:*",
+        "(((",
+        "'fox':* & !",
+        "<->",
+        "<2>",
+        '"',
+        "-",
+        "or",
+        "*",
+        "a:b:c",
+        "fo\\'o",
+    ):
         page = await search.search("alice", hostile)
         assert isinstance(page, SearchPage), hostile
 
@@ -380,9 +399,9 @@ async def test_the_language_setting_stems_words_and_an_unknown_one_stops_startup
     try:
         en_store = PostgresStore(pool)
         await thread_with(en_store, ALICE, "the runners were running")
-        assert len((await ThreadSearch(en_store).search("alice", "runs ")).hits) == 1
+        assert len((await ThreadSearch(pool).search("alice", "runs ")).hits) == 1
         # 'simple' (the default) keeps words as written.
-        assert (await ThreadSearch(store).search("alice", "runs ")).hits == []
+        assert (await ThreadSearch(store.pool).search("alice", "runs ")).hits == []
         async with en_store.connection() as conn:
             await check_search_config(conn, "english")
             with pytest.raises(ConfigurationError, match="SEARCH_TEXT_CONFIG='klingon'"):
@@ -398,7 +417,7 @@ async def test_a_rare_word_is_found_through_the_gin_indexes(
 ) -> None:
     """Among many rows of the same user, a rare word is read from the GIN indexes, not by
     scanning the user's rows (bench/search_bench.py measures it on 1,000,000 items)."""
-    tid, _ = await thread_with(store, ALICE, "zeppelin", title="zeppelin")
+    await thread_with(store, ALICE, "zeppelin", title="zeppelin")
     async with store.connection() as conn:
         await conn.execute(
             "INSERT INTO chatkit_threads (user_id, id, created_at, title, data) "
@@ -434,9 +453,7 @@ async def scratch_db(pg_server: PgServer) -> AsyncIterator[str]:
     await pg_server.drop_database(url)
 
 
-async def test_the_migration_fills_existing_rows(
-    scratch_db: str, test_settings: Settings
-) -> None:
+async def test_the_migration_fills_existing_rows(scratch_db: str, test_settings: Settings) -> None:
     await asyncio.to_thread(migrate, scratch_db, "0004")
     conn = await asyncpg.connect(PgServer.dsn(scratch_db))
     try:
@@ -458,8 +475,8 @@ async def test_the_migration_fills_existing_rows(
     await asyncio.to_thread(migrate, scratch_db)
     pool = await open_pool(scratch_db, test_settings)
     try:
-        page = await ThreadSearch(PostgresStore(pool)).search("u1", "old ", limit=500)
+        page = await ThreadSearch(pool).search("u1", "old ", limit=500)
         assert len(page.hits) == 20  # 10 threads of u1, 2 messages each (not the hidden one)
-        assert len((await ThreadSearch(PostgresStore(pool)).search("u2", "title ")).hits) == 10
+        assert len((await ThreadSearch(pool).search("u2", "title ")).hits) == 10
     finally:
         await pool.close()

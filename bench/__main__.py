@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, each against a baseline measured in the same run.
 
 ``python -m bench`` runs them all; ``python -m bench store server`` (any subset of
-store, server, attachments, memory, deploy, plugins, citus, stall) runs those. Results land in ``bench/results/*.json``.
+store, server, attachments, memory, deploy, plugins, citus, stall, search) runs those. Results land in ``bench/results/*.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ BENCHES = {
     "plugins": "bench.plugins_bench",
     "citus": "bench.citus_bench",
     "stall": "bench.stall_bench",
+    "search": "bench.search_bench",
 }
 
 

@@ -52,6 +52,7 @@ depends_on: str | Sequence[str] | None = None
 
 BATCH = 5000
 INDEXED_TYPES = "('user_message', 'assistant_message')"
+TEXT_PARTS = """'$.content[*] ? (@.type == "input_text" || @.type == "output_text").text'"""
 
 FUNCTIONS = (
     # The configuration of every vector and query; STABLE (it reads a setting), inlined.
@@ -59,22 +60,28 @@ FUNCTIONS = (
 CREATE FUNCTION chatkit_search_config() RETURNS regconfig LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce(nullif(current_setting('chatkit.search_config', true), ''), 'simple')::regconfig
 $$""",
-    # The searchable text of an item: its text parts, for user and assistant messages only.
+    # An item's vector: the strings of its text parts, for user and assistant messages only.
+    # One expression without sub-selects, so PostgreSQL inlines it into the trigger's.
+    f"""
+CREATE FUNCTION chatkit_item_vector(kind text, data jsonb) RETURNS tsvector
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN kind IN {INDEXED_TYPES} THEN jsonb_to_tsvector(chatkit_search_config(),
+        jsonb_path_query_array(data, {TEXT_PARTS}), '["string"]') END
+$$""",
+    # The same parts as text, for ts_headline (at query time, for a page's rows only); the
+    # highlight marks app.pg.search puts around matches are removed from it beforehand.
     f"""
 CREATE FUNCTION chatkit_search_text(kind text, data jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN kind IN {INDEXED_TYPES} THEN coalesce((
-        SELECT string_agg(translate(part ->> 'text', E'\\x01\\x02', ''), E'\\n')
-        FROM jsonb_array_elements(CASE WHEN jsonb_typeof(data -> 'content') = 'array'
-                                       THEN data -> 'content' ELSE '[]'::jsonb END) part
-        WHERE jsonb_typeof(part) = 'object'
-          AND part ->> 'type' IN ('input_text', 'output_text')), '') END
+        SELECT string_agg(translate(part #>> '{{}}', E'\\x01\\x02', ''), E'\\n')
+        FROM jsonb_array_elements(jsonb_path_query_array(data, {TEXT_PARTS})) part
+        WHERE jsonb_typeof(part) = 'string'), '') END
 $$""",
     """
 CREATE FUNCTION chatkit_items_search_vector() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.search_vector := to_tsvector(chatkit_search_config(),
-                                     chatkit_search_text(NEW.type, NEW.data));
+    NEW.search_vector := chatkit_item_vector(NEW.type, NEW.data);
     RETURN NEW;
 END
 $$""",
@@ -103,8 +110,7 @@ BACKFILL = {
         "WITH b AS (SELECT user_id, thread_id, id FROM chatkit_items "
         "WHERE (user_id, thread_id, id) > (:u, :t, :i) ORDER BY user_id, thread_id, id "
         f"LIMIT {BATCH}), "
-        "u AS (UPDATE chatkit_items c SET search_vector = "
-        "to_tsvector(chatkit_search_config(), chatkit_search_text(c.type, c.data)) "
+        "u AS (UPDATE chatkit_items c SET search_vector = chatkit_item_vector(c.type, c.data) "
         "FROM b WHERE (c.user_id, c.thread_id, c.id) = (b.user_id, b.thread_id, b.id) "
         "AND c.search_vector IS NULL AND c.type IN " + INDEXED_TYPES + ") "
         "SELECT user_id, thread_id, id FROM b ORDER BY user_id DESC, thread_id DESC, id DESC "
@@ -174,4 +180,5 @@ def downgrade() -> None:
     op.execute("DROP FUNCTION IF EXISTS chatkit_threads_search_vector()")
     op.execute("DROP FUNCTION IF EXISTS chatkit_items_search_vector()")
     op.execute("DROP FUNCTION IF EXISTS chatkit_search_text(text, jsonb)")
+    op.execute("DROP FUNCTION IF EXISTS chatkit_item_vector(text, jsonb)")
     op.execute("DROP FUNCTION IF EXISTS chatkit_search_config()")

@@ -28,6 +28,10 @@ Without locking writers for long, on a populated table:
 3. the GIN indexes are built with CREATE INDEX CONCURRENTLY (autocommit), which lets writes go
    on. A build interrupted midway leaves an invalid index: it is dropped and built again.
 
+Steps 2 and 3 commit as they go, so a migration interrupted there (or refused by
+``DB_LOCK_TIMEOUT_MS`` or a deadlock with a writer in step 1) is simply run again: every step
+is idempotent (IF NOT EXISTS, OR REPLACE, the backfill skips filled rows).
+
 The GIN indexes hold the vectors alone (``btree_gin``, which could lead them with ``user_id``,
 is a contrib extension the embedded development server lacks): PostgreSQL combines a word's
 GIN bitmap with the ``user_id`` btree's (BitmapAnd) when that is cheaper than checking each match.
@@ -43,7 +47,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects.postgresql import TSVECTOR
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -57,13 +60,13 @@ TEXT_PARTS = """'$.content[*] ? (@.type == "input_text" || @.type == "output_tex
 FUNCTIONS = (
     # The configuration of every vector and query; STABLE (it reads a setting), inlined.
     """
-CREATE FUNCTION chatkit_search_config() RETURNS regconfig LANGUAGE sql STABLE PARALLEL SAFE AS $$
+CREATE OR REPLACE FUNCTION chatkit_search_config() RETURNS regconfig LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce(nullif(current_setting('chatkit.search_config', true), ''), 'simple')::regconfig
 $$""",
     # An item's vector: the strings of its text parts, for user and assistant messages only.
     # One expression without sub-selects, so PostgreSQL inlines it into the trigger's.
     f"""
-CREATE FUNCTION chatkit_item_vector(kind text, data jsonb) RETURNS tsvector
+CREATE OR REPLACE FUNCTION chatkit_item_vector(kind text, data jsonb) RETURNS tsvector
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN kind IN {INDEXED_TYPES} THEN jsonb_to_tsvector(chatkit_search_config(),
         jsonb_path_query_array(data, {TEXT_PARTS}), '["string"]') END
@@ -71,7 +74,7 @@ $$""",
     # The same parts as text, for ts_headline (at query time, for a page's rows only); the
     # highlight marks app.pg.search puts around matches are removed from it beforehand.
     f"""
-CREATE FUNCTION chatkit_search_text(kind text, data jsonb) RETURNS text
+CREATE OR REPLACE FUNCTION chatkit_search_text(kind text, data jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN kind IN {INDEXED_TYPES} THEN coalesce((
         SELECT string_agg(translate(part #>> '{{}}', E'\\x01\\x02', ''), E'\\n')
@@ -79,14 +82,14 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         WHERE jsonb_typeof(part) = 'string'), '') END
 $$""",
     """
-CREATE FUNCTION chatkit_items_search_vector() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION chatkit_items_search_vector() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.search_vector := chatkit_item_vector(NEW.type, NEW.data);
     RETURN NEW;
 END
 $$""",
     """
-CREATE FUNCTION chatkit_threads_search_vector() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION chatkit_threads_search_vector() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.search_vector := setweight(to_tsvector(chatkit_search_config(), NEW.title), 'A');
     RETURN NEW;
@@ -94,9 +97,9 @@ END
 $$""",
 )
 TRIGGERS = (
-    "CREATE TRIGGER chatkit_items_search BEFORE INSERT OR UPDATE OF type, data "
+    "CREATE OR REPLACE TRIGGER chatkit_items_search BEFORE INSERT OR UPDATE OF type, data "
     "ON chatkit_items FOR EACH ROW EXECUTE FUNCTION chatkit_items_search_vector()",
-    "CREATE TRIGGER chatkit_threads_search BEFORE INSERT OR UPDATE OF title "
+    "CREATE OR REPLACE TRIGGER chatkit_threads_search BEFORE INSERT OR UPDATE OF title "
     "ON chatkit_threads FOR EACH ROW EXECUTE FUNCTION chatkit_threads_search_vector()",
 )
 # Items before threads, in every step: an item's insert locks chatkit_items and then (its
@@ -150,7 +153,7 @@ def backfill(table: str) -> int:
 
 def upgrade() -> None:
     for table in INDEXES.values():
-        op.add_column(table, sa.Column("search_vector", TSVECTOR(), nullable=True))
+        op.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS search_vector tsvector")
     for sql in (*FUNCTIONS, *TRIGGERS):  # TRIGGERS: items first too
         op.execute(sql)
     with op.get_context().autocommit_block():

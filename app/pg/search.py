@@ -63,7 +63,8 @@ _TQ = f"(websearch_to_tsquery({_CFG}, $2) && coalesce(to_tsquery({_CFG}, $3), ''
 # Each branch ranks at most CANDIDATES matches, the most recent ones: a word in half of a
 # user's 100,000 messages would otherwise mean reading and ranking 50,000 rows per keystroke.
 # With custom plans (below) PostgreSQL reads a rare word's few rows from the GIN index and a
-# common word's most recent rows backwards along (user_id, created_at, seq), stopping early.
+# common word's most recent rows backwards along an index, stopping early: threads' (user_id,
+# created_at, seq), and for messages (user_id, seq) of the indexed rows (seq follows insertion).
 CANDIDATES = 500
 _MATCHES = (
     "(SELECT 0 AS src, id AS thread_id, NULL::text AS item_id, seq, "
@@ -71,8 +72,7 @@ _MATCHES = (
     f"WHERE user_id = $1 AND search_vector @@ {_TQ} "
     f"ORDER BY created_at DESC, seq DESC LIMIT {CANDIDATES}) "
     f"UNION ALL (SELECT 1, thread_id, id, seq, ts_rank(search_vector, {_TQ}) FROM chatkit_items "
-    f"WHERE user_id = $1 AND search_vector @@ {_TQ} "
-    f"ORDER BY created_at DESC, seq DESC LIMIT {CANDIDATES})"
+    f"WHERE user_id = $1 AND search_vector @@ {_TQ} ORDER BY seq DESC LIMIT {CANDIDATES})"
 )
 # $4: the limit; $5, $6, $7: the cursor's rank, kind and seq (all NULL for the first page).
 _ORDER = "rank DESC, src, seq DESC"

@@ -89,6 +89,8 @@ class ItemRow(SQLModel, table=True):
         ),
         Index(None, "user_id", "thread_id", "created_at", "seq"),
         _search_index(),
+        # A search's most recent matching messages (app.pg.search), newest first.
+        Index(None, "user_id", "seq", postgresql_where=text("search_vector IS NOT NULL")),
     )
 
     user_id: str = Field(sa_column=Column(Text, primary_key=True))

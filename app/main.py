@@ -54,11 +54,13 @@ from app.http.health import router as ops_router
 from app.http.me import me_router
 from app.http.middleware import AccessLogMiddleware, request_info
 from app.http.runtime import Runtime
+from app.http.search import search_router
 from app.observability import Metrics, configure_logging, user_id_var
 from app.pg.engine import aresolve_database_url
 from app.pg.limits import Limits
 from app.pg.metered import MeteredStore
 from app.pg.pool import open_pool
+from app.pg.search import verify_search_config
 from app.pg.store import PostgresStore
 from app.settings import Settings, get_settings
 
@@ -109,6 +111,7 @@ def create_app(
     # handlers below like every other route's.
     app.include_router(files_router(bearer_user))
     app.include_router(me_router(bearer_user))  # GET /me/export (app.http.me)
+    app.include_router(search_router(bearer_user, settings.chatkit_path))  # docs/search.md
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -147,6 +150,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
 
         pool = await open_pool(await aresolve_database_url(settings), settings)
         stack.push_async_callback(pool.close)
+        await verify_search_config(pool, settings.search_text_config)
         inner: Store[RequestContext] = app.state.store_override or PostgresStore(pool)
         store = MeteredStore(inner, metrics.store_seconds)
 

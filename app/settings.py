@@ -221,6 +221,11 @@ class Settings(BaseSettings):
     history_items: int = Field(
         default=40, ge=1, le=500, description="Most recent thread items sent to the model."
     )
+    search_text_config: str = Field(
+        default="simple",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
+        description="PostgreSQL text-search configuration of thread search (docs/search.md).",
+    )
     thread_titles: Literal["model", "first_message", "off"] = Field(
         default="model", description="How untitled threads get a title after the first reply."
     )

@@ -2,7 +2,7 @@
 
 ``python -m bench`` runs them all; ``python -m bench store server`` (any subset of
 store, server, attachments, memory, deploy, plugins, citus, stall,
-userdata) runs those. Results land in ``bench/results/*.json``.
+userdata, search) runs those. Results land in ``bench/results/*.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ BENCHES = {
     "citus": "bench.citus_bench",
     "stall": "bench.stall_bench",
     "userdata": "bench.userdata_bench",
+    "search": "bench.search_bench",
 }
 
 

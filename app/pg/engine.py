@@ -80,6 +80,8 @@ def server_settings(settings: Settings) -> dict[str, str]:
         "statement_timeout": str(settings.db_statement_timeout_ms),
         "lock_timeout": str(settings.db_lock_timeout_ms),
         "idle_in_transaction_session_timeout": "60000",
+        # Read by the search triggers and queries (migration 0005, app.pg.search).
+        "chatkit.search_config": settings.search_text_config,
     }
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 from sqlmodel import Field, SQLModel
 
 NAMING_CONVENTION = {
@@ -42,6 +42,21 @@ def _seq() -> Column[int]:
     return Column(BigInteger, Identity(always=False), nullable=False)
 
 
+def _search_vector() -> Column[str]:
+    """Kept by a trigger (migration 0005, app.pg.search); never written by the app."""
+    return Column(TSVECTOR, nullable=True)
+
+
+def _search_index() -> Index:
+    """GIN on the vector; queries add ``user_id`` (migration 0005 says why not btree_gin)."""
+    return Index(
+        None,
+        "search_vector",
+        postgresql_using="gin",
+        postgresql_where=text("search_vector IS NOT NULL"),
+    )
+
+
 def _ts(*, default_now: bool = False) -> Column[datetime]:
     return Column(
         DateTime(timezone=True),
@@ -52,7 +67,7 @@ def _ts(*, default_now: bool = False) -> Column[datetime]:
 
 class ThreadRow(SQLModel, table=True):
     __tablename__ = "chatkit_threads"
-    __table_args__ = (Index(None, "user_id", "created_at", "seq"),)
+    __table_args__ = (Index(None, "user_id", "created_at", "seq"), _search_index())
 
     user_id: str = Field(sa_column=Column(Text, primary_key=True))
     id: str = Field(sa_column=Column(Text, primary_key=True))
@@ -61,6 +76,7 @@ class ThreadRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_column=_ts(default_now=True))
     title: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     data: str = Field(sa_column=Column(JSONB, nullable=False))
+    search_vector: str | None = Field(default=None, sa_column=_search_vector())
 
 
 class ItemRow(SQLModel, table=True):
@@ -72,6 +88,9 @@ class ItemRow(SQLModel, table=True):
             ondelete="CASCADE",
         ),
         Index(None, "user_id", "thread_id", "created_at", "seq"),
+        _search_index(),
+        # A search's most recent matching messages (app.pg.search), newest first.
+        Index(None, "user_id", "seq", postgresql_where=text("search_vector IS NOT NULL")),
     )
 
     user_id: str = Field(sa_column=Column(Text, primary_key=True))
@@ -81,6 +100,7 @@ class ItemRow(SQLModel, table=True):
     created_at: datetime = Field(sa_column=_ts())
     type: str = Field(sa_column=Column(Text, nullable=False))
     data: str = Field(sa_column=Column(JSONB, nullable=False))
+    search_vector: str | None = Field(default=None, sa_column=_search_vector())
 
 
 class AttachmentRow(SQLModel, table=True):

@@ -9,6 +9,7 @@ import {
   MAX_UPLOAD_BYTES,
   STARTER_PROMPTS,
 } from "./config";
+import { ThreadSearch } from "./Search";
 
 const CDN_WAIT_MS = 20_000;
 
@@ -87,7 +88,10 @@ export function App() {
           </button>
         </div>
       )}
-      <ChatKit control={chatkit.control} className="chatkit" />
+      <div className="main">
+        <ThreadSearch onOpen={(threadId) => void chatkit.setThreadId(threadId)} />
+        <ChatKit control={chatkit.control} className="chatkit" />
+      </div>
     </div>
   );
 }

@@ -4,7 +4,8 @@
   the flags this closed network needs;
 * ``STAND_IN_SCRIPT`` replaces ChatKit's CDN script. The real component is published only on
   cdn.platform.openai.com, which these machines cannot reach, so tests route that URL to a tiny
-  custom element that records the options the page gives it (``window.__chatkit``). What is
+  custom element that records the options the page gives it (``window.__chatkit``) and the
+  threads it is told to open (``window.__chatkitThreadIds``). What is
   tested is the page's side of the contract: the element is created and pointed at this
   backend, and the ``fetch`` it is given really authenticates against it;
 * ``DevServer`` runs ``python -m app serve`` (what ``make run`` runs) in development mode and
@@ -55,6 +56,10 @@ class ChatKitStandIn extends HTMLElement {
       typeof value === "function" ? "[function]" : value));
     window.__chatkitOptions = options;
     window.__chatkit = { options: plain, calls: (window.__chatkit?.calls ?? 0) + 1 };
+  }
+  setThreadId(threadId) {
+    (window.__chatkitThreadIds ??= []).push(threadId);
+    return Promise.resolve();
   }
 }
 customElements.define("openai-chatkit", ChatKitStandIn);

@@ -37,6 +37,7 @@ from app.http.auth import (
 )
 from app.main import create_app
 from app.settings import PROJECT_ROOT, Settings
+from app.ids import MAX_USER_ID_CHARS
 from tests.conftest import MakeClient
 from tests.harness.loopback import serve
 
@@ -105,6 +106,9 @@ async def test_hs256(test_settings: Settings) -> None:
         "empty sub": jwt.encode(claims(sub=" "), SECRET, algorithm="HS256"),
         "numeric sub": jwt.encode(claims(sub=42), SECRET, algorithm="HS256"),
         "NUL in sub": jwt.encode(claims(sub="al\x00ice"), SECRET, algorithm="HS256"),
+        "sub too long": jwt.encode(
+            claims(sub="a" * (MAX_USER_ID_CHARS + 1)), SECRET, algorithm="HS256"
+        ),
         "unexpected aud": jwt.encode(claims(aud="someone-else"), SECRET, algorithm="HS256"),
         "garbage": "not-a-jwt",
         "three garbage parts": "abc.def.ghi",
@@ -114,6 +118,10 @@ async def test_hs256(test_settings: Settings) -> None:
         message = await rejected(verifier, token)
         assert "alice" not in message, name
     assert "expired" in await rejected(verifier, bad["expired"])
+    longest = "a" * MAX_USER_ID_CHARS  # the longest user id the tables keep
+    assert await verifier.verify(jwt.encode(claims(sub=longest), SECRET, algorithm="HS256")) == (
+        longest
+    )
 
 
 async def test_verified_tokens_are_cached_never_past_expiry(test_settings: Settings) -> None:

@@ -26,6 +26,7 @@ from tests.harness.deploy import (
     PROJECT_ROOT,
     Nginx,
     find_nginx,
+    require,
     template_variables,
 )
 
@@ -262,8 +263,14 @@ def ignore_problems(dockerfile: Path) -> list[str]:
             problems.append(f"line {number + 1}: an ignored rule needs a comment with the reason")
         ignored |= {(number + 2, code.strip()) for code in pragma[1].split(",") if code.strip()}
     result = subprocess.run(
-        [hadolint_binary(), "--no-color", "--format", "json", "--disable-ignore-pragma"]
-        + [str(dockerfile)],
+        [
+            hadolint_binary(),
+            "--no-color",
+            "--format",
+            "json",
+            "--disable-ignore-pragma",
+            dockerfile,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -294,9 +301,9 @@ def test_hadolint_ignores_are_explained(tmp_path: Path) -> None:
     unexplained.write_text(
         explained.read_text().replace("# curl's version follows the base image\n", "")
     )
-    assert ["line 2: an ignored rule needs a comment with the reason"] == ignore_problems(
-        unexplained
-    )
+    assert ignore_problems(unexplained) == [
+        "line 2: an ignored rule needs a comment with the reason"
+    ]
     stale = tmp_path / "stale"
     stale.write_text(explained.read_text().replace("DL3008", "DL3008,DL3009"))
     assert ignore_problems(stale) == ["line 3: ignores DL3009, which nothing raises"]
@@ -897,9 +904,9 @@ def test_systemd_unit_runs_hardened_as_a_service_user() -> None:
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if not analyze:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require(
+        shutil.which("systemd-analyze"), "systemd-analyze", "Debian's systemd; .ci/run installs it"
+    )
     # The unit's /opt/chatkit-pg is this checkout, whose .venv has alembic and uvicorn.
     text = UNIT_FILE.read_text().replace("/opt/chatkit-pg", str(PROJECT_ROOT))
     candidate = tmp_path / "chatkit-pg.service"

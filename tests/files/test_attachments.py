@@ -54,6 +54,13 @@ MiB = 1024 * 1024
 MAX = 2 * MiB
 BASE = "http://testserver"
 
+# The contract as the tables' owner, through the app's role (custom and generic plans) and
+# through the role on a Citus cluster, the bytes in chatkit_attachment_blobs.
+pytestmark = pytest.mark.backends("owner", "role-custom", "role-generic", "citus-role")
+# Their set-up ages rows with an UPDATE Citus refuses (a STABLE timestamptz - interval on a
+# column); tests/citus/test_citus_rls.py runs prune on the cluster.
+ONE_NODE = pytest.mark.backends("owner", "role-custom", "role-generic")
+
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -818,6 +825,7 @@ async def _age(engine: AsyncEngine, table: str, ids: list[str], delta: timedelta
     await sql(engine, f"UPDATE {table} SET {column} WHERE id = ANY($1::text[])", ids, delta)
 
 
+@ONE_NODE
 async def test_prune_removes_orphans_and_old_threads_and_keeps_the_rest(
     client: httpx.AsyncClient,
     server: RecordingServer,
@@ -886,6 +894,7 @@ async def test_prune_removes_orphans_and_old_threads_and_keeps_the_rest(
     assert (await prune(engine, keep30)).threads == 0  # idempotent
 
 
+@ONE_NODE
 async def test_prune_command_line(
     client: httpx.AsyncClient, engine: AsyncEngine, database_url: str, tmp_path: Any
 ) -> None:

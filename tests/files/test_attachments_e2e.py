@@ -18,7 +18,6 @@ from app.chat.offline_model import OfflineModel
 from app.cli.prune import prune
 from app.errors import AttachmentInUseError
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
 
 # Helpers, and the fixtures of its SDK server (for the stream-path test below).
 from tests.files.test_attachments import (  # noqa: F401
@@ -38,6 +37,7 @@ from tests.files.test_attachments import (  # noqa: F401
 from tests.files.test_attachments import user_input as sdk_input
 from tests.harness.chatkit_client import (
     ChatKitClient,
+    MakeClient,
     assistant_text,
     done_items,
     of_type,

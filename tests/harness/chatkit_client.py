@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,3 +137,7 @@ class ChatKitClient:
             {"thread_id": thread_id, "input": user_input(text)},
             user=user,
         )
+
+
+MakeClient = Callable[..., Awaitable[ChatKitClient]]
+"""tests/conftest.py's ``make_client``: ``await make_client(model=..., app_store=..., **settings)``."""

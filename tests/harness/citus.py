@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import secrets
 import shutil
 import socket
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -163,15 +161,7 @@ def citus_cluster(workers: int = WORKERS) -> Iterator[CitusCluster]:
             node.cleanup()
 
 
-# --- fixtures (imported by the tests/test_citus*.py modules) ----------------------------------
-
-
-@pytest.fixture(scope="module", name="citus")
-def citus_fixture() -> Iterator[CitusCluster]:
-    """A fresh cluster for the module (about two seconds to start), torn down after it."""
-    require_citus()
-    with citus_cluster() as cluster:
-        yield cluster
+# --- databases on a cluster (tests/conftest.py starts the session's cluster) ----------------
 
 
 async def distributed_database(cluster: CitusCluster) -> str:
@@ -195,23 +185,6 @@ async def worker_fetch(cluster: CitusCluster, index: int, database: str, sql: st
         return list(await conn.fetch(sql))
     finally:
         await conn.close()
-
-
-def rerun(suite: ModuleType, into: dict[str, Any], skip: Collection[str] = ()) -> list[str]:
-    """Collect ``suite``'s async tests again in the module whose globals are ``into``, where
-    that module's fixtures (the cluster's ``database_url``, ``engine``, ``store``...) apply."""
-    names = []
-    for name, fn in vars(suite).items():
-        if (
-            name.startswith("test_")
-            and inspect.iscoroutinefunction(fn)
-            and fn.__module__ == suite.__name__
-            and name not in skip
-        ):
-            assert name not in into, f"{name} would shadow a test of this module"
-            into[name] = fn
-            names.append(name)
-    return names
 
 
 # Deleting is what a test's few rows need: TRUNCATE on distributed tables takes every shard's

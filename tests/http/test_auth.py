@@ -35,10 +35,10 @@ from app.http.auth import (
     dev_secret,
     mint_token,
 )
+from app.ids import MAX_USER_ID_CHARS
 from app.main import create_app
 from app.settings import PROJECT_ROOT, Settings
-from app.ids import MAX_USER_ID_CHARS
-from tests.conftest import MakeClient
+from tests.harness.chatkit_client import MakeClient
 from tests.harness.loopback import serve
 
 SECRET = "a-shared-secret-long-enough-for-hs256-and-hs512-" + "x" * 20

@@ -34,8 +34,14 @@ from app.main import create_app
 from app.pg.pool import ConnectionPool
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.conftest import MakeClient
-from tests.harness.chatkit_client import done_items, error_text, of_type, token_for, user_input
+from tests.harness.chatkit_client import (
+    MakeClient,
+    done_items,
+    error_text,
+    of_type,
+    token_for,
+    user_input,
+)
 from tests.harness.loopback import serve
 from tests.harness.pg import PgServer
 from tests.harness.tcpproxy import TcpProxy

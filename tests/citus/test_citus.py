@@ -32,7 +32,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -41,7 +40,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import app.pg.store as store_sql
 from app.background import TaskRegistry
 from app.cli.distribute import COORDINATOR_LOCAL, DISTRIBUTED
 from app.cli.prune import prune
@@ -53,11 +51,15 @@ from app.settings import PROJECT_ROOT, Settings
 from tests.harness import factories as f
 from tests.harness.citus import (
     CitusCluster,
+    citus_statements,
     distributed_database,
+    explain,
+    find_all,
+    single_shard,
     worker_fetch,
 )
 from tests.harness.pg import PgServer, alembic_config, migrate
-from tests.harness.statements import literal, statements
+from tests.harness.statements import statements
 
 # The session's cluster and its database, as the owner (tests/conftest.py).
 pytestmark = pytest.mark.backends("citus")
@@ -196,82 +198,26 @@ async def test_content_tables_are_distributed_by_user_and_colocated(
 # --- every statement routes to one shard --------------------------------------------------------
 
 
-def citusstatements() -> dict[str, tuple[str, tuple[Any, ...]]]:
-    """tests/pg/test_rls.py's list of every statement with sample arguments, each write in the
-    form the store sends to a cluster."""
-    out: dict[str, tuple[str, tuple[Any, ...]]] = {}
-    for name, (sql, args) in statements().items():
-        writes = sql.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE")
-        if name == "store.SQL_SAVE_FEEDBACK":
-            sql, args = store_sql.CITUS_SAVE_FEEDBACK_ROW, (*args[:2], args[2][0], args[3])
-        elif writes and not name.startswith("limits."):
-            assert sql in store_sql.CITUS_FORMS, f"{name} has no Citus form"
-            sql = store_sql.CITUS_FORMS[sql]
-        out[name] = (sql, args)
-    return out
-
-
-def _find(node: Any, key: str) -> list[Any]:
-    """Every value of ``key`` anywhere in a JSON plan."""
-    found = []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key:
-                found.append(v)
-            found += _find(v, key)
-    elif isinstance(node, list):
-        for v in node:
-            found += _find(v, key)
-    return found
-
-
 # A prepared statement's plans as the app gets them: custom for its first five executions, then
 # whichever plan_cache_mode=auto settles on (Citus prices a generic plan it could not route as
 # exorbitant, so PostgreSQL keeps making custom ones; one it can route is pruned at execution).
 PLANS = ("first", "settled")
 
 
-async def explain(
-    conn: asyncpg.Connection, sql: str, args: tuple[Any, ...], which: str = "first"
-) -> dict[str, Any]:
-    """The JSON plan of ``sql`` prepared and EXPLAIN EXECUTEd: the first, or the seventh."""
-    literals = [await literal(conn, a) for a in args]
-    await conn.execute(f"PREPARE citus_check AS {sql}")
-    try:
-        for _ in range(7 if which == "settled" else 1):
-            text = await conn.fetchval(
-                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE citus_check({', '.join(literals)})"
-            )
-    finally:
-        await conn.execute("DEALLOCATE citus_check")
-    plan: dict[str, Any] = json.loads(text)[0]
-    return plan
-
-
-def single_shard(plan: dict[str, Any]) -> bool:
-    """One Citus task, and no subplan evaluated on the coordinator before it."""
-    root = plan["Plan"]
-    return (
-        root.get("Custom Plan Provider") == "Citus Adaptive"
-        and _find(plan, "Task Count") == [1]
-        and not _find(plan, "Subplans")
-    )
-
-
 @pytest.mark.parametrize("which", PLANS)
 async def test_every_statement_is_single_shard(database_url: str, which: str) -> None:
     conn = await _owner(database_url)
     try:
-        statements = citusstatements()
-        for name, (sql, args) in statements.items():
+        every = citus_statements()
+        for name, (sql, args) in every.items():
             plan = await explain(conn, sql, args, which)
             if name.startswith("limits."):
                 # the coordinator's own tables: no distributed step at all
-                assert not _find(plan, "Custom Plan Provider"), (name, plan)
-                assert set(_find(plan, "Relation Name")) <= set(COORDINATOR_LOCAL), name
+                assert not find_all(plan, "Custom Plan Provider"), (name, plan)
+                assert set(find_all(plan, "Relation Name")) <= set(COORDINATOR_LOCAL), name
             else:
                 assert single_shard(plan), (name, which, json.dumps(plan, indent=1))
-        assert len([n for n in statements if not n.startswith("limits.")]) >= 30
+        assert len([n for n in every if not n.startswith("limits.")]) >= 30
     finally:
         await conn.close()
 

@@ -15,6 +15,17 @@ from fastapi import FastAPI
 from app.settings import Settings
 
 JWT_TEST_SECRET = "chatkit-pg-tests-" + "s" * 40
+# The issuer and audience of the JWKS tests' tokens (tests/http/test_auth.py, test_jwks_faults.py).
+ISSUER = "https://auth.example.com"
+AUDIENCE = "chatkit-pg"
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    """A token's claims for alice, valid for five minutes; ``None`` leaves one out."""
+    now = int(time.time())
+    base: dict[str, Any] = {"sub": "alice", "iat": now, "exp": now + 300}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
 
 
 def token_for(user: str, settings: Settings, **claims: Any) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -31,7 +32,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+import app.pg.store as store_sql
 from tests.harness.pginstance import SYSTEM_USER, PgInstance, _prepare_for, _short_temp_root
+from tests.harness.statements import literal, statements
 
 PG_BIN = Path(os.environ.get("CITUS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_LIB = PG_BIN.parent / "lib"
@@ -202,3 +205,62 @@ async def empty_tables(owner_engine: Any) -> None:
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         await raw.execute(EMPTY_TABLES)
+
+
+# --- plans on a cluster (tests/citus/test_citus.py, bench/citus_bench.py) ----------------------
+
+
+def find_all(node: Any, key: str) -> list[Any]:
+    """Every value of ``key`` anywhere in a JSON plan."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                found.append(v)
+            found += find_all(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            found += find_all(v, key)
+    return found
+
+
+async def explain(
+    conn: asyncpg.Connection, sql: str, args: tuple[Any, ...], which: str = "first"
+) -> dict[str, Any]:
+    """The JSON plan of ``sql`` prepared and EXPLAIN EXECUTEd: the first, or the seventh."""
+    literals = [await literal(conn, a) for a in args]
+    await conn.execute(f"PREPARE citus_check AS {sql}")
+    try:
+        for _ in range(7 if which == "settled" else 1):
+            text = await conn.fetchval(
+                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE citus_check({', '.join(literals)})"
+            )
+    finally:
+        await conn.execute("DEALLOCATE citus_check")
+    plan: dict[str, Any] = json.loads(text)[0]
+    return plan
+
+
+def single_shard(plan: dict[str, Any]) -> bool:
+    """One Citus task, and no subplan evaluated on the coordinator before it."""
+    root = plan["Plan"]
+    return (
+        root.get("Custom Plan Provider") == "Citus Adaptive"
+        and find_all(plan, "Task Count") == [1]
+        and not find_all(plan, "Subplans")
+    )
+
+
+def citus_statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
+    """tests/harness/statements.py's list of every statement with sample arguments, each write in the
+    form the store sends to a cluster."""
+    out: dict[str, tuple[str, tuple[Any, ...]]] = {}
+    for name, (sql, args) in statements().items():
+        writes = sql.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE")
+        if name == "store.SQL_SAVE_FEEDBACK":
+            sql, args = store_sql.CITUS_SAVE_FEEDBACK_ROW, (*args[:2], args[2][0], args[3])
+        elif writes and not name.startswith("limits."):
+            assert sql in store_sql.CITUS_FORMS, f"{name} has no Citus form"
+            sql = store_sql.CITUS_FORMS[sql]
+        out[name] = (sql, args)
+    return out

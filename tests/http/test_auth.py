@@ -38,19 +38,10 @@ from app.http.auth import (
 from app.ids import MAX_USER_ID_CHARS
 from app.main import create_app
 from app.settings import PROJECT_ROOT, Settings
-from tests.harness.chatkit_client import MakeClient
+from tests.harness.chatkit_client import AUDIENCE, ISSUER, MakeClient, claims
 from tests.harness.loopback import serve
 
 SECRET = "a-shared-secret-long-enough-for-hs256-and-hs512-" + "x" * 20
-ISSUER = "https://auth.example.com"
-AUDIENCE = "chatkit-pg"
-
-
-def claims(**over: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base: dict[str, Any] = {"sub": "alice", "iat": now, "exp": now + 300}
-    base.update(over)
-    return {k: v for k, v in base.items() if v is not None}
 
 
 def unsigned(payload: dict[str, Any]) -> str:

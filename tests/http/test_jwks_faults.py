@@ -36,8 +36,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from app.errors import ServiceUnavailableError
 from app.main import create_app
 from app.settings import Settings
+from tests.harness.chatkit_client import AUDIENCE, ISSUER, claims
 from tests.harness.loopback import serve
-from tests.http.test_auth import AUDIENCE, ISSUER, claims
 
 UNAVAILABLE = ServiceUnavailableError.public_message
 LEAK_MARKERS = re.compile(

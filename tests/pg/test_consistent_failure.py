@@ -33,9 +33,9 @@ from app.http.runtime import Runtime
 from app.main import create_app
 from app.settings import Settings
 from tests.harness.chatkit_client import ChatKitClient, done_items, of_type, user_input
+from tests.harness.faults import DEADLINE, GatedModel, now, report, stream_error, until, value
 from tests.harness.pgfreeze import frozen
 from tests.harness.pginstance import PRIVATE_DATABASE, PgInstance
-from tests.http.test_faults import DEADLINE, GatedModel, now, report, stream_error, until, value
 
 DATABASE = PRIVATE_DATABASE
 APP_NAME = "chatkit-pg-consistent"

@@ -32,11 +32,10 @@ from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.harness.chatkit_client import done_items, of_type, user_input
+from tests.harness.faults import DEADLINE, GatedModel, Served, assert_unavailable, now
 from tests.harness.loopback import serve
 from tests.harness.pgfreeze import frozen
 from tests.harness.pginstance import PRIVATE_DATABASE, PgInstance
-from tests.http.test_faults import DEADLINE, GatedModel, assert_unavailable, now
-from tests.pg.test_pg_restart import Served
 
 DATABASE = PRIVATE_DATABASE
 APP_NAME = "chatkit-pg-frozen"

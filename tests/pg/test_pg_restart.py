@@ -26,22 +26,19 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from app.errors import ServiceUnavailableError
-from app.http.runtime import Runtime
 from app.main import create_app
-from app.pg.pool import ConnectionPool, open_pool
+from app.pg.pool import open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.harness.chatkit_client import done_items, of_type, token_for, user_input
-from tests.harness.loopback import serve
-from tests.harness.pginstance import PRIVATE_DATABASE, PgInstance
-from tests.http.test_faults import (
+from tests.harness.chatkit_client import done_items, of_type, user_input
+from tests.harness.faults import (
     DEADLINE,
     RECOVERY_SECONDS,
     SLACK_SECONDS,
     GatedModel,
+    Served,
     assert_unavailable,
     checked_out,
     now,
@@ -50,6 +47,8 @@ from tests.http.test_faults import (
     until,
     value,
 )
+from tests.harness.loopback import serve
+from tests.harness.pginstance import PRIVATE_DATABASE, PgInstance
 
 CONNECT_TIMEOUT = 1.0  # DB_CONNECT_TIMEOUT of the apps here
 REQUEST_BOUND = CONNECT_TIMEOUT + SLACK_SECONDS  # no request during an outage takes longer
@@ -101,41 +100,6 @@ def restart_settings(app_settings: Settings, private_url: str) -> Settings:
             "shutdown_grace_seconds": 2.0,
         }
     )
-
-
-class Served:
-    """An app under uvicorn on loopback, and an httpx client for it."""
-
-    def __init__(self, app: FastAPI, http: httpx.AsyncClient, settings: Settings) -> None:
-        self.app = app
-        self.http = http
-        self.headers = {"Authorization": f"Bearer {token_for('alice', settings)}"}
-
-    @property
-    def runtime(self) -> Runtime:
-        runtime: Runtime = self.app.state.runtime
-        return runtime
-
-    @property
-    def pool(self) -> ConnectionPool:
-        return self.runtime.pool
-
-    async def request(self, type_: str, params: dict[str, Any]) -> httpx.Response:
-        body = {"type": type_, "params": params}
-        return await self.http.post("/chatkit", json=body, headers=self.headers)
-
-    async def stream(self, type_: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        body = {"type": type_, "params": params}
-        async with (
-            asyncio.timeout(DEADLINE),
-            self.http.stream("POST", "/chatkit", json=body, headers=self.headers) as response,
-        ):
-            assert response.status_code == 200, await response.aread()
-            lines = response.aiter_lines()
-            while (event := await sse_event(lines)) is not None:
-                events.append(event)
-        return events
 
 
 @pytest.fixture

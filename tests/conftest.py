@@ -18,7 +18,9 @@ from contextlib import AsyncExitStack, ExitStack
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
+from hypothesis import core as hypothesis_core
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -48,9 +50,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # from this seed, printed in the header: ``--hypothesis-seed=<n>`` replays a run.
     if config.getoption("hypothesis_seed", None) is None:
         config.option.hypothesis_seed = random.getrandbits(32)
-        from hypothesis import core
-
-        core.global_force_seed = config.option.hypothesis_seed
+        hypothesis_core.global_force_seed = config.option.hypothesis_seed
 
 
 def _session_server(config: pytest.Config) -> PgServer:
@@ -65,10 +65,12 @@ def _session_server(config: pytest.Config) -> PgServer:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     seed = config.getoption("hypothesis_seed")
-    return [
-        header_line(_session_server(config)),
-        f"Hypothesis: seed {seed} (replay with --hypothesis-seed={seed}; see docs/testing.md)",
-    ]
+    replay = (
+        "Hypothesis: derandomized (CI profile): the same examples every run"
+        if hypothesis.settings.default.derandomize
+        else f"Hypothesis: seed {seed} (replay with --hypothesis-seed={seed}; see docs/testing.md)"
+    )
+    return [header_line(_session_server(config)), replay]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -133,7 +133,7 @@ async def test_readyz_answers_within_its_deadline_while_postgres_is_frozen(
     the very next probe is 200."""
     app = await served(ready_timeout_seconds=CUT_OFF)
     assert (await app.http.get("/readyz")).status_code == 200  # one pooled connection
-    assert app.pg.pool.size() == 1
+    assert app.pool.size() == 1
     before = await backends(pg)
     with frozen(pg):
         for what in ("pooled connection", "new connection"):
@@ -141,11 +141,11 @@ async def test_readyz_answers_within_its_deadline_while_postgres_is_frozen(
             assert ready.status_code == 503, ready.text
             assert ready.json() == {"status": "unavailable", "database": "unreachable"}
             # The cut-off connection was closed, not handed back to wait on the server.
-            assert app.pg.pool.size() == 0 and app.pg.pool.in_use == 0
+            assert app.pool.size() == 0 and app.pool.in_use == 0
         assert (await app.http.get("/healthz")).status_code == 200
     ready = await within(app.http.get("/readyz"), "/readyz after SIGCONT")
     assert ready.status_code == 200, ready.text
-    assert app.pg.pool.size() == 1
+    assert app.pool.size() == 1
     # The abandoned backend ends once it runs again and finds its client gone.
     async with asyncio.timeout(DEADLINE):
         while (await backends(pg)) & before:
@@ -281,7 +281,7 @@ async def test_requests_are_503_within_their_bounds_while_postgres_is_frozen(
             assert_unavailable(answer)
         ready = await within(app.http.get("/readyz"), "/readyz")
         assert ready.status_code == 503
-        assert app.pg.pool.in_use == 0
+        assert app.pool.in_use == 0
     listed = await within(app.request("threads.list", {}), "threads.list after SIGCONT")
     assert listed.status_code == 200, listed.text
     assert [t["id"] for t in listed.json()["data"]] == [thread_id]

@@ -136,7 +136,7 @@ async def test_postgres_stopped_during_a_stream(pg: PgInstance, served: Any) -> 
     is down and released only then."""
     model = GatedModel()
     app: Served = await served(model)
-    pool = app.pg.pool
+    pool = app.pool
     body = {"type": "threads.create", "params": {"input": user_input("Tell me everything")}}
     events: list[dict[str, Any]] = []
     async with app.http.stream("POST", "/chatkit", json=body, headers=app.headers) as response:
@@ -214,7 +214,7 @@ async def test_postgres_stopped_during_a_stream(pg: PgInstance, served: Any) -> 
     )
     assert took < RECOVERY_SECONDS
 
-    runtime = app.http.runtime
+    runtime = app.runtime
     await until(value(lambda: len(runtime.tasks) == 0), "background tasks to end")
     await until(value(lambda: checked_out(pool) == 0), "every connection back in the pool")
     assert await fetch(pg, "SELECT id FROM chatkit_stream_leases") == []
@@ -256,7 +256,7 @@ async def test_restart_while_idle_renews_the_pool(
     model = GatedModel()
     model.gate.set()
     app: Served = await served(model, db_pool_size=pool_size, rate_limit_per_minute=rate_limit)
-    pool = app.pg.pool
+    pool = app.pool
     events = await app.stream("threads.create", {"input": user_input("Before the restart")})
     assert done_items(events, "assistant_message"), events
     thread_id = of_type(events, "thread.created")[0]["thread"]["id"]
@@ -345,7 +345,7 @@ async def test_requests_during_a_restart(pg: PgInstance, served: Any) -> None:
     assert any(o[1] == 503 for o in during), "no request met the restart"
     assert [o[1] for o in after] == [200] * len(clients), after
     assert max(o[2] for o in after) < RECOVERY_SECONDS
-    await until(value(lambda: checked_out(app.pg.pool) == 0), "every connection back in the pool")
+    await until(value(lambda: checked_out(app.pool) == 0), "every connection back in the pool")
 
 
 # --- 4. the moment between PostgreSQL's goodbye and the end of the socket ------------------------

@@ -190,7 +190,7 @@ async def _batch(side: Side, method: str) -> float:
 
 
 async def _single_shard_share(url: str) -> dict[str, Any]:
-    from tests.citus.test_citus import citus_statements, explain, single_shard
+    from tests.harness.citus import citus_statements, explain, single_shard
 
     conn = await asyncpg.connect(plain_dsn(url))
     try:

@@ -1,30 +1,56 @@
-"""One fixture chooses the database; every test gets clean tables."""
+"""Fixtures every folder uses: the database server, the database a test runs on, the store, the
+app, and the report header (the server chosen, the Hypothesis seed).
+
+Which database: the module-scoped ``backend`` fixture, ``owner`` unless the test or its module
+marks ``@pytest.mark.backends(...)`` (tests/harness/backends.py lists them). A marked test runs
+once per backend named; ``database_url``, ``engine``, ``pool`` (both the owner's), ``store`` and
+``app_settings`` (the app's role where the backend says so) follow it. Citus backends share one
+cluster and one distributed database for the session, started on first need.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack
+from typing import Any
 
+import httpx
+import hypothesis
 import pytest
+from hypothesis import core as hypothesis_core
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.main import create_app
 from app.pg.engine import create_engine
 from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
+from tests.harness.backends import (
+    BACKENDS,
+    PLAN_MODES,
+    as_role,
+    create_app_role,
+    drop_app_role,
+    empty_tables,
+    on_citus,
+)
+from tests.harness.chatkit_client import JWT_TEST_SECRET, ChatKitClient, MakeClient
+from tests.harness.citus import CitusCluster, citus_cluster, distributed_database, require_citus
 from tests.harness.pg import PgServer, header_line, migrate, postgres_server
 
-# Helper modules whose assert statements check answers (pytest rewrites test modules only).
-pytest.register_assert_rewrite("tests.harness.hostile_world", "tests.harness.hostile_cases")
-
-TABLES = (
-    "chatkit_feedback, chatkit_items, chatkit_attachments, chatkit_threads, "
-    "chatkit_rate_limits, chatkit_stream_leases"
-)
-
-
 _PG = pytest.StashKey[tuple[ExitStack, PgServer]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Every Hypothesis test that is not derandomized (CI's profile derandomizes them all) draws
+    # from this seed, printed in the header: ``--hypothesis-seed=<n>`` replays a run.
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = random.getrandbits(32)
+        hypothesis_core.global_force_seed = config.option.hypothesis_seed
 
 
 def _session_server(config: pytest.Config) -> PgServer:
@@ -38,7 +64,13 @@ def _session_server(config: pytest.Config) -> PgServer:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return [header_line(_session_server(config))]
+    seed = config.getoption("hypothesis_seed")
+    replay = (
+        "Hypothesis: derandomized (CI profile): the same examples every run"
+        if hypothesis.settings.default.derandomize
+        else f"Hypothesis: seed {seed} (replay with --hypothesis-seed={seed}; see docs/testing.md)"
+    )
+    return [header_line(_session_server(config)), replay]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -48,13 +80,25 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         stack.close()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is None or "backend" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(BACKENDS)
+    assert not unknown, f"{metafunc.definition.nodeid}: unknown backends {unknown}"
+    metafunc.parametrize("backend", marker.args, indirect=True, scope="module")
+
+
+# --- the servers ------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def pg_server(pytestconfig: pytest.Config) -> PgServer:
     return _session_server(pytestconfig)
 
 
 @pytest.fixture(scope="session")
-async def database_url(pg_server: PgServer) -> AsyncIterator[str]:
+async def owner_database_url(pg_server: PgServer) -> AsyncIterator[str]:
     """A fresh database on the chosen server, migrated with Alembic (never create_all)."""
     url = await pg_server.create_database()
     await asyncio.to_thread(migrate, url)
@@ -63,54 +107,121 @@ async def database_url(pg_server: PgServer) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
+def citus() -> Iterator[CitusCluster]:
+    """A Citus cluster (coordinator and two workers) for the session; skips without Citus, and
+    fails in CI."""
+    require_citus()
+    with citus_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+async def citus_database_url(citus: CitusCluster) -> str:
+    """A database on the coordinator, migrated and distributed as an operator does."""
+    return await distributed_database(citus)
+
+
+# --- the backend and what follows it ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "owner"))
+
+
+@pytest.fixture(scope="module")
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """The backend's database, for its owner."""
+    return str(
+        request.getfixturevalue("citus_database_url" if on_citus(backend) else "owner_database_url")
+    )
+
+
+@pytest.fixture(scope="module")
 def test_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(database_url=database_url, data_dir=tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def engine(database_url: str, test_settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The owner's engine: the tests' raw checks, which see every user's rows."""
     eng = create_engine(database_url, test_settings)
     yield eng
     await eng.dispose()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
-    """The app's kind of pool (app.pg.pool) on the test database, for stores made by tests."""
+    """The app's kind of pool (app.pg.pool) on the backend's database, as its owner."""
     p = await open_pool(database_url, test_settings)
     yield p
     await p.close()
 
 
+@pytest.fixture(scope="module")
+async def app_role_url(database_url: str, backend: str) -> AsyncIterator[str]:
+    """The backend's database as a fresh app role (LOGIN, NOBYPASSRLS, docs/rls.md's rights).
+    Dropped after the module on one node; a cluster goes with the session."""
+    role, url = await create_app_role(database_url)
+    yield url
+    if not on_citus(backend):
+        await drop_app_role(database_url, role)
+
+
+@pytest.fixture(scope="module")
+def store_url(backend: str, database_url: str, request: pytest.FixtureRequest) -> str:
+    """Where the store and the app connect: the app's role for a role backend."""
+    return str(request.getfixturevalue("app_role_url")) if as_role(backend) else database_url
+
+
+@pytest.fixture(scope="module")
+async def store_pool(
+    backend: str, store_url: str, pool: ConnectionPool, test_settings: Settings
+) -> AsyncIterator[ConnectionPool]:
+    if store_url == test_settings.database_url:
+        yield pool
+        return
+    mode = PLAN_MODES.get(backend)
+    own = await open_pool(
+        store_url, test_settings, session={"plan_cache_mode": mode} if mode else None
+    )
+    yield own
+    await own.close()
+
+
 @pytest.fixture
-async def store(pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
-    yield PostgresStore(pool)
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        await raw.execute(f"TRUNCATE {TABLES} CASCADE")
-
-
-# --- the application (server issue) --------------------------------------------------------
-
-from collections.abc import Awaitable, Callable  # noqa: E402
-from contextlib import AsyncExitStack  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-from pydantic import SecretStr  # noqa: E402
-
-from app.main import create_app  # noqa: E402
-from tests.harness.chatkit_client import JWT_TEST_SECRET, ChatKitClient  # noqa: E402
-
-MakeClient = Callable[..., Awaitable[ChatKitClient]]
+async def store(
+    store_pool: ConnectionPool, engine: AsyncEngine, backend: str
+) -> AsyncIterator[PostgresStore]:
+    """The store on the backend; the owner empties the tables after the test."""
+    yield PostgresStore(store_pool)
+    await empty_tables(engine, backend)
 
 
 @pytest.fixture
-def app_settings(test_settings: Settings) -> Settings:
-    """Settings for an app under test: a known HS256 secret, no delays, derived titles."""
+async def pooled_store(
+    store_url: str, test_settings: Settings, engine: AsyncEngine, backend: str
+) -> AsyncIterator[PostgresStore]:
+    """A store whose pool holds one connection, in the pool's default plan mode: every call,
+    and every raw statement on it, runs on the same server session (on a cluster, the same
+    sessions on the workers too)."""
+    one = test_settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
+    app_pool = await open_pool(store_url, one)
+    yield PostgresStore(app_pool)
+    await app_pool.close()
+    await empty_tables(engine, backend)
+
+
+# --- the application ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_settings(test_settings: Settings, store_url: str) -> Settings:
+    """Settings for an app under test: a known HS256 secret, no delays, derived titles, the
+    backend's connection."""
     return test_settings.model_copy(
         update={
+            "database_url": store_url,
             "jwt_secret": SecretStr(JWT_TEST_SECRET),
             "offline_word_delay_seconds": 0.0,
             "thread_titles": "first_message",
@@ -143,12 +254,13 @@ async def make_client(store: PostgresStore, app_settings: Settings) -> AsyncIter
         yield factory
 
 
+# --- garbage ------------------------------------------------------------------------------------
+#
 # CPython 3.11.7 can corrupt its AST recursion counter when the garbage collector finalizes
 # objects while pytest parses a source file (gh-106905, fixed in 3.11.8), which then fails a
 # whole run with "SystemError: AST constructor recursion depth mismatch". The agent and HTTP
 # stacks leave cyclic garbage (tasks, coroutines), so it is collected at safe points: after
 # every test, and before a failure report is built (pytest parses sources to render it).
-import gc  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

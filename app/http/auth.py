@@ -29,6 +29,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -209,8 +210,12 @@ class JwksCache:
         timeout: float,
         max_stale_seconds: float = float("inf"),
         client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
+        # Seconds, monotonic: the TTL, the refetch window and the stale allowance are measured
+        # on it (tests substitute a clock they advance, so no test waits them out).
+        self.clock = clock
         self._cache_seconds = cache_seconds
         self._max_stale = max_stale_seconds
         self._min_refetch = min_refetch_seconds
@@ -242,7 +247,7 @@ class JwksCache:
             await self._refresh(min_interval=min(1.0, self._min_refetch))
             if not self._loaded:
                 raise ServiceUnavailableError("The token issuer's keys are unavailable.")
-        elif (age := time.monotonic() - self._fetched_at) > self._cache_seconds:
+        elif (age := self.clock() - self._fetched_at) > self._cache_seconds:
             self._refresh_in_background()
             if age > self._cache_seconds + self._max_stale:
                 # The issuer has been unreachable for too long: a key it has since revoked
@@ -266,7 +271,7 @@ class JwksCache:
         """Start refreshing an expired key set, unless a refresh runs or was just tried."""
         if self._background is not None and not self._background.done():
             return
-        if time.monotonic() - self._last_attempt < self._min_refetch:
+        if self.clock() - self._last_attempt < self._min_refetch:
             return
         task = asyncio.create_task(
             self._refresh(min_interval=self._min_refetch), name="jwks-refresh"
@@ -320,9 +325,9 @@ class JwksCache:
         async with self._lock:
             if self._generation != generation:
                 return True  # another request fetched while we waited
-            if time.monotonic() - self._last_attempt < min_interval:
+            if self.clock() - self._last_attempt < min_interval:
                 return False
-            self._last_attempt = time.monotonic()
+            self._last_attempt = self.clock()
             self.fetches += 1
             try:
                 keys = await self._fetch()
@@ -330,7 +335,7 @@ class JwksCache:
             except (httpx.HTTPError, TimeoutError, ValueError, RecursionError) as exc:
                 # The window starts again when an attempt ends: requests that queued behind a
                 # slow failure must not each try again.
-                self._last_attempt = time.monotonic()
+                self._last_attempt = self.clock()
                 self._last_failed = True
                 log.warning(
                     "fetching the JWKS failed: %s", type(exc).__name__, extra={"url": self.url}
@@ -340,7 +345,7 @@ class JwksCache:
             self._parsed.clear()
             self._loaded = True
             self._last_failed = False
-            self._fetched_at = time.monotonic()
+            self._fetched_at = self.clock()
             self._generation += 1
             log.info("loaded %d JWKS keys", len(self._keys), extra={"url": self.url})
             return True

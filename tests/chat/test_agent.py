@@ -11,8 +11,7 @@ from mcp.server.mcpserver import MCPServer
 from app.chat.agent import TITLE_INSTRUCTIONS
 from app.chat.offline_model import text_response_events
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
-from tests.harness.chatkit_client import assistant_text, done_items, of_type
+from tests.harness.chatkit_client import MakeClient, assistant_text, done_items, of_type
 from tests.harness.fake_openai import FakeChatCompletions, message_texts
 from tests.harness.loopback import serve
 

@@ -15,8 +15,7 @@ from pydantic import ValidationError
 
 from app.chat.dictation import COMPATIBLE_TRANSCRIPTION_MODEL
 from app.settings import Settings, audio_bytes_fitting
-from tests.conftest import MakeClient
-from tests.harness.chatkit_client import ChatKitClient
+from tests.harness.chatkit_client import ChatKitClient, MakeClient
 from tests.harness.fake_openai import FakeTranscriptions
 from tests.harness.loopback import serve
 

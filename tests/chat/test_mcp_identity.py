@@ -39,7 +39,7 @@ from app.chat.identity import (
 from app.errors import ConfigurationError
 from app.settings import PROJECT_ROOT, Settings
 from examples.mcp_tasks.identity import Identity, IdentityError, IdentityVerifier, ReplayGuard
-from tests.conftest import MakeClient
+from tests.harness.chatkit_client import MakeClient
 from tests.harness.loopback import serve
 
 

@@ -27,8 +27,14 @@ from app.chat.model_files import size_text
 from app.context import RequestContext
 from app.files.store import CHUNK_SIZE, PgAttachmentStore
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
-from tests.harness.chatkit_client import ChatKitClient, error_text, of_type, parse_sse, user_input
+from tests.harness.chatkit_client import (
+    ChatKitClient,
+    MakeClient,
+    error_text,
+    of_type,
+    parse_sse,
+    user_input,
+)
 from tests.harness.fake_openai import FakeChatCompletions
 from tests.harness.loopback import serve
 

@@ -29,8 +29,8 @@ from app.pg.engine import alembic_config
 from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import PROJECT_ROOT, Settings
-from tests.conftest import TABLES, MakeClient
-from tests.harness.chatkit_client import ChatKitClient, done_items, of_type
+from tests.harness.backends import TABLES
+from tests.harness.chatkit_client import ChatKitClient, MakeClient, done_items, of_type
 from tests.harness.pg import PgServer
 
 PLUGIN = "examples.plugin_tasks.plugin:plugin"

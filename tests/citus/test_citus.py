@@ -12,10 +12,11 @@ Here, as the tables' owner on the coordinator:
 * a later Alembic revision (a throwaway one adding a column and an index) applies to every shard
   and rolls back;
 * ``prune`` counts on the cluster and refuses to delete there (see docs/citus.md);
-* the limits contract (tests/pg/test_limits_store.py: exact budgets under races, one stream lease per
-  thread, concurrent takers) runs again here, its tests re-collected in this module so that the
-  fixtures they use (``store``, ``engine``, ``test_settings``) target the cluster; list pages
-  leave their admission to the endpoint here instead of folding it (app.pg.admission).
+* list pages leave their admission to the endpoint here instead of folding it (app.pg.admission).
+
+The limits contract (tests/pg/test_limits_store.py: exact budgets under races, one stream lease
+per thread, concurrent takers) names the ``citus`` backend (tests/harness/backends.py), which this
+module uses too: the session's cluster and its distributed database, as the owner.
 
 The store, attachment and protocol contracts through the app's role (row-level security on the
 workers) are in tests/citus/test_citus_rls.py.
@@ -29,9 +30,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -40,65 +40,29 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import app.pg.store as store_sql
 from app.background import TaskRegistry
 from app.cli.distribute import COORDINATOR_LOCAL, DISTRIBUTED
 from app.cli.prune import prune
 from app.errors import ConfigurationError, TooManyRequestsError
 from app.pg.admission import pending_admission
-from app.pg.engine import create_engine
 from app.pg.limits import Limits
-from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import PROJECT_ROOT, Settings
 from tests.harness import factories as f
 from tests.harness.citus import (
     CitusCluster,
-    citus_fixture,
+    citus_statements,
     distributed_database,
-    empty_tables,
-    rerun,
+    explain,
+    find_all,
+    single_shard,
     worker_fetch,
 )
 from tests.harness.pg import PgServer, alembic_config, migrate
-from tests.pg import test_limits_store as limits_suite
-from tests.pg.test_rls import _literal, _statements
+from tests.harness.statements import statements
 
-citus = citus_fixture  # the module's cluster
-
-# --- the module's database: on the cluster, migrated and distributed ------------------------
-
-
-@pytest.fixture(scope="module")
-async def database_url(citus: CitusCluster) -> str:
-    """Overrides conftest's: a database on the coordinator, as an operator sets it up."""
-    return await distributed_database(citus)
-
-
-@pytest.fixture(scope="module")
-def test_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(database_url=database_url, data_dir=tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-async def engine(database_url: str, test_settings: Settings) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url, test_settings)
-    yield eng
-    await eng.dispose()
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
-    p = await open_pool(database_url, test_settings)
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-async def store(pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
-    """Overrides conftest's: the same store, emptied by DELETE (see citusharness)."""
-    yield PostgresStore(pool)
-    await empty_tables(engine)
+# The session's cluster and its database, as the owner (tests/conftest.py).
+pytestmark = pytest.mark.backends("citus")
 
 
 async def _owner(url: str) -> asyncpg.Connection:
@@ -107,18 +71,6 @@ async def _owner(url: str) -> asyncpg.Connection:
 
 def _database(url: str) -> str:
     return str(make_url(url).database)
-
-
-# --- the suites run again on the cluster ----------------------------------------------------
-
-RERUN = rerun(limits_suite, globals())
-
-
-def test_the_limits_suite_is_rerun_here() -> None:
-    assert "test_concurrent_requests_get_exactly_the_budget" in RERUN
-    assert "test_concurrent_takers_never_exceed_the_count" in RERUN
-    assert "test_a_busy_thread_waits_its_turn" in RERUN
-    assert len(RERUN) >= 10, RERUN
 
 
 async def test_the_pool_leaves_the_plan_cache_mode_on_a_cluster(store: PostgresStore) -> None:
@@ -246,82 +198,26 @@ async def test_content_tables_are_distributed_by_user_and_colocated(
 # --- every statement routes to one shard --------------------------------------------------------
 
 
-def citus_statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
-    """tests/pg/test_rls.py's list of every statement with sample arguments, each write in the
-    form the store sends to a cluster."""
-    out: dict[str, tuple[str, tuple[Any, ...]]] = {}
-    for name, (sql, args) in _statements().items():
-        writes = sql.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE")
-        if name == "store.SQL_SAVE_FEEDBACK":
-            sql, args = store_sql.CITUS_SAVE_FEEDBACK_ROW, (*args[:2], args[2][0], args[3])
-        elif writes and not name.startswith("limits."):
-            assert sql in store_sql.CITUS_FORMS, f"{name} has no Citus form"
-            sql = store_sql.CITUS_FORMS[sql]
-        out[name] = (sql, args)
-    return out
-
-
-def _find(node: Any, key: str) -> list[Any]:
-    """Every value of ``key`` anywhere in a JSON plan."""
-    found = []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            if k == key:
-                found.append(v)
-            found += _find(v, key)
-    elif isinstance(node, list):
-        for v in node:
-            found += _find(v, key)
-    return found
-
-
 # A prepared statement's plans as the app gets them: custom for its first five executions, then
 # whichever plan_cache_mode=auto settles on (Citus prices a generic plan it could not route as
 # exorbitant, so PostgreSQL keeps making custom ones; one it can route is pruned at execution).
 PLANS = ("first", "settled")
 
 
-async def explain(
-    conn: asyncpg.Connection, sql: str, args: tuple[Any, ...], which: str = "first"
-) -> dict[str, Any]:
-    """The JSON plan of ``sql`` prepared and EXPLAIN EXECUTEd: the first, or the seventh."""
-    literals = [await _literal(conn, a) for a in args]
-    await conn.execute(f"PREPARE citus_check AS {sql}")
-    try:
-        for _ in range(7 if which == "settled" else 1):
-            text = await conn.fetchval(
-                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE citus_check({', '.join(literals)})"
-            )
-    finally:
-        await conn.execute("DEALLOCATE citus_check")
-    plan: dict[str, Any] = json.loads(text)[0]
-    return plan
-
-
-def single_shard(plan: dict[str, Any]) -> bool:
-    """One Citus task, and no subplan evaluated on the coordinator before it."""
-    root = plan["Plan"]
-    return (
-        root.get("Custom Plan Provider") == "Citus Adaptive"
-        and _find(plan, "Task Count") == [1]
-        and not _find(plan, "Subplans")
-    )
-
-
 @pytest.mark.parametrize("which", PLANS)
 async def test_every_statement_is_single_shard(database_url: str, which: str) -> None:
     conn = await _owner(database_url)
     try:
-        statements = citus_statements()
-        for name, (sql, args) in statements.items():
+        every = citus_statements()
+        for name, (sql, args) in every.items():
             plan = await explain(conn, sql, args, which)
             if name.startswith("limits."):
                 # the coordinator's own tables: no distributed step at all
-                assert not _find(plan, "Custom Plan Provider"), (name, plan)
-                assert set(_find(plan, "Relation Name")) <= set(COORDINATOR_LOCAL), name
+                assert not find_all(plan, "Custom Plan Provider"), (name, plan)
+                assert set(find_all(plan, "Relation Name")) <= set(COORDINATOR_LOCAL), name
             else:
                 assert single_shard(plan), (name, which, json.dumps(plan, indent=1))
-        assert len([n for n in statements if not n.startswith("limits.")]) >= 30
+        assert len([n for n in every if not n.startswith("limits.")]) >= 30
     finally:
         await conn.close()
 
@@ -331,7 +227,7 @@ async def test_the_one_node_writes_would_not_route_alone(database_url: str) -> N
     as a subplan on the coordinator, or an INSERT ... SELECT pulled to it."""
     conn = await _owner(database_url)
     try:
-        for name, (sql, args) in _statements().items():
+        for name, (sql, args) in statements().items():
             if name.startswith("limits.") or sql.split(None, 1)[0] == "SELECT":
                 continue
             assert not single_shard(await explain(conn, sql, args)), name

@@ -1,16 +1,15 @@
 """Row-level security on a real Citus cluster, through the app's role (NOBYPASSRLS).
 
 On a cluster the policy is checked by the worker holding the user's shard, with the worker's own
-``app.user_id``; app.pg.store explains how each statement gets it there. This module, on a database
-of its own cluster (tests/harness/citus.py), migrated and distributed:
+``app.user_id``; app.pg.store explains how each statement gets it there. This module, on the session's
+cluster (tests/harness/citus.py) and its database, migrated and distributed:
 
-* runs the store contract (tests/pg/test_store.py), the attachment contract with the bytes in
-  ``chatkit_attachment_blobs`` (tests/files/test_attachments.py) and the ChatKit protocol through
-  ``create_app`` (tests/http/test_app_protocol.py) again, with tests/pg/test_rls.py's role: the
-  ``store`` (and the app's own engine) connect as a fresh role subject to the policies, while the
-  tests' raw checks use the owner's ``engine``; plus tests/pg/test_rls.py's own tests that hold on
-  any PostgreSQL (two users through every operation with cascades, nothing left on a pooled
-  session, policies present and not forced, prune, the readiness report);
+* is one of the places the ``citus-role`` backend (tests/harness/backends.py) runs: the store
+  contract (tests/pg/test_store.py), the attachment contract with the bytes in
+  ``chatkit_attachment_blobs`` (tests/files/test_attachments.py), the ChatKit protocol through
+  ``create_app`` (tests/http/test_app_protocol.py) and tests/pg/test_rls.py's tests that hold on
+  any PostgreSQL name it too: there the ``store`` (and the app) connect as a fresh role subject
+  to the policies, while the tests' raw checks use the owner's ``engine``;
 * proves that the setting reaches the worker: a read reports the worker that ran it and the user
   set there; a write lands in the user's shard on its worker, while the same statement without the
   propagated SET LOCAL is refused by that worker's policy, and the one-node gated form changes
@@ -26,8 +25,6 @@ checks that every statement is single-shard.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -37,153 +34,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import app.pg.store as store_sql
 from app.cli.distribute import DISTRIBUTED
-from app.pg.engine import create_engine
-from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.files import test_attachments as attachments_suite
-
-# Fixtures the re-run tests need: tests/pg/test_rls.py's role, tests/files/test_attachments.py's apps.
-from tests.files.test_attachments import attachments, client, clock, server, settings  # noqa: F401
 from tests.harness import factories as f
-from tests.harness.citus import (
-    CitusCluster,
-    citus_fixture,
-    distributed_database,
-    empty_tables,
-    rerun,
-    worker_fetch,
-)
+from tests.harness.backends import CONTENT_TABLES, ROLE_TABLES
+from tests.harness.citus import CitusCluster, worker_fetch
 from tests.harness.pg import PgServer
-from tests.http import test_app_protocol as protocol_suite
-from tests.pg import test_rls as rls_suite
-from tests.pg import test_store as store_suite
-from tests.pg.test_rls import ALICE, BOB, CONTENT_TABLES, TABLES
+from tests.harness.rls import ALICE, BOB, counts_by_user, seed_two_users
 
-citus = citus_fixture  # the module's cluster
+TABLES = ROLE_TABLES
 
-# --- the module's database and engines ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-async def database_url(citus: CitusCluster) -> str:
-    """Overrides conftest's: a database on the coordinator, migrated and distributed."""
-    return await distributed_database(citus)
-
-
-@pytest.fixture(scope="module")
-def test_settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(database_url=database_url, data_dir=tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-async def engine(database_url: str, test_settings: Settings) -> AsyncIterator[AsyncEngine]:
-    """The owner's engine (bypasses the policies): the tests' own checks and the cleanup."""
-    eng = create_engine(database_url, test_settings)
-    yield eng
-    await eng.dispose()
-
-
-@pytest.fixture(scope="module")
-async def app_role_url(database_url: str) -> str:
-    """tests/pg/test_rls.py's role (a LOGIN role without BYPASSRLS, with the rights docs/rls.md
-    grants), made on the coordinator, which propagates the role and its grants to the workers
-    and the shards. Nothing to drop: the whole cluster is deleted after the module."""
-    role = f"ckpg_app_{secrets.token_hex(6)}"
-    password = secrets.token_urlsafe(18)
-    admin = await asyncpg.connect(PgServer.dsn(database_url))
-    try:
-        await admin.execute(
-            f"CREATE ROLE {role} LOGIN PASSWORD '{password}' "
-            "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"
-        )
-        await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-        await admin.execute(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(TABLES)} TO {role}"
-        )
-        await admin.execute(f"GRANT SELECT ON alembic_version TO {role}")
-    finally:
-        await admin.close()
-    url = make_url(database_url).set(username=role, password=password)
-    return url.render_as_string(hide_password=False)
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
-    """Overrides conftest's: the owner's pool on the cluster."""
-    p = await open_pool(database_url, test_settings)
-    yield p
-    await p.close()
-
-
-@pytest.fixture(scope="module")
-async def rls_pool(app_role_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
-    """The app's pool as the app's role, in the default plan-cache mode (on a cluster a forced
-    generic plan of a statement Citus cannot prune without its parameters is refused; the
-    default keeps custom plans for those, see tests/citus/test_citus.py)."""
-    pool = await open_pool(app_role_url, test_settings)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def store(rls_pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
-    """Overrides conftest's: the store as the app's role; the owner empties the tables after."""
-    yield PostgresStore(rls_pool)
-    await empty_tables(engine)
-
-
-@pytest.fixture
-async def pooled_store(
-    app_role_url: str, test_settings: Settings, engine: AsyncEngine
-) -> AsyncIterator[PostgresStore]:
-    """A store on one pooled connection as the app's role: every call, the same session (and
-    so the same sessions on the workers, which Citus keeps per coordinator session)."""
-    one = test_settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
-    app_pool = await open_pool(app_role_url, one)
-    yield PostgresStore(app_pool)
-    await app_pool.close()
-    await empty_tables(engine)
-
-
-@pytest.fixture
-def app_settings(app_settings: Settings, app_role_url: str) -> Settings:
-    """conftest's app settings, the app connecting as its role (the protocol suite's apps)."""
-    return app_settings.model_copy(update={"database_url": app_role_url})
-
-
-# --- the suites, again ------------------------------------------------------------------------
-
-RLS_TESTS_FOR_ANY_SERVER = {
-    "test_role_is_subject_to_row_level_security",
-    "test_two_users_every_operation_with_cascades",
-    "test_the_setting_never_outlives_the_statement_that_made_it",
-    "test_every_table_has_the_policy_and_is_not_forced",
-    "test_prune_refuses_the_app_role_and_runs_as_owner",
-    "test_first_readiness_check_reports_row_security",
-}
-# Not run again: their own set-up ages rows with an UPDATE that Citus refuses (a STABLE
-# timestamptz - interval on a column); test_prune_refuses_the_app_role_and_runs_as_owner below
-# runs prune on the cluster.
-NOT_ON_CITUS = {"test_prune_removes_orphans_and_old_threads_and_keeps_the_rest",
-                "test_prune_command_line"}  # fmt: skip
-RERUN = (
-    rerun(store_suite, globals(), skip=rls_suite.NOT_RERUN)
-    + rerun(attachments_suite, globals(), skip=NOT_ON_CITUS)
-    + rerun(protocol_suite, globals())
-    + rerun(
-        rls_suite,
-        globals(),
-        skip={n for n in vars(rls_suite) if n.startswith("test_")} - RLS_TESTS_FOR_ANY_SERVER,
-    )
-)
-
-
-def test_the_suites_are_rerun_here() -> None:
-    assert set(rls_suite.RERUN) - NOT_ON_CITUS <= set(RERUN)  # store and attachment contracts
-    assert set(RERUN) >= RLS_TESTS_FOR_ANY_SERVER
-    assert "test_threads_create_streams_the_whole_exchange" in RERUN
-    assert len(RERUN) > 55, RERUN
+# The cluster's database as the app's role (tests/conftest.py: ``app_role_url``, ``store``,
+# ``pooled_store``; ``engine`` and ``pool`` are the owner's).
+pytestmark = pytest.mark.backends("citus-role")
 
 
 # --- the setting reaches the worker -------------------------------------------------------------
@@ -268,8 +131,8 @@ async def test_unscoped_select_sees_only_the_user_set_and_nothing_without(
     pooled_store: PostgresStore, engine: AsyncEngine, test_settings: Settings
 ) -> None:
     store = pooled_store
-    await rls_suite._seed_two_users(store, test_settings)
-    everything = await rls_suite._counts_by_user(engine, TABLES)
+    await seed_two_users(store, test_settings)
+    everything = await counts_by_user(engine, TABLES)
     assert all(set(by_user) == {"alice", "bob"} for by_user in everything.values())
     async with store.connection() as conn:
         for user in ("alice", "bob"):
@@ -320,7 +183,7 @@ async def test_writes_for_another_user_are_refused_on_the_workers(
                 else:
                     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level"):
                         await conn.execute(sql, *args)
-    assert await rls_suite._counts_by_user(engine) == {
+    assert await counts_by_user(engine) == {
         "chatkit_threads": {"alice": 1},
         "chatkit_items": {},
         "chatkit_attachments": {},

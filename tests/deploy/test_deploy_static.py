@@ -26,6 +26,7 @@ from tests.harness.deploy import (
     PROJECT_ROOT,
     Nginx,
     find_nginx,
+    require,
     template_variables,
 )
 
@@ -247,14 +248,65 @@ def test_hadolint_reports_nothing() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_hadolint_ignores_are_explained() -> None:
-    lines = DOCKERFILE.read_text().splitlines()
+def ignore_problems(dockerfile: Path) -> list[str]:
+    """What is wrong with the ``# hadolint ignore=`` pragmas of ``dockerfile``: one without a
+    comment above it saying why, or one that silences nothing (hadolint run with the pragmas
+    disabled must report exactly the ignored rules, on the lines they precede)."""
+    lines = dockerfile.read_text().splitlines()
+    problems, ignored = [], set()
     for number, line in enumerate(lines):
-        if "hadolint ignore" in line:
-            previous = lines[number - 1].strip() if number else ""
-            assert previous.startswith("#") and "hadolint" not in previous, (
-                f"line {number + 1}: an ignored rule needs a comment with the reason above it"
-            )
+        pragma = re.match(r"\s*#\s*hadolint\s+ignore=([\w,\s]+)$", line)
+        if not pragma:
+            continue
+        previous = lines[number - 1].strip() if number else ""
+        if not (previous.startswith("#") and "hadolint" not in previous):
+            problems.append(f"line {number + 1}: an ignored rule needs a comment with the reason")
+        ignored |= {(number + 2, code.strip()) for code in pragma[1].split(",") if code.strip()}
+    result = subprocess.run(
+        [
+            hadolint_binary(),
+            "--no-color",
+            "--format",
+            "json",
+            "--disable-ignore-pragma",
+            dockerfile,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode in (0, 1) and not result.stderr, result.stderr  # 1: findings
+    found = {(finding["line"], finding["code"]) for finding in json.loads(result.stdout or "[]")}
+    problems += [
+        f"line {line - 1}: ignores {code}, which nothing raises"
+        for line, code in sorted(ignored - found)
+    ]
+    problems += [
+        f"line {line}: {code} found, not ignored" for line, code in sorted(found - ignored)
+    ]
+    return problems
+
+
+def test_hadolint_ignores_are_explained(tmp_path: Path) -> None:
+    """Every ignore pragma of the Dockerfile (there may be none) has its reason and silences a
+    finding; the check itself flags an unexplained and a stale ignore."""
+    assert ignore_problems(DOCKERFILE) == []
+    explained = tmp_path / "explained"
+    explained.write_text(
+        "FROM debian:12.8\n# curl's version follows the base image\n"
+        "# hadolint ignore=DL3008\nRUN apt-get install -y --no-install-recommends curl\n"
+    )
+    assert ignore_problems(explained) == []
+    unexplained = tmp_path / "unexplained"
+    unexplained.write_text(
+        explained.read_text().replace("# curl's version follows the base image\n", "")
+    )
+    assert ignore_problems(unexplained) == [
+        "line 2: an ignored rule needs a comment with the reason"
+    ]
+    stale = tmp_path / "stale"
+    stale.write_text(explained.read_text().replace("DL3008", "DL3008,DL3009"))
+    assert ignore_problems(stale) == ["line 3: ignores DL3009, which nothing raises"]
 
 
 def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
@@ -852,9 +904,9 @@ def test_systemd_unit_runs_hardened_as_a_service_user() -> None:
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if not analyze:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require(
+        shutil.which("systemd-analyze"), "systemd-analyze", "Debian's systemd; .ci/run installs it"
+    )
     # The unit's /opt/chatkit-pg is this checkout, whose .venv has alembic and uvicorn.
     text = UNIT_FILE.read_text().replace("/opt/chatkit-pg", str(PROJECT_ROOT))
     candidate = tmp_path / "chatkit-pg.service"

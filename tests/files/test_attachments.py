@@ -13,28 +13,22 @@ import base64
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
-import time
 import tracemalloc
-import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import uvicorn
-from chatkit.server import ChatKitServer, StreamingResult
 from chatkit.store import NotFoundError
 from chatkit.types import (
     ImageAttachment,
-    ThreadMetadata,
     UserMessageItem,
 )
-from fastapi import FastAPI, Header, HTTPException
 from pydantic import AnyUrl
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -42,195 +36,40 @@ from app.chat.converter import AttachmentConverter, attachment_names, attachment
 from app.cli.prune import prune
 from app.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from app.files.content import content_disposition, sanitise_filename
-from app.files.routes import files_router
 from app.files.signing import UrlSigner, url_signing_secret
 from app.files.store import CHUNK_SIZE, PgAttachmentStore
-from app.main import install_error_handlers
 from app.pg.store import PostgresStore
 from app.settings import PROJECT_ROOT, Settings
 from tests.harness import factories as f
+from tests.harness.factories import png
+from tests.harness.files import (
+    BASE,
+    MAX,
+    PDF,
+    Clock,
+    MiB,
+    RecordingServer,
+    chatkit,
+    counts,
+    create_two_phase,
+    local,
+    make_app,
+    multipart_parts,
+    pieces,
+    sql,
+    upload,
+    user_input,
+)
 
 ALICE = {"user_id": "alice"}
 BOB = {"user_id": "bob"}
-MiB = 1024 * 1024
-MAX = 2 * MiB
-BASE = "http://testserver"
 
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-def png(width: int = 3, height: int = 2, seed: int = 0) -> bytes:
-    """A real PNG (RGB, no filter)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    rows = b"".join(
-        b"\x00" + bytes((x * 40 + y * 7 + seed) % 256 for x in range(width * 3))
-        for y in range(height)
-    )
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
-
-
-PDF = b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def header_user(x_user: Annotated[str | None, Header()] = None) -> str:
-    if not x_user:
-        raise HTTPException(401, "no user")
-    return x_user
-
-
-def make_app(attachments: PgAttachmentStore) -> FastAPI:
-    """The file routes with the app's one error mapping (app.main), as the service mounts them."""
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(files_router(header_user, attachments))
-    return app
-
-
-async def counts(engine: AsyncEngine) -> tuple[int, int]:
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        a = await raw.fetchval("SELECT count(*) FROM chatkit_attachments")
-        b = await raw.fetchval("SELECT count(*) FROM chatkit_attachment_blobs")
-    return int(a), int(b)
-
-
-async def sql(engine: AsyncEngine, query: str, *args: Any) -> Any:
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        return await raw.fetch(query, *args)
-
-
-def multipart_parts(
-    data: bytes, name: str = "file.bin", mime: str = "application/octet-stream"
-) -> tuple[bytes, bytes, str]:
-    boundary = "----ckpgtestboundary7MA4YWxk"
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-        f"Content-Type: {mime}\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    return head + data, tail, f"multipart/form-data; boundary={boundary}"
-
-
-async def pieces(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i : i + size]
-
-
-class RecordingServer(ChatKitServer[dict[str, str]]):
-    """The SDK's server with our stores; ``respond`` records the model input it would send."""
-
-    def __init__(
-        self, store: PostgresStore, attachments: PgAttachmentStore, converter: AttachmentConverter
-    ) -> None:
-        super().__init__(store, attachments)
-        self.converter = converter
-        self.inputs: list[list[Any]] = []
-
-    async def respond(  # type: ignore[override]
-        self, thread: ThreadMetadata, input_user_message: Any, context: dict[str, str]
-    ) -> AsyncIterator[Any]:
-        page = await self.store.load_thread_items(thread.id, None, 100, "asc", context)
-        converter = self.converter.for_user(context["user_id"])
-        planned = await converter.to_agent_input(page.data)
-        # what a model call is sent: the files' markers resolved (app.chat.model_files)
-        assert converter.files is not None
-        self.inputs.append(await converter.files.resolve(planned))
-        return
-        yield
-
-
-async def chatkit(server: RecordingServer, body: dict[str, Any], ctx: dict[str, str]) -> Any:
-    result = await server.process(json.dumps(body), ctx)
-    if isinstance(result, StreamingResult):
-        return [chunk async for chunk in result]
-    return json.loads(result.json)
-
-
-def user_input(text: str, attachment_ids: list[str]) -> dict[str, Any]:
-    return {
-        "content": [{"type": "input_text", "text": text}],
-        "attachments": attachment_ids,
-        "inference_options": {},
-    }
-
-
-# --- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def settings(test_settings: Settings) -> Settings:
-    return test_settings.model_copy(update={"public_base_url": BASE, "max_upload_bytes": MAX})
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def attachments(store: PostgresStore, settings: Settings, clock: Clock) -> PgAttachmentStore:
-    signer = UrlSigner(url_signing_secret(settings), BASE, settings.signed_url_ttl_seconds, clock)
-    return PgAttachmentStore(store, settings, signer).install()
-
-
-@pytest.fixture
-async def client(attachments: PgAttachmentStore) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=make_app(attachments))
-    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
-        yield c
-
-
-@pytest.fixture
-def server(store: PostgresStore, attachments: PgAttachmentStore) -> RecordingServer:
-    return RecordingServer(store, attachments, AttachmentConverter(attachments))
-
-
-async def upload(
-    client: httpx.AsyncClient, data: bytes, name: str, mime: str, user: str = "alice"
-) -> httpx.Response:
-    return await client.post("/files", files={"file": (name, data, mime)}, headers={"X-User": user})
-
-
-async def create_two_phase(
-    server: RecordingServer, name: str, size: int, mime: str, ctx: dict[str, str] = ALICE
-) -> dict[str, Any]:
-    out: dict[str, Any] = await chatkit(
-        server,
-        {"type": "attachments.create", "params": {"name": name, "size": size, "mime_type": mime}},
-        ctx,
-    )
-    return out
-
-
-def local(url: str) -> str:
-    """The path and query of an absolute URL on this backend."""
-    assert url.startswith(BASE + "/files/"), url
-    return url[len(BASE) :]
+# The contract as the tables' owner, through the app's role (custom and generic plans) and
+# through the role on a Citus cluster, the bytes in chatkit_attachment_blobs.
+pytestmark = pytest.mark.backends("owner", "role-custom", "role-generic", "citus-role")
+# Their set-up ages rows with an UPDATE Citus refuses (a STABLE timestamptz - interval on a
+# column); tests/citus/test_citus_rls.py runs prune on the cluster.
+ONE_NODE = pytest.mark.backends("owner", "role-custom", "role-generic")
 
 
 # --- direct upload ------------------------------------------------------------------------
@@ -822,6 +661,7 @@ async def _age(engine: AsyncEngine, table: str, ids: list[str], delta: timedelta
     await sql(engine, f"UPDATE {table} SET {column} WHERE id = ANY($1::text[])", ids, delta)
 
 
+@ONE_NODE
 async def test_prune_removes_orphans_and_old_threads_and_keeps_the_rest(
     client: httpx.AsyncClient,
     server: RecordingServer,
@@ -890,6 +730,7 @@ async def test_prune_removes_orphans_and_old_threads_and_keeps_the_rest(
     assert (await prune(engine, keep30)).threads == 0  # idempotent
 
 
+@ONE_NODE
 async def test_prune_command_line(
     client: httpx.AsyncClient, engine: AsyncEngine, database_url: str, tmp_path: Any
 ) -> None:

@@ -18,32 +18,17 @@ from app.chat.offline_model import OfflineModel
 from app.cli.prune import prune
 from app.errors import AttachmentInUseError
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
-
-# Helpers, and the fixtures of its SDK server (for the stream-path test below).
-from tests.files.test_attachments import (  # noqa: F401
-    PDF,
-    RecordingServer,
-    attachments,
-    chatkit,
-    client,
-    clock,
-    counts,
-    png,
-    server,
-    settings,
-    sql,
-    upload,
-)
-from tests.files.test_attachments import user_input as sdk_input
 from tests.harness.chatkit_client import (
     ChatKitClient,
+    MakeClient,
     assistant_text,
     done_items,
     of_type,
     parse_sse,
     user_input,
 )
+from tests.harness.factories import png
+from tests.harness.files import PDF, RecordingServer, chatkit, counts, sql, upload
 
 BASE = "http://testserver"
 
@@ -339,8 +324,8 @@ async def test_prune_takes_a_sent_file_only_with_its_own_thread(
 
 
 async def test_a_second_thread_is_refused_inside_the_stream_too(
-    client: httpx.AsyncClient,  # noqa: F811
-    server: RecordingServer,  # noqa: F811
+    client: httpx.AsyncClient,
+    server: RecordingServer,
     store: PostgresStore,
     engine: AsyncEngine,
 ) -> None:
@@ -349,7 +334,10 @@ async def test_a_second_thread_is_refused_inside_the_stream_too(
     ends that stream with the error (our endpoint turns it into an ``error`` event with the
     message) and the file stays with the first thread."""
     a = (await upload(client, b"only once", "a.txt", "text/plain")).json()
-    create = {"type": "threads.create", "params": {"input": sdk_input("first", [a["id"]])}}
+    create = {
+        "type": "threads.create",
+        "params": {"input": user_input("first", attachments=[a["id"]])},
+    }
     await chatkit(server, create, {"user_id": "alice"})
     [thread1] = (await store.load_threads(10, None, "asc", {"user_id": "alice"})).data
     with pytest.raises(AttachmentInUseError):

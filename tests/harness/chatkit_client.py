@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,17 @@ from fastapi import FastAPI
 from app.settings import Settings
 
 JWT_TEST_SECRET = "chatkit-pg-tests-" + "s" * 40
+# The issuer and audience of the JWKS tests' tokens (tests/http/test_auth.py, test_jwks_faults.py).
+ISSUER = "https://auth.example.com"
+AUDIENCE = "chatkit-pg"
+
+
+def claims(**over: Any) -> dict[str, Any]:
+    """A token's claims for alice, valid for five minutes; ``None`` leaves one out."""
+    now = int(time.time())
+    base: dict[str, Any] = {"sub": "alice", "iat": now, "exp": now + 300}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
 
 
 def token_for(user: str, settings: Settings, **claims: Any) -> str:
@@ -136,3 +148,7 @@ class ChatKitClient:
             {"thread_id": thread_id, "input": user_input(text)},
             user=user,
         )
+
+
+MakeClient = Callable[..., Awaitable[ChatKitClient]]
+"""tests/conftest.py's ``make_client``: ``await make_client(model=..., app_store=..., **settings)``."""

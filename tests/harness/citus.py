@@ -19,21 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import json
 import os
 import secrets
 import shutil
 import socket
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import asyncpg
 import pytest
 
+import app.pg.store as store_sql
 from tests.harness.pginstance import SYSTEM_USER, PgInstance, _prepare_for, _short_temp_root
+from tests.harness.statements import literal, statements
 
 PG_BIN = Path(os.environ.get("CITUS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_LIB = PG_BIN.parent / "lib"
@@ -163,15 +164,7 @@ def citus_cluster(workers: int = WORKERS) -> Iterator[CitusCluster]:
             node.cleanup()
 
 
-# --- fixtures (imported by the tests/test_citus*.py modules) ----------------------------------
-
-
-@pytest.fixture(scope="module", name="citus")
-def citus_fixture() -> Iterator[CitusCluster]:
-    """A fresh cluster for the module (about two seconds to start), torn down after it."""
-    require_citus()
-    with citus_cluster() as cluster:
-        yield cluster
+# --- databases on a cluster (tests/conftest.py starts the session's cluster) ----------------
 
 
 async def distributed_database(cluster: CitusCluster) -> str:
@@ -197,23 +190,6 @@ async def worker_fetch(cluster: CitusCluster, index: int, database: str, sql: st
         await conn.close()
 
 
-def rerun(suite: ModuleType, into: dict[str, Any], skip: Collection[str] = ()) -> list[str]:
-    """Collect ``suite``'s async tests again in the module whose globals are ``into``, where
-    that module's fixtures (the cluster's ``database_url``, ``engine``, ``store``...) apply."""
-    names = []
-    for name, fn in vars(suite).items():
-        if (
-            name.startswith("test_")
-            and inspect.iscoroutinefunction(fn)
-            and fn.__module__ == suite.__name__
-            and name not in skip
-        ):
-            assert name not in into, f"{name} would shadow a test of this module"
-            into[name] = fn
-            names.append(name)
-    return names
-
-
 # Deleting is what a test's few rows need: TRUNCATE on distributed tables takes every shard's
 # lock on every node and costs half a second; these DELETEs cost milliseconds. Deleting a
 # thread cascades to its items, feedback, attachments and their bytes.
@@ -229,3 +205,62 @@ async def empty_tables(owner_engine: Any) -> None:
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
         await raw.execute(EMPTY_TABLES)
+
+
+# --- plans on a cluster (tests/citus/test_citus.py, bench/citus_bench.py) ----------------------
+
+
+def find_all(node: Any, key: str) -> list[Any]:
+    """Every value of ``key`` anywhere in a JSON plan."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                found.append(v)
+            found += find_all(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            found += find_all(v, key)
+    return found
+
+
+async def explain(
+    conn: asyncpg.Connection, sql: str, args: tuple[Any, ...], which: str = "first"
+) -> dict[str, Any]:
+    """The JSON plan of ``sql`` prepared and EXPLAIN EXECUTEd: the first, or the seventh."""
+    literals = [await literal(conn, a) for a in args]
+    await conn.execute(f"PREPARE citus_check AS {sql}")
+    try:
+        for _ in range(7 if which == "settled" else 1):
+            text = await conn.fetchval(
+                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE citus_check({', '.join(literals)})"
+            )
+    finally:
+        await conn.execute("DEALLOCATE citus_check")
+    plan: dict[str, Any] = json.loads(text)[0]
+    return plan
+
+
+def single_shard(plan: dict[str, Any]) -> bool:
+    """One Citus task, and no subplan evaluated on the coordinator before it."""
+    root = plan["Plan"]
+    return (
+        root.get("Custom Plan Provider") == "Citus Adaptive"
+        and find_all(plan, "Task Count") == [1]
+        and not find_all(plan, "Subplans")
+    )
+
+
+def citus_statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
+    """tests/harness/statements.py's list of every statement with sample arguments, each write in the
+    form the store sends to a cluster."""
+    out: dict[str, tuple[str, tuple[Any, ...]]] = {}
+    for name, (sql, args) in statements().items():
+        writes = sql.split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE")
+        if name == "store.SQL_SAVE_FEEDBACK":
+            sql, args = store_sql.CITUS_SAVE_FEEDBACK_ROW, (*args[:2], args[2][0], args[3])
+        elif writes and not name.startswith("limits."):
+            assert sql in store_sql.CITUS_FORMS, f"{name} has no Citus form"
+            sql = store_sql.CITUS_FORMS[sql]
+        out[name] = (sql, args)
+    return out

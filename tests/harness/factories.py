@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from datetime import datetime, timedelta
 
 from chatkit.types import (
@@ -182,3 +184,26 @@ def all_item_types(thread_id: str, base: datetime = T0) -> list[ThreadItem]:
         ),
         EndOfTurnItem(id=new_id("message"), thread_id=thread_id, created_at=t(10)),
     ]
+
+
+def png(width: int = 3, height: int = 2, seed: int = 0) -> bytes:
+    """A real PNG (RGB, no filter)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    rows = b"".join(
+        b"\x00" + bytes((x * 40 + y * 7 + seed) % 256 for x in range(width * 3))
+        for y in range(height)
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )

@@ -3,7 +3,9 @@
 Order: ``TEST_DATABASE_URL`` → a testcontainers container (``TEST_POSTGRES_IMAGE``) when a
 Docker engine answers → the embedded PostgreSQL (``app.pg.embedded``) in a temporary folder. A container
 that cannot start (offline, no image, registry limits) falls back to the embedded server, and
-the report header says so with the reason.
+the report header says so with the reason; except under CI (``CI`` set) when ``TEST_POSTGRES_IMAGE``
+names the image: that pass exists to run the suite in a container, so a container that does not
+start (or no Docker engine) fails the session instead of passing on the embedded server.
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ def postgres_server() -> Iterator[PgServer]:
     with contextlib.ExitStack() as stack:
         server: PgServer | None = None
         note = ""
+        required = bool(os.environ.get("CI")) and bool(
+            os.environ.get("TEST_POSTGRES_IMAGE", "").strip()
+        )
         if _docker_answers():
             image = postgres_image()
             try:
@@ -146,6 +151,9 @@ def postgres_server() -> Iterator[PgServer]:
             except Exception as exc:
                 # Offline, a registry limit, no such image: the suite still runs, and says why.
                 note = f"testcontainers could not start {image} ({_reason(exc)})"
+        if server is None and required:
+            why = note or "no Docker engine answers"
+            raise RuntimeError(f"CI asked for TEST_POSTGRES_IMAGE={postgres_image()}: {why}")
         if server is None:
             server = stack.enter_context(_embedded(note))
         yield server

@@ -100,6 +100,10 @@ def _prepare_for(user: str, root: Path, bin_dir: Path | None = None) -> None:
     grant_access(user, [root], bin_dir or embedded_bin_dir())
 
 
+PRIVATE_DATABASE = "ckpg_private"
+"""The database tests/pg/conftest.py makes on a module's private server."""
+
+
 @contextlib.contextmanager
 def private_postgres() -> Iterator[PgInstance]:
     """A started private PostgreSQL; stopped and deleted on the way out, even after a failure."""

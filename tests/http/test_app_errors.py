@@ -12,8 +12,7 @@ import pytest
 
 from app.observability import JsonFormatter
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
-from tests.harness.chatkit_client import error_text, user_input
+from tests.harness.chatkit_client import MakeClient, error_text, user_input
 
 ALICE = {"user_id": "alice"}
 

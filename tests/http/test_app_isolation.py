@@ -9,9 +9,14 @@ from typing import Any
 from chatkit.types import ClientToolCallItem, StructuredInputItem, WidgetItem
 
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
 from tests.harness import factories as f
-from tests.harness.chatkit_client import ChatKitClient, done_items, error_text, user_input
+from tests.harness.chatkit_client import (
+    ChatKitClient,
+    MakeClient,
+    done_items,
+    error_text,
+    user_input,
+)
 
 ALICE = {"user_id": "alice"}
 ACTION = {"type": "noop", "payload": {}}

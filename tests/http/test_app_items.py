@@ -20,8 +20,7 @@ from chatkit.types import StructuredInputFreeform, StructuredInputItem, ThreadIt
 
 from app.chat.plugins import Plugin
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
-from tests.harness.chatkit_client import ChatKitClient, done_items, of_type
+from tests.harness.chatkit_client import ChatKitClient, MakeClient, done_items, of_type
 
 ALICE = {"user_id": "alice"}
 ASK_ID = "si_lesson_subject"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from datetime import timedelta
 
+import pytest
 from agents.testing import ScriptedModel, assistant_message
 
 from app.background import TaskRegistry
@@ -13,11 +14,13 @@ from app.chat.settle import SettledWrites
 from app.observability import Metrics
 from app.pg.metered import MeteredStore
 from app.pg.store import PostgresStore
-from tests.conftest import MakeClient
 from tests.harness import factories as f
-from tests.harness.chatkit_client import assistant_text, done_items, of_type, user_input
+from tests.harness.chatkit_client import MakeClient, assistant_text, done_items, of_type, user_input
 
 ALICE = {"user_id": "alice"}
+
+# The protocol through create_app on one node, and on a Citus cluster as the app's role.
+pytestmark = pytest.mark.backends("owner", "citus-role")
 
 
 async def test_threads_create_streams_the_whole_exchange(

@@ -35,21 +35,13 @@ from app.http.auth import (
     dev_secret,
     mint_token,
 )
+from app.ids import MAX_USER_ID_CHARS
 from app.main import create_app
 from app.settings import PROJECT_ROOT, Settings
-from tests.conftest import MakeClient
+from tests.harness.chatkit_client import AUDIENCE, ISSUER, MakeClient, claims
 from tests.harness.loopback import serve
 
 SECRET = "a-shared-secret-long-enough-for-hs256-and-hs512-" + "x" * 20
-ISSUER = "https://auth.example.com"
-AUDIENCE = "chatkit-pg"
-
-
-def claims(**over: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base: dict[str, Any] = {"sub": "alice", "iat": now, "exp": now + 300}
-    base.update(over)
-    return {k: v for k, v in base.items() if v is not None}
 
 
 def unsigned(payload: dict[str, Any]) -> str:
@@ -105,6 +97,9 @@ async def test_hs256(test_settings: Settings) -> None:
         "empty sub": jwt.encode(claims(sub=" "), SECRET, algorithm="HS256"),
         "numeric sub": jwt.encode(claims(sub=42), SECRET, algorithm="HS256"),
         "NUL in sub": jwt.encode(claims(sub="al\x00ice"), SECRET, algorithm="HS256"),
+        "sub too long": jwt.encode(
+            claims(sub="a" * (MAX_USER_ID_CHARS + 1)), SECRET, algorithm="HS256"
+        ),
         "unexpected aud": jwt.encode(claims(aud="someone-else"), SECRET, algorithm="HS256"),
         "garbage": "not-a-jwt",
         "three garbage parts": "abc.def.ghi",
@@ -114,6 +109,10 @@ async def test_hs256(test_settings: Settings) -> None:
         message = await rejected(verifier, token)
         assert "alice" not in message, name
     assert "expired" in await rejected(verifier, bad["expired"])
+    longest = "a" * MAX_USER_ID_CHARS  # the longest user id the tables keep
+    assert await verifier.verify(jwt.encode(claims(sub=longest), SECRET, algorithm="HS256")) == (
+        longest
+    )
 
 
 async def test_verified_tokens_are_cached_never_past_expiry(test_settings: Settings) -> None:

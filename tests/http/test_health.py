@@ -13,7 +13,7 @@ import pytest
 from app.main import create_app
 from app.observability import JsonFormatter
 from app.settings import Settings
-from tests.conftest import MakeClient
+from tests.harness.chatkit_client import MakeClient
 from tests.harness.pg import PgServer, migrate
 
 ORIGIN = "https://chat.example.com"

@@ -24,9 +24,8 @@ import pytest
 
 from app.ids import ID_FIELDS, MAX_ID_CHARS
 from app.pg.store import MAX_PAGE_SIZE
-from tests.conftest import MakeClient
-from tests.files.test_attachments import png
-from tests.harness.chatkit_client import ChatKitClient, done_items, user_input
+from tests.harness.chatkit_client import ChatKitClient, MakeClient, done_items, user_input
+from tests.harness.factories import png
 from tests.harness.hostile_fuzz import EACH, field_paths, request_models
 from tests.harness.loopback import serve
 

@@ -36,8 +36,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from app.errors import ServiceUnavailableError
 from app.main import create_app
 from app.settings import Settings
+from tests.harness.chatkit_client import AUDIENCE, ISSUER, claims
 from tests.harness.loopback import serve
-from tests.http.test_auth import AUDIENCE, ISSUER, claims
 
 UNAVAILABLE = ServiceUnavailableError.public_message
 LEAK_MARKERS = re.compile(
@@ -215,9 +215,23 @@ def unknown_kid_token(kid: str | None = None) -> str:
 # --- the app ---------------------------------------------------------------------------------
 
 
+class ManualClock:
+    """A monotonic clock that moves only when told: the JWKS cache's TTL, refetch window and
+    stale allowance pass exactly when a test says so, however loaded the machine."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @contextlib.asynccontextmanager
 async def app_for(
-    test_settings: Settings, idp: FaultyIssuer, **over: Any
+    test_settings: Settings, idp: FaultyIssuer, clock: ManualClock | None = None, **over: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = test_settings.model_copy(
         update={
@@ -229,10 +243,13 @@ async def app_for(
             **over,
         }
     )
+    app = create_app(settings)
     async with (
-        serve(create_app(settings)) as base,
+        serve(app) as base,
         httpx.AsyncClient(base_url=base, timeout=60) as client,
     ):
+        if clock is not None:  # before the first request, so every time is on it
+            app.state.runtime.verifier.jwks.clock = clock
         yield client
 
 
@@ -293,9 +310,11 @@ def assert_unauthorized(answer: Answer) -> None:
 async def test_issuer_down_cached_keys_keep_working_past_their_ttl(
     test_settings: Settings, idp: FaultyIssuer
 ) -> None:
+    clock = ManualClock()
     async with app_for(
         test_settings,
         idp,
+        clock,
         jwt_jwks_cache_seconds=0.5,
         jwt_jwks_min_refetch_seconds=0.2,
         jwt_jwks_timeout_seconds=1.0,
@@ -305,14 +324,12 @@ async def test_issuer_down_cached_keys_keep_working_past_their_ttl(
         assert idp.fetch_count() == 1
 
         idp.stop()  # connection refused from now on
-        await asyncio.sleep(0.7)  # the cache is past its TTL
+        clock.advance(0.7)  # the cache is past its TTL
         answers = []
-        until = time.monotonic() + 1.5
-        while time.monotonic() < until:
+        for _ in range(10):  # 1.5 s on the cache's clock: several failed refreshes
             for kid in ("ed-1", "rsa-1", "ec-1"):
                 answers.append(await ask(client, idp.token(kid)))
-            await asyncio.sleep(0.05)
-        assert len(answers) >= 12
+            clock.advance(0.15)
         for answer in answers:
             assert_ok(answer)
         # A kid the issuer might have published since cannot be checked: retry later.
@@ -321,7 +338,7 @@ async def test_issuer_down_cached_keys_keep_working_past_their_ttl(
         # The issuer comes back with a rotated key: it is fetched, the old ones still work.
         idp.add("ed-2", ed25519.Ed25519PrivateKey.generate(), "EdDSA")
         idp.start()
-        await asyncio.sleep(0.25)  # past the refetch window
+        clock.advance(0.25)  # past the refetch window
         assert_ok(await ask(client, idp.token("ed-2")))
         assert_ok(await ask(client, idp.token("rsa-1")))
         assert idp.fetch_count() >= 2
@@ -332,9 +349,11 @@ async def test_issuer_down_too_long_stops_trusting_the_cached_keys(
 ) -> None:
     """JWT_JWKS_MAX_STALE_SECONDS bounds how long keys the issuer may have revoked meanwhile
     stay trusted; once it answers again, tokens work again without a restart."""
+    clock = ManualClock()
     async with app_for(
         test_settings,
         idp,
+        clock,
         jwt_jwks_cache_seconds=0.5,
         jwt_jwks_min_refetch_seconds=0.2,
         jwt_jwks_timeout_seconds=1.0,
@@ -342,18 +361,23 @@ async def test_issuer_down_too_long_stops_trusting_the_cached_keys(
     ) as client:
         assert_ok(await ask(client, idp.token("rsa-1")))
         idp.stop()
-        await asyncio.sleep(0.8)  # past the TTL, within the stale allowance
+        clock.advance(0.8)  # past the TTL, within the stale allowance
         assert_ok(await ask(client, idp.token("rsa-1")))
-        await asyncio.sleep(1.0)  # past TTL + allowance
+        clock.advance(1.0)  # past TTL + allowance
         assert_unavailable(await ask(client, idp.token("rsa-1")))
         assert_unavailable(await ask(client, idp.token("ed-1")))
 
         idp.start()
-        deadline = time.monotonic() + 5
-        while (answer := await ask(client, idp.token("rsa-1"))).status != 200:
+        # Each request past the refetch window starts a background refresh; the first that
+        # reaches the issuer again restores trust (the bound is attempts, not time).
+        for _ in range(100):
+            answer = await ask(client, idp.token("rsa-1"))
+            if answer.status == 200:
+                break
             assert_unavailable(answer)
-            assert time.monotonic() < deadline, "never trusted again"
-            await asyncio.sleep(0.1)
+            clock.advance(0.25)
+            await asyncio.sleep(0.05)  # room for the background refresh to run
+        assert answer.status == 200, "never trusted again"
         assert idp.fetch_count() >= 2
 
 

@@ -32,9 +32,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.chat.offline_model import demo_reply, text_response_events, words_of
 from app.ids import new_id
-from tests.conftest import MakeClient
 from tests.harness.chatkit_client import (
     ChatKitClient,
+    MakeClient,
     assistant_text,
     done_items,
     of_type,

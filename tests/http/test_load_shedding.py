@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import MakeClient
-from tests.harness.chatkit_client import of_type, user_input
+from tests.harness.chatkit_client import MakeClient, of_type, user_input
 
 
 async def test_streams_over_the_process_cap_are_shed_before_any_work(

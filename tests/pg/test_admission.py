@@ -34,9 +34,8 @@ from app.main import create_app
 from app.pg.admission import PendingAdmission, pending_admission
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.conftest import MakeClient
 from tests.harness import factories as f
-from tests.harness.chatkit_client import ChatKitClient
+from tests.harness.chatkit_client import ChatKitClient, MakeClient
 from tests.harness.pg import migrate
 from tests.harness.pginstance import PgInstance, private_postgres
 

@@ -620,8 +620,37 @@ async def test_the_backend_serves_through_the_role(
 
 async def test_alembic_at_head_is_a_no_op_for_the_role(deployment: Deployment) -> None:
     """``python -m app serve`` (and the systemd unit) migrate before serving: with the app's role
-    that only reads alembic_version while the schema is current."""
+    that only reads alembic_version while the schema is current: the schema, its rights and
+    the recorded revision are the same afterwards."""
+    before = await _schema_state(deployment.admin_url)
     await asyncio.to_thread(migrate, deployment.app_url)
+    assert await _schema_state(deployment.admin_url) == before
+
+
+# Everything a migration could change: objects of the public schema (with their definitions
+# and access lists), columns, indexes, policies, ownership and the recorded revision.
+SCHEMA_STATE = (
+    "SELECT c.relname || ' ' || c.relkind::text || ' ' || pg_get_userbyid(c.relowner) || ' '"
+    " || coalesce(c.relacl::text, '') || ' ' || c.relrowsecurity::text FROM pg_class c"
+    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'",
+    "SELECT table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable || ' '"
+    " || coalesce(column_default, '') FROM information_schema.columns"
+    " WHERE table_schema = 'public'",
+    "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'",
+    "SELECT tablename || ' ' || policyname || ' ' || coalesce(qual, '') || ' '"
+    " || coalesce(with_check, '') FROM pg_policies WHERE schemaname = 'public'",
+    "SELECT conrelid::regclass::text || ' ' || pg_get_constraintdef(oid) FROM pg_constraint"
+    " WHERE connamespace = 'public'::regnamespace",
+    "SELECT version_num FROM alembic_version",
+)
+
+
+async def _schema_state(url: str) -> list[list[str]]:
+    conn = await _connect(url)
+    try:
+        return [sorted(r[0] for r in await conn.fetch(query)) for query in SCHEMA_STATE]
+    finally:
+        await conn.close()
 
 
 # --- prune -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ backend is gone once resumed) under a generous deadline; nothing depends on a sl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -32,43 +32,13 @@ from agents.testing import ModelStep, ScriptedModel, assistant_message
 from app.http.runtime import Runtime
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import TABLES
 from tests.harness.chatkit_client import ChatKitClient, done_items, of_type, user_input
-from tests.harness.pg import migrate
+from tests.harness.faults import DEADLINE, GatedModel, now, report, stream_error, until, value
 from tests.harness.pgfreeze import frozen
-from tests.harness.pginstance import PgInstance, private_postgres
-from tests.http.test_faults import DEADLINE, GatedModel, now, report, stream_error, until, value
+from tests.harness.pginstance import PRIVATE_DATABASE, PgInstance
 
-DATABASE = "ckpg_consistent"
+DATABASE = PRIVATE_DATABASE
 APP_NAME = "chatkit-pg-consistent"
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PgInstance]:
-    with private_postgres() as pg:
-        yield pg
-
-
-@pytest.fixture(scope="module")
-async def private_url(private_pg: PgInstance) -> str:
-    conn = await asyncpg.connect(private_pg.dsn())
-    try:
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await conn.close()
-    url = private_pg.url(DATABASE)
-    await asyncio.to_thread(migrate, url)
-    return url
-
-
-@pytest.fixture
-async def pg(private_pg: PgInstance, private_url: str) -> AsyncIterator[PgInstance]:
-    yield private_pg
-    conn = await asyncpg.connect(private_pg.dsn(DATABASE))
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} CASCADE")
-    finally:
-        await conn.close()
 
 
 async def fetch(pg: PgInstance, sql: str, *args: Any) -> list[asyncpg.Record]:

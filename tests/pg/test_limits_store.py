@@ -18,6 +18,10 @@ from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.harness.pg import PgServer
 
+# Exact budgets under races on one node and on a Citus cluster (the limiter's tables on the
+# coordinator).
+pytestmark = pytest.mark.backends("owner", "citus")
+
 
 def _limits(store: PostgresStore, settings: Settings, **overrides: object) -> Limits:
     return Limits(store, settings.model_copy(update=overrides), TaskRegistry())

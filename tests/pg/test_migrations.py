@@ -14,17 +14,10 @@ from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.pg.tables import metadata
+from tests.harness.backends import ROLE_TABLES
 from tests.harness.pg import PgServer, alembic_config, downgrade, migrate
 
-TABLES = {
-    "chatkit_threads",
-    "chatkit_items",
-    "chatkit_attachments",
-    "chatkit_attachment_blobs",
-    "chatkit_feedback",
-    "chatkit_rate_limits",
-    "chatkit_stream_leases",
-}
+TABLES = set(ROLE_TABLES)  # every table of the schema, each granted to the app's role
 
 
 @pytest.fixture

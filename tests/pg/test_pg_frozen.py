@@ -18,7 +18,7 @@ printed (``-s``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
 from typing import Any
 
@@ -31,16 +31,13 @@ from app.main import create_app
 from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.conftest import TABLES
 from tests.harness.chatkit_client import done_items, of_type, user_input
+from tests.harness.faults import DEADLINE, GatedModel, Served, assert_unavailable, now
 from tests.harness.loopback import serve
-from tests.harness.pg import migrate
 from tests.harness.pgfreeze import frozen
-from tests.harness.pginstance import PgInstance, private_postgres
-from tests.http.test_faults import DEADLINE, GatedModel, assert_unavailable, now
-from tests.pg.test_pg_restart import Served
+from tests.harness.pginstance import PRIVATE_DATABASE, PgInstance
 
-DATABASE = "ckpg_frozen"
+DATABASE = PRIVATE_DATABASE
 APP_NAME = "chatkit-pg-frozen"
 CUT_OFF = 1.0  # the deadline a test configures (READY_TIMEOUT_SECONDS, its own asyncio.timeout)
 # Every answer while frozen comes within this; the old code took the command timeout on top
@@ -69,37 +66,6 @@ async def within(call: Awaitable[Any], what: str, bound: float = FROZEN_BOUND) -
 # --- the private server -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PgInstance]:
-    with private_postgres() as pg:
-        yield pg
-
-
-@pytest.fixture(scope="module")
-async def frozen_url(private_pg: PgInstance) -> str:
-    """A database on the private server, migrated with Alembic."""
-    conn = await asyncpg.connect(private_pg.dsn())
-    try:
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await conn.close()
-    url = private_pg.url(DATABASE)
-    await asyncio.to_thread(migrate, url)
-    return url
-
-
-@pytest.fixture
-async def pg(private_pg: PgInstance, frozen_url: str) -> AsyncIterator[PgInstance]:
-    """The private server (never left frozen: ``frozen`` continues it on the way out), with
-    empty tables after the test."""
-    yield private_pg
-    conn = await asyncpg.connect(private_pg.dsn(DATABASE), timeout=DEADLINE)
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} CASCADE")
-    finally:
-        await conn.close()
-
-
 async def backends(pg: PgInstance) -> set[int]:
     """The server pids of the connections the apps and pools of these tests hold."""
     conn = await asyncpg.connect(pg.dsn(DATABASE), timeout=DEADLINE)
@@ -113,11 +79,11 @@ async def backends(pg: PgInstance) -> set[int]:
 
 
 @pytest.fixture
-def frozen_settings(app_settings: Settings, frozen_url: str) -> Settings:
+def frozen_settings(app_settings: Settings, private_url: str) -> Settings:
     """The defaults that matter are kept: DB_STATEMENT_TIMEOUT_MS 10 s (asyncpg's command
     timeout 20 s) and DB_CONNECT_TIMEOUT 5 s, both far above the deadlines under test."""
     return app_settings.model_copy(
-        update={"database_url": frozen_url, "db_application_name": APP_NAME}
+        update={"database_url": private_url, "db_application_name": APP_NAME}
     )
 
 

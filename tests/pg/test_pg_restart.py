@@ -19,31 +19,26 @@ are printed (``-s``); bounds are generous next to them and every wait polls to a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from app.errors import ServiceUnavailableError
-from app.http.runtime import Runtime
 from app.main import create_app
-from app.pg.pool import ConnectionPool, open_pool
+from app.pg.pool import open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.conftest import TABLES
-from tests.harness.chatkit_client import done_items, of_type, token_for, user_input
-from tests.harness.loopback import serve
-from tests.harness.pg import migrate
-from tests.harness.pginstance import PgInstance, private_postgres
-from tests.http.test_faults import (
+from tests.harness.chatkit_client import done_items, of_type, user_input
+from tests.harness.faults import (
     DEADLINE,
     RECOVERY_SECONDS,
     SLACK_SECONDS,
     GatedModel,
+    Served,
     assert_unavailable,
     checked_out,
     now,
@@ -52,11 +47,13 @@ from tests.http.test_faults import (
     until,
     value,
 )
+from tests.harness.loopback import serve
+from tests.harness.pginstance import PRIVATE_DATABASE, PgInstance
 
 CONNECT_TIMEOUT = 1.0  # DB_CONNECT_TIMEOUT of the apps here
 REQUEST_BOUND = CONNECT_TIMEOUT + SLACK_SECONDS  # no request during an outage takes longer
 APP_NAME = "chatkit-pg-restart"  # application_name of the apps' connections
-DATABASE = "ckpg_restart"
+DATABASE = PRIVATE_DATABASE
 
 
 def report(what: str, seconds: float) -> None:
@@ -64,44 +61,6 @@ def report(what: str, seconds: float) -> None:
 
 
 # --- the private server -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PgInstance]:
-    with private_postgres() as pg:
-        yield pg
-
-
-@pytest.fixture(scope="module")
-async def restart_url(private_pg: PgInstance) -> str:
-    """A database on the private server, migrated with Alembic."""
-    conn = await asyncpg.connect(private_pg.dsn())
-    try:
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await conn.close()
-    url = private_pg.url(DATABASE)
-    await asyncio.to_thread(migrate, url)
-    return url
-
-
-async def ensure_running(pg: PgInstance) -> None:
-    if pg.postmaster_pid() is None:
-        await asyncio.to_thread(pg.start)
-
-
-@pytest.fixture
-async def pg(private_pg: PgInstance, restart_url: str) -> AsyncIterator[PgInstance]:
-    """The private server, running; running again and with empty tables after the test,
-    whatever state a failure left it in."""
-    await ensure_running(private_pg)
-    yield private_pg
-    await ensure_running(private_pg)
-    conn = await asyncpg.connect(private_pg.dsn(DATABASE))
-    try:
-        await conn.execute(f"TRUNCATE {TABLES} CASCADE")
-    finally:
-        await conn.close()
 
 
 async def fetch(pg: PgInstance, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -129,10 +88,10 @@ async def app_backends(pg: PgInstance) -> dict[int, str]:
 
 
 @pytest.fixture
-def restart_settings(app_settings: Settings, restart_url: str) -> Settings:
+def restart_settings(app_settings: Settings, private_url: str) -> Settings:
     return app_settings.model_copy(
         update={
-            "database_url": restart_url,
+            "database_url": private_url,
             "db_connect_timeout": CONNECT_TIMEOUT,
             "db_application_name": APP_NAME,
             "thread_busy_wait_seconds": 2.0,
@@ -141,41 +100,6 @@ def restart_settings(app_settings: Settings, restart_url: str) -> Settings:
             "shutdown_grace_seconds": 2.0,
         }
     )
-
-
-class Served:
-    """An app under uvicorn on loopback, and an httpx client for it."""
-
-    def __init__(self, app: FastAPI, http: httpx.AsyncClient, settings: Settings) -> None:
-        self.app = app
-        self.http = http
-        self.headers = {"Authorization": f"Bearer {token_for('alice', settings)}"}
-
-    @property
-    def runtime(self) -> Runtime:
-        runtime: Runtime = self.app.state.runtime
-        return runtime
-
-    @property
-    def pool(self) -> ConnectionPool:
-        return self.runtime.pool
-
-    async def request(self, type_: str, params: dict[str, Any]) -> httpx.Response:
-        body = {"type": type_, "params": params}
-        return await self.http.post("/chatkit", json=body, headers=self.headers)
-
-    async def stream(self, type_: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        body = {"type": type_, "params": params}
-        async with (
-            asyncio.timeout(DEADLINE),
-            self.http.stream("POST", "/chatkit", json=body, headers=self.headers) as response,
-        ):
-            assert response.status_code == 200, await response.aread()
-            lines = response.aiter_lines()
-            while (event := await sse_event(lines)) is not None:
-                events.append(event)
-        return events
 
 
 @pytest.fixture

@@ -3,12 +3,14 @@
 The app connects as a role without BYPASSRLS, and every statement of the store and of the
 attachment store sets ``app.user_id`` for its own transaction (app.pg.store explains the statement
 shapes that make PostgreSQL set it before reading any chatkit_ table). This module creates such a
-role on the test server (random name, dropped at the end) and proves:
+role on the test server (random name, dropped at the end: tests/conftest.py's ``app_role_url``)
+and proves:
 
 * the whole store and attachment contract holds through it, with custom and with generic plans:
-  the test functions of tests/pg/test_store.py and tests/files/test_attachments.py run again here, where
-  the ``store`` fixture is a PostgresStore connecting as that role (their raw-SQL checks use the
-  owner's ``engine``, which bypasses row-level security and so sees every row);
+  tests/pg/test_store.py and tests/files/test_attachments.py name the ``role-custom`` and
+  ``role-generic`` backends (tests/harness/backends.py), where the ``store`` fixture is a
+  PostgresStore connecting as that role (their raw-SQL checks use the owner's ``engine``, which
+  bypasses row-level security and so sees every row);
 * the plan of every statement makes the setting before it reads a table, custom and generic, and
   the keyset page stays an index range scan under the policy;
 * a deliberately unscoped SELECT on the app's own pooled connection sees only the current user's
@@ -21,176 +23,49 @@ applies); it would see *no* rows, which the contract tests would catch as missin
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
-from types import ModuleType
 from typing import Any
 
 import asyncpg
 import pytest
 from chatkit.store import NotFoundError
 from chatkit.types import AttachmentCreateParams
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import app.files.store as attachment_sql
-import app.pg.limits as limits_sql
 import app.pg.store as store_sql
-from app.background import TaskRegistry
 from app.cli.prune import prune
 from app.errors import ConfigurationError, TooManyRequestsError
 from app.files.store import PgAttachmentStore
 from app.pg.admission import PendingAdmission, pending_admission
 from app.pg.engine import create_engine
-from app.pg.limits import Limits
-from app.pg.pool import ConnectionPool, open_pool
+from app.pg.pool import ConnectionPool
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.files import test_attachments as attachments_suite
-
-# Fixtures the re-run attachment tests need (their ``store`` is this module's).
-from tests.files.test_attachments import attachments, client, clock, server, settings  # noqa: F401
 from tests.harness import factories as f
+from tests.harness.backends import ROLE_TABLES, empty_tables
 from tests.harness.pg import PgServer
-from tests.pg import test_store as store_suite
+from tests.harness.rls import ALICE, BOB, body, counts_by_user, seed_two_users
+from tests.harness.statements import literal, statements
 
-TABLES = (
-    "chatkit_threads",
-    "chatkit_items",
-    "chatkit_attachments",
-    "chatkit_attachment_blobs",
-    "chatkit_feedback",
-    # app.pg.limits: kept per user like the rest.
-    "chatkit_rate_limits",
-    "chatkit_stream_leases",
-)
-CONTENT_TABLES = TABLES[:5]
-ALICE = {"user_id": "alice"}
-BOB = {"user_id": "bob"}
+TABLES = ROLE_TABLES
 PLAN_MODES = ("force_custom_plan", "force_generic_plan")
 
-
-# --- the role, its engines and stores -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-async def app_role_url(database_url: str) -> AsyncIterator[str]:
-    """URL of the test database as a fresh LOGIN role that does not bypass row-level security,
-    with the rights docs/rls.md grants the app's role."""
-    role = f"ckpg_app_{secrets.token_hex(6)}"
-    password = secrets.token_urlsafe(18)  # [A-Za-z0-9_-]: safe in a literal
-    admin = await asyncpg.connect(PgServer.dsn(database_url))
-    try:
-        await admin.execute(
-            f"CREATE ROLE {role} LOGIN PASSWORD '{password}' "
-            "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"
-        )
-        await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-        await admin.execute(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(TABLES)} TO {role}"
-        )
-        await admin.execute(f"GRANT SELECT ON alembic_version TO {role}")
-        url = make_url(database_url).set(username=role, password=password)
-        yield url.render_as_string(hide_password=False)
-    finally:
-        # Role names are cluster-wide: nothing of it may survive the run.
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
-        )
-        await admin.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
-        await admin.execute(f"DROP OWNED BY {role}")
-        await admin.execute(f"DROP ROLE {role}")
-        await admin.close()
+# The app's role on one node (tests/conftest.py: ``app_role_url``, ``store``, ``pooled_store``).
+pytestmark = pytest.mark.backends("role")
+# Through the role's store, with custom and with generic plans.
+BOTH_PLANS = pytest.mark.backends("role-custom", "role-generic")
+# Tests that hold on any PostgreSQL: on a Citus cluster too (tests/citus/test_citus_rls.py has
+# what only a cluster shows).
+ANY_SERVER_BOTH_PLANS = pytest.mark.backends("role-custom", "role-generic", "citus-role")
+ANY_SERVER = pytest.mark.backends("role", "citus-role")
 
 
-async def _app_pool(url: str, config: Settings, plan_mode: str | None = None) -> ConnectionPool:
-    """The app's own pool (app.pg.pool), optionally pinned to one plan-cache mode."""
-    return await open_pool(
-        url, config, session={"plan_cache_mode": plan_mode} if plan_mode else None
-    )
-
-
-@pytest.fixture(scope="module", params=PLAN_MODES, ids=["custom", "generic"])
-async def rls_pool(
-    request: pytest.FixtureRequest, app_role_url: str, test_settings: Settings
-) -> AsyncIterator[ConnectionPool]:
-    pool = await _app_pool(app_role_url, test_settings, request.param)
-    yield pool
-    await pool.close()
-
-
-async def _truncate(engine: AsyncEngine) -> None:
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        await raw.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
-
-
-@pytest.fixture
-async def store(rls_pool: ConnectionPool, engine: AsyncEngine) -> AsyncIterator[PostgresStore]:
-    """Overrides conftest's ``store`` for this module: the app's role, subject to the policy.
-    The owner's ``engine`` empties the tables afterwards."""
-    yield PostgresStore(rls_pool)
-    await _truncate(engine)
-
-
-@pytest.fixture
-async def pooled_store(
-    app_role_url: str, test_settings: Settings, engine: AsyncEngine
-) -> AsyncIterator[PostgresStore]:
-    """A store on the app's engine with a pool of one connection, in the default plan mode:
-    every call, and every raw statement below, runs on the same server session."""
-    one = test_settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0})
-    app_pool = await _app_pool(app_role_url, one)
-    yield PostgresStore(app_pool)
-    await app_pool.close()
-    await _truncate(engine)
-
-
-# --- (a) the store and attachment contracts, through the role ------------------------------
-
-# Not run again: no database involved, or a check that needs the owner's view (the deep-page
-# test bulk-loads through the store's connection; the cascade test counts through it), or one
-# of the one-node pool's own settings (this module pins the plan-cache mode; Citus keeps its
-# default, tests/citus/test_citus.py). Their row-level security versions are below.
-NOT_RERUN = {
-    "test_generated_ids_keep_prefixes_and_entropy",
-    "test_deep_page_uses_index_range_scan",
-    "test_delete_thread_cascades",
-    "test_the_pools_sessions_plan_generically",
-}
-
-
-def _rerun(suite: ModuleType) -> list[str]:
-    names = []
-    for name, fn in vars(suite).items():
-        if (
-            name.startswith("test_")
-            and inspect.iscoroutinefunction(fn)
-            and fn.__module__ == suite.__name__
-            and name not in NOT_RERUN
-        ):
-            assert name not in globals(), f"{name} would shadow a test of this module"
-            globals()[name] = fn
-            names.append(name)
-    return names
-
-
-RERUN = _rerun(store_suite) + _rerun(attachments_suite)
-
-
-def test_the_contract_suites_are_rerun_here() -> None:
-    assert len(RERUN) > 40, RERUN
-    assert "test_other_users_objects_look_missing" in RERUN
-    assert "test_another_user_is_refused_in_every_operation" in RERUN
-
-
+@ANY_SERVER_BOTH_PLANS
 async def test_role_is_subject_to_row_level_security(
     store: PostgresStore, pool: ConnectionPool
 ) -> None:
@@ -198,6 +73,7 @@ async def test_role_is_subject_to_row_level_security(
     assert not await PostgresStore(pool).row_security_enforced()  # the owner bypasses it
 
 
+@ANY_SERVER_BOTH_PLANS
 async def test_two_users_every_operation_with_cascades(
     store: PostgresStore, engine: AsyncEngine, test_settings: Settings
 ) -> None:
@@ -217,7 +93,7 @@ async def test_two_users_every_operation_with_cascades(
         pending = await files.create_attachment(
             AttachmentCreateParams(name="n.txt", size=5, mime_type="text/plain"), ctx
         )
-        await files.upload_to(user, pending.id, _body(b"hello"), "text/plain")
+        await files.upload_to(user, pending.id, body(b"hello"), "text/plain")
         await store.save_feedback(thread.id, [items[0].id, items[1].id], "positive", ctx)
         made[user] = {"thread": thread, "items": items, "att": att, "upload": pending.id}
 
@@ -262,7 +138,7 @@ async def test_two_users_every_operation_with_cascades(
     await store.delete_thread(alice["thread"].id, ALICE)  # idempotent: a no-op
     with pytest.raises(NotFoundError):
         await store.load_thread(alice["thread"].id, ALICE)
-    owner = await _counts_by_user(engine)
+    owner = await counts_by_user(engine)
     assert owner == {
         "chatkit_threads": {"bob": 1},
         "chatkit_items": {"bob": 7},
@@ -272,6 +148,7 @@ async def test_two_users_every_operation_with_cascades(
     }
 
 
+@BOTH_PLANS
 async def test_pages_folded_with_the_rate_limit(store: PostgresStore) -> None:
     """app.pg.admission's folded pages, through the role: the same pages as without, the budget
     counted (the limiter's row is subject to the policy too), a refusal with Retry-After."""
@@ -309,54 +186,15 @@ async def test_pages_folded_with_the_rate_limit(store: PostgresStore) -> None:
     assert 1 <= refused.value.retry_after <= 30
 
 
-async def _body(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def _counts_by_user(
-    engine: AsyncEngine, tables: tuple[str, ...] = CONTENT_TABLES
-) -> dict[str, dict[str, int]]:
-    """What the owner (no row-level security) sees: rows per user in every table."""
-    async with engine.connect() as conn:
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        out: dict[str, dict[str, int]] = {}
-        for table in tables:
-            rows = await raw.fetch(f"SELECT user_id, count(*) FROM {table} GROUP BY user_id")
-            out[table] = {r[0]: r[1] for r in rows}
-    return out
-
-
 # --- (b) unscoped reads through the app's own connections ----------------------------------
-
-
-async def _seed_two_users(store: PostgresStore, config: Settings) -> None:
-    files = PgAttachmentStore(store, config)
-    for ctx in (ALICE, BOB):
-        thread = f.thread()
-        await store.save_thread(thread, ctx)
-        items = [f.user_message(thread.id, "x"), f.user_message(thread.id, "y")]
-        for item in items:
-            await store.add_thread_item(thread.id, item, ctx)
-        await store.save_feedback(thread.id, [items[0].id], "negative", ctx)
-        pending = await files.create_attachment(
-            AttachmentCreateParams(name="n.txt", size=2, mime_type="text/plain"), ctx
-        )
-        await files.upload_to(ctx["user_id"], pending.id, _body(b"hi"), "text/plain")
-        # app.pg.limits' rows: a request counted, a stream lease taken (never released here).
-        limits = Limits(
-            store, config.model_copy(update={"rate_limit_per_minute": 60}), TaskRegistry()
-        )
-        await limits.admit(ctx["user_id"])
-        await limits.lease(ctx["user_id"], thread.id)
 
 
 async def test_unscoped_select_sees_only_the_user_set_and_nothing_without(
     pooled_store: PostgresStore, engine: AsyncEngine, test_settings: Settings
 ) -> None:
     store = pooled_store
-    await _seed_two_users(store, test_settings)
-    everything = await _counts_by_user(engine, TABLES)
+    await seed_two_users(store, test_settings)
+    everything = await counts_by_user(engine, TABLES)
     assert all(set(by_user) == {"alice", "bob"} for by_user in everything.values())
 
     async with store.connection() as conn:
@@ -380,12 +218,13 @@ async def test_unscoped_select_sees_only_the_user_set_and_nothing_without(
                 assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
 
 
+@ANY_SERVER
 async def test_the_setting_never_outlives_the_statement_that_made_it(
     pooled_store: PostgresStore, test_settings: Settings
 ) -> None:
     """The store's statements leave nothing on the pooled session for the next borrower."""
     store = pooled_store
-    await _seed_two_users(store, test_settings)
+    await seed_two_users(store, test_settings)
     async with store.connection() as conn:
         pid = conn.get_server_pid()
     [thread] = (await store.load_threads(5, None, "desc", ALICE)).data
@@ -443,7 +282,7 @@ async def test_writes_for_another_user_are_refused(
         async with conn.transaction():
             await conn.execute("SELECT set_config('app.user_id', 'alice', true)")
             await conn.execute("UPDATE chatkit_threads SET title = 'ok' WHERE id = $1", thread.id)
-    assert await _counts_by_user(engine) == {
+    assert await counts_by_user(engine) == {
         "chatkit_threads": {"alice": 1},
         "chatkit_items": {},
         "chatkit_attachments": {},
@@ -456,6 +295,7 @@ async def test_writes_for_another_user_are_refused(
 # --- migration, owner, prune ----------------------------------------------------------------
 
 
+@ANY_SERVER
 async def test_every_table_has_the_policy_and_is_not_forced(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
@@ -482,6 +322,7 @@ async def test_every_table_has_the_policy_and_is_not_forced(engine: AsyncEngine)
         )
 
 
+@ANY_SERVER
 async def test_prune_refuses_the_app_role_and_runs_as_owner(
     app_role_url: str, engine: AsyncEngine, test_settings: Settings
 ) -> None:
@@ -497,76 +338,18 @@ async def test_prune_refuses_the_app_role_and_runs_as_owner(
 
 # --- (ordering) the plan of every statement ---------------------------------------------------
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def _statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
-    """Every SQL statement of the store and the attachment store, with sample arguments.
-
-    Fails when a new statement appears without arguments here, so that its plan gets checked.
-    """
-    u, t, i, a = "alice", "thr_plan", "msg_plan_1", "atc_plan"
-    args: dict[str, tuple[Any, ...]] = {
-        "store.SQL_LOAD_THREAD": (u, t),
-        "store.SQL_SAVE_THREAD": (u, t, T0, "title", "{}"),
-        "store.SQL_DELETE_THREAD": (u, t),
-        "store.SQL_UPSERT_ITEM": (u, t, i, T0, "user_message", "{}"),
-        "store.SQL_ADD_ITEM": (u, t, i, T0, "user_message", "{}"),
-        "store.SQL_LOAD_ITEM": (u, t, i),
-        "store.SQL_DELETE_ITEM": (u, t, i),
-        "store.SQL_SAVE_ATTACHMENT": (u, a, t, "{}"),
-        "store.SQL_LOAD_ATTACHMENT": (u, a),
-        "store.SQL_DELETE_ATTACHMENT": (u, a),
-        "store.SQL_SAVE_FEEDBACK": (u, t, [i, "msg_plan_2"], "positive"),
-        "store.SQL_LOAD_FEEDBACK": (u, t),
-        "attachments.SQL_INSERT": (u, a, "{}", "pending", 5, "text/plain"),
-        "attachments.SQL_CLAIM": (u, a),
-        "attachments.SQL_EXISTS": (u, a),
-        "attachments.SQL_INSERT_CHUNK": (u, a, 0, b"hello"),
-        "attachments.SQL_FINISH": (u, a, 5, "text/plain"),
-        "attachments.SQL_DISCARD": (u, a),
-        "attachments.SQL_FILE_INFO": (u, a),
-        "attachments.SQL_FILES_INFO": (u, [a]),
-        "attachments.SQL_READ_CHUNKS": (u, a, 0, 4),
-        "limits.SQL_RATE_ADMIT": (u, 0.5, 60.0),
-        "limits.SQL_RATE_WAIT": (u, 0.5, 60.0),
-        "limits.SQL_LEASE_RENEW": (u, "lease_plan", 30.0),
-        "limits.SQL_LEASE_ATTACH": (u, "lease_plan", t),
-        "limits.SQL_LEASE_RELEASE": (u, "lease_plan"),
-    }
-    out: dict[str, tuple[str, tuple[Any, ...]]] = {}
-    modules = (("store", store_sql), ("attachments", attachment_sql), ("limits", limits_sql))
-    for prefix, module in modules:
-        for name, value in vars(module).items():
-            if not name.startswith("SQL_") or name == "SQL_ROW_SECURITY_ACTIVE":
-                continue
-            key = f"{prefix}.{name}"
-            assert key in args, f"{key}: add sample arguments so that its plan is checked"
-            out[key] = (value, args[key])
-    for order in ("asc", "desc"):
-        for kind, pages, scope in (
-            ("threads", store_sql._THREAD_PAGES, (u,)),
-            ("items", store_sql._ITEM_PAGES, (u, t)),
-        ):
-            sqls = pages[order]  # type: ignore[index]
-            cursor = t if kind == "threads" else i
-            out[f"{kind} page {order} first"] = (sqls.first, (*scope, 21))
-            out[f"{kind} page {order} after"] = (sqls.after, (*scope, cursor, 21))
-            out[f"{kind} page {order} exists"] = (sqls.exists, (*scope, cursor))
-    return out
-
 
 def _folded_statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
     """The pages folded with the limiter's upsert (app.pg.admission), with sample arguments.
 
-    Not among ``_statements()``: they never run on a Citus cluster (tests/citus/test_citus.py)."""
+    Not among ``statements()``: they never run on a Citus cluster (tests/citus/test_citus.py)."""
     assert {f.name for f in fields(store_sql._PageSQL)} == {
         "first",
         "after",
         "exists",
         "first_admitted",
         "after_admitted",
-    }, "a new page statement: check its plan here or in _statements()"
+    }, "a new page statement: check its plan here or in statements()"
     u, t, i = "alice", "thr_plan", "msg_plan_1"
     out: dict[str, tuple[str, tuple[Any, ...]]] = {}
     for order in ("asc", "desc"):
@@ -674,14 +457,6 @@ def _check_plan(kind: str, root: dict[str, Any]) -> None:
     assert first == gate_test or first.startswith(f"({gate_test} AND "), first
 
 
-async def _literal(conn: asyncpg.Connection, value: Any) -> str:
-    if isinstance(value, int | float):
-        return str(value)
-    cast = {list: "text[]", bytes: "bytea", datetime: "timestamptz"}.get(type(value), "text")
-    literal: str = await conn.fetchval(f"SELECT quote_nullable($1::{cast})", value)
-    return literal
-
-
 @pytest.fixture
 async def plan_data(engine: AsyncEngine) -> AsyncIterator[None]:
     """A few hundred rows of two users (written by the owner), so plans are realistic."""
@@ -714,7 +489,7 @@ async def plan_data(engine: AsyncEngine) -> AsyncIterator[None]:
         )
         await raw.execute("ANALYZE")
     yield
-    await _truncate(engine)
+    await empty_tables(engine, "role")
 
 
 @pytest.mark.parametrize("plan_mode", PLAN_MODES, ids=["custom", "generic"])
@@ -725,9 +500,9 @@ async def test_every_statement_sets_the_user_before_reading_a_table(
     try:
         await conn.execute(f"SET plan_cache_mode = {plan_mode}")
         checked = []
-        statements = {**_statements(), **_folded_statements()}
-        for name, (sql, args) in statements.items():
-            literals = [await _literal(conn, a) for a in args]
+        every = {**statements(), **_folded_statements()}
+        for name, (sql, args) in every.items():
+            literals = [await literal(conn, a) for a in args]
             await conn.execute(f"PREPARE rls_check AS {sql}")
             try:
                 # A prepared statement, EXECUTEd: the plan cache applies plan_cache_mode.
@@ -742,7 +517,7 @@ async def test_every_statement_sets_the_user_before_reading_a_table(
             except AssertionError as exc:
                 raise AssertionError(f"{name} ({plan_mode}): {exc}\n{explained}") from exc
             checked.append(name)
-        assert len(checked) == len(statements)
+        assert len(checked) == len(every)
     finally:
         await conn.close()
 
@@ -798,12 +573,13 @@ async def test_deep_page_is_an_index_range_scan_under_the_policy(
             assert not any(n["Node Type"] == "Seq Scan" for n in nodes), plan
     finally:
         await conn.close()
-        await _truncate(engine)
+        await empty_tables(engine, "role")
 
 
 # --- the service says which wall it runs behind -------------------------------------------------
 
 
+@ANY_SERVER
 @pytest.mark.parametrize("as_app_role", [False, True], ids=["owner", "app-role"])
 async def test_first_readiness_check_reports_row_security(
     as_app_role: bool,

@@ -30,6 +30,15 @@ from tests.harness import factories as f
 
 ALICE = {"user_id": "alice"}
 
+# The contract as the tables' owner, through the app's role (custom and generic plans: row-level
+# security, tests/pg/test_rls.py) and through the role on a Citus cluster (tests/citus/).
+pytestmark = pytest.mark.backends("owner", "role-custom", "role-generic", "citus-role")
+# No database involved, a check that needs the owner's view (the deep page bulk-loads through
+# the store's connection; the cascade counts through it) or the one-node pool's own plan mode:
+# the owner only (their row-level security and Citus versions are in tests/pg/test_rls.py and
+# tests/citus/test_citus.py).
+OWNER_ONLY = pytest.mark.backends("owner")
+
 
 @dataclass
 class DataclassCtx:
@@ -272,6 +281,7 @@ async def test_an_attachment_a_message_shows_is_not_deleted(store: PostgresStore
 # --- deletes and cascades -----------------------------------------------------------------
 
 
+@OWNER_ONLY
 async def test_delete_thread_cascades(store: PostgresStore, engine) -> None:  # type: ignore[no-untyped-def]
     tid = await _thread(store, ALICE)
     items = f.all_item_types(tid)
@@ -443,6 +453,7 @@ async def test_threads_pagination(store: PostgresStore, order: str) -> None:
         assert got == expected
 
 
+@OWNER_ONLY
 async def test_deep_page_uses_index_range_scan(store: PostgresStore) -> None:
     """The keyset query must not read the rows before the cursor (no offset, no sort)."""
     tid = await _thread(store, ALICE)
@@ -570,6 +581,7 @@ async def test_feedback_replaces(store: PostgresStore) -> None:
     assert await store.load_feedback(tid, ALICE) == {b.id: "negative"}
 
 
+@OWNER_ONLY
 def test_generated_ids_keep_prefixes_and_entropy(store: PostgresStore) -> None:
     t = f.thread()
     for kind, prefix in [
@@ -606,6 +618,7 @@ async def test_concurrent_writes_to_one_thread(store: PostgresStore) -> None:
     assert len({i.id for i in got}) == 40
 
 
+@OWNER_ONLY
 async def test_the_pools_sessions_plan_generically(store: PostgresStore) -> None:
     """On one node every connection of the pool runs its prepared statements with generic
     plans (app.pg.pool): left to choose, PostgreSQL re-planned the page queries on every call."""

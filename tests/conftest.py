@@ -1,7 +1,7 @@
 """Fixtures every folder uses: the database server, the database a test runs on, the store, the
 app, and the report header (the server chosen, the Hypothesis seed).
 
-Which database: the module-scoped ``backend`` fixture, ``owner`` unless the test or its module
+Which database: the module-scoped ``db_backend`` fixture, ``owner`` unless the test or its module
 marks ``@pytest.mark.backends(...)`` (tests/harness/backends.py lists them). A marked test runs
 once per backend named; ``database_url``, ``engine``, ``pool`` (both the owner's), ``store`` and
 ``app_settings`` (the app's role where the backend says so) follow it. Citus backends share one
@@ -82,11 +82,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("backends")
-    if marker is None or "backend" not in metafunc.fixturenames:
+    if marker is None or "db_backend" not in metafunc.fixturenames:
         return
     unknown = set(marker.args) - set(BACKENDS)
     assert not unknown, f"{metafunc.definition.nodeid}: unknown backends {unknown}"
-    metafunc.parametrize("backend", marker.args, indirect=True, scope="module")
+    metafunc.parametrize("db_backend", marker.args, indirect=True, scope="module")
 
 
 # --- the servers ------------------------------------------------------------------------------
@@ -125,15 +125,17 @@ async def citus_database_url(citus: CitusCluster) -> str:
 
 
 @pytest.fixture(scope="module")
-def backend(request: pytest.FixtureRequest) -> str:
+def db_backend(request: pytest.FixtureRequest) -> str:
     return str(getattr(request, "param", "owner"))
 
 
 @pytest.fixture(scope="module")
-def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+def database_url(db_backend: str, request: pytest.FixtureRequest) -> str:
     """The backend's database, for its owner."""
     return str(
-        request.getfixturevalue("citus_database_url" if on_citus(backend) else "owner_database_url")
+        request.getfixturevalue(
+            "citus_database_url" if on_citus(db_backend) else "owner_database_url"
+        )
     )
 
 
@@ -159,29 +161,29 @@ async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[Conn
 
 
 @pytest.fixture(scope="module")
-async def app_role_url(database_url: str, backend: str) -> AsyncIterator[str]:
+async def app_role_url(database_url: str, db_backend: str) -> AsyncIterator[str]:
     """The backend's database as a fresh app role (LOGIN, NOBYPASSRLS, docs/rls.md's rights).
     Dropped after the module on one node; a cluster goes with the session."""
     role, url = await create_app_role(database_url)
     yield url
-    if not on_citus(backend):
+    if not on_citus(db_backend):
         await drop_app_role(database_url, role)
 
 
 @pytest.fixture(scope="module")
-def store_url(backend: str, database_url: str, request: pytest.FixtureRequest) -> str:
+def store_url(db_backend: str, database_url: str, request: pytest.FixtureRequest) -> str:
     """Where the store and the app connect: the app's role for a role backend."""
-    return str(request.getfixturevalue("app_role_url")) if as_role(backend) else database_url
+    return str(request.getfixturevalue("app_role_url")) if as_role(db_backend) else database_url
 
 
 @pytest.fixture(scope="module")
 async def store_pool(
-    backend: str, store_url: str, pool: ConnectionPool, test_settings: Settings
+    db_backend: str, store_url: str, pool: ConnectionPool, test_settings: Settings
 ) -> AsyncIterator[ConnectionPool]:
     if store_url == test_settings.database_url:
         yield pool
         return
-    mode = PLAN_MODES.get(backend)
+    mode = PLAN_MODES.get(db_backend)
     own = await open_pool(
         store_url, test_settings, session={"plan_cache_mode": mode} if mode else None
     )
@@ -191,16 +193,16 @@ async def store_pool(
 
 @pytest.fixture
 async def store(
-    store_pool: ConnectionPool, engine: AsyncEngine, backend: str
+    store_pool: ConnectionPool, engine: AsyncEngine, db_backend: str
 ) -> AsyncIterator[PostgresStore]:
     """The store on the backend; the owner empties the tables after the test."""
     yield PostgresStore(store_pool)
-    await empty_tables(engine, backend)
+    await empty_tables(engine, db_backend)
 
 
 @pytest.fixture
 async def pooled_store(
-    store_url: str, test_settings: Settings, engine: AsyncEngine, backend: str
+    store_url: str, test_settings: Settings, engine: AsyncEngine, db_backend: str
 ) -> AsyncIterator[PostgresStore]:
     """A store whose pool holds one connection, in the pool's default plan mode: every call,
     and every raw statement on it, runs on the same server session (on a cluster, the same
@@ -209,7 +211,7 @@ async def pooled_store(
     app_pool = await open_pool(store_url, one)
     yield PostgresStore(app_pool)
     await app_pool.close()
-    await empty_tables(engine, backend)
+    await empty_tables(engine, db_backend)
 
 
 # --- the application ---------------------------------------------------------------------------

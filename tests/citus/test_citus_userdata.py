@@ -20,8 +20,12 @@ from app.pg import userdata
 from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.citus.test_citus import explain, single_shard
-from tests.harness.citus import CitusCluster, citus_fixture, distributed_database
+from tests.harness.citus import (
+    CitusCluster,
+    distributed_database,
+    explain,
+    single_shard,
+)
 from tests.harness.pg import PgServer
 from tests.harness.userdata import (
     TASKS_PLUGIN,
@@ -31,8 +35,6 @@ from tests.harness.userdata import (
     row_counts,
     seed_user,
 )
-
-citus = citus_fixture  # the module's cluster
 
 
 @pytest.fixture(scope="module")

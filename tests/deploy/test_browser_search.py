@@ -14,13 +14,6 @@ from datetime import timedelta
 from playwright.async_api import BrowserContext, Page, Route
 
 from app.pg.store import PostgresStore
-from tests.deploy.test_browser_frontend import (  # noqa: F401  (fixtures)
-    backend,
-    browser,
-    context,
-    dist,
-    site,
-)
 from tests.harness import factories as f
 from tests.harness.browser import CHATKIT_SCRIPT_URL, chatkit_options, serve_stand_in
 from tests.harness.deploy import Nginx, bearer_token
@@ -55,8 +48,8 @@ async def signed_in_page(ctx: BrowserContext, nginx: Nginx) -> Page:
 
 
 async def test_typing_finds_own_threads_and_a_choice_opens_it(
-    site: Nginx,  # noqa: F811
-    context: BrowserContext,  # noqa: F811
+    site: Nginx,
+    context: BrowserContext,
     store: PostgresStore,
 ) -> None:
     mine = await seed(store, USER, "Trip planning", "book the ferry to the lighthouse island")
@@ -85,8 +78,8 @@ async def test_typing_finds_own_threads_and_a_choice_opens_it(
 
 
 async def test_no_match_and_a_refused_search_are_said_plainly(
-    site: Nginx,  # noqa: F811
-    context: BrowserContext,  # noqa: F811
+    site: Nginx,
+    context: BrowserContext,
     store: PostgresStore,
 ) -> None:
     await seed(store, USER, "Trip planning", "ferry times")

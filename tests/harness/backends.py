@@ -1,7 +1,7 @@
 """The database set-ups a shared suite runs on, chosen by a fixture parameter.
 
 A test module (``pytestmark``) or a test marks ``@pytest.mark.backends(...)`` with names of
-``BACKENDS``; tests/conftest.py parametrizes its module-scoped ``backend`` fixture from the
+``BACKENDS``; tests/conftest.py parametrizes its module-scoped ``db_backend`` fixture from the
 closest mark, and ``database_url``, ``store``, ``app_settings`` and the rest follow it. Unmarked
 tests run on ``owner``. So "the store contract through the app's role" or "on Citus" is a
 parameter of the same test functions, not a second copy of them.

@@ -35,7 +35,6 @@ from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.harness import factories as f
 from tests.harness.pg import PgServer, migrate
-from tests.pg.test_rls import app_role_url  # noqa: F401  (the fixture)
 
 ALICE = {"user_id": "alice"}
 BOB = {"user_id": "bob"}
@@ -169,7 +168,7 @@ async def test_another_users_rows_are_never_found(
 
 
 async def test_row_level_security_alone_keeps_users_apart(
-    app_role_url: str,  # noqa: F811
+    app_role_url: str,
     store: PostgresStore,
     test_settings: Settings,
 ) -> None:

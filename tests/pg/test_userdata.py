@@ -19,7 +19,7 @@ from app.pg.pool import ConnectionPool, open_pool
 from app.pg.store import PostgresStore
 from app.pg.userdata import PAGE_ROWS
 from app.settings import Settings
-from tests.conftest import TABLES
+from tests.harness.backends import TABLES
 from tests.harness.pg import PgServer
 from tests.harness.userdata import (
     TASKS_PLUGIN,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 from agents import Model
 from chatkit.store import NotFoundError, Store
@@ -71,14 +72,20 @@ def create_app(
     store: Store[RequestContext] | None = None,
 ) -> FastAPI:
     """The ASGI app. ``model`` replaces the configured model (tests, embedding apps) and
-    ``store`` the Postgres store (benchmarks); both are optional."""
+    ``store`` the Postgres store (benchmarks); both are optional. A replaced store comes alone:
+    the parts that live beside the Postgres store in its database (attachments, the plugins'
+    tables, the per-user limits) are then left out, by that choice, not by probing the store.
+
+    ``app.state`` holds the configuration (``settings``, ``metrics``) and, while the app runs,
+    the one ``Runtime`` (app.http.runtime) the lifespan built; the routes take everything else
+    from it."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     check_auth_settings(settings)  # fail before serving, with a message saying what to set
 
     app = FastAPI(
         title="chatkit-pg",
-        lifespan=lifespan,
+        lifespan=_lifespan_with(Overrides(model=model, store=store)),
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -94,8 +101,6 @@ def create_app(
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.model_override = model
-    app.state.store_override = store
 
     install_error_handlers(app)
     app.include_router(ops_router)
@@ -122,23 +127,39 @@ def create_app(
     return app
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    try:
-        async with _resources(app):
-            yield
-    except ConfigurationError as exc:
-        if getattr(app.state, "runtime", None) is not None:
+@dataclass(frozen=True)
+class Overrides:
+    """What ``create_app``'s caller put in place of the configured parts (None: the configured
+    one). ``store`` replaces the Postgres store and, with it, everything that lives beside it."""
+
+    model: Model | None = None
+    store: Store[RequestContext] | None = None
+
+
+def _lifespan_with(
+    overrides: Overrides,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with _resources(app, overrides):
+                yield
+        except ConfigurationError as exc:
+            if getattr(app.state, "runtime", None) is not None:
+                raise
+            # Started as `uvicorn app.main:create_app` (the image), not `python -m app serve`: the
+            # operator reads one line naming the setting; the traceback uvicorn would add is
+            # dropped by the log handler (observability.StartupTracebackFilter).
+            log.error("chatkit-pg cannot start: %s", exc)
             raise
-        # Started as `uvicorn app.main:create_app` (the image), not `python -m app serve`: the
-        # operator reads one line naming the setting; the traceback uvicorn would add is
-        # dropped by the log handler (observability.StartupTracebackFilter).
-        log.error("chatkit-pg cannot start: %s", exc)
-        raise
+
+    return lifespan
 
 
 @asynccontextmanager
-async def _resources(app: FastAPI) -> AsyncIterator[None]:
+async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
+    """Build every resource once, hand each part what it uses, and put the ``Runtime`` on
+    ``app.state``; close them all (in reverse) when the app stops."""
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     async with AsyncExitStack() as stack:
@@ -147,25 +168,29 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
 
         pool = await open_pool(await aresolve_database_url(settings), settings)
         stack.push_async_callback(pool.close)
-        inner: Store[RequestContext] = app.state.store_override or PostgresStore(pool)
+        tasks = TaskRegistry()
+        # The Postgres store and the parts beside it in its database, each on the pool; none
+        # of them when the caller brought its own store (benchmarks).
+        pg_store: PostgresStore | None = None
+        inner: Store[RequestContext]
+        if overrides.store is None:
+            inner = pg_store = PostgresStore(pool)
+        else:
+            inner = overrides.store
         store = MeteredStore(inner, metrics.store_seconds)
-
-        # Attachments need the Postgres store itself (its pool and its re-signing hook).
         attachments = (
-            PgAttachmentStore(inner, settings).install()
-            if isinstance(inner, PostgresStore)
-            else None
+            PgAttachmentStore(pool, pg_store, settings).install() if pg_store is not None else None
         )
-        app.state.attachment_store = attachments
+        limits = Limits(pool, settings, tasks) if pg_store is not None else None
 
         plugins = load_plugins(settings.chatkit_plugins)
-        model = choose_model(settings, app.state.model_override)
+        model = choose_model(settings, overrides.model)
         stack.push_async_callback(model.aclose)
         transcriber = build_transcriber(settings)
         if transcriber is not None:
             stack.push_async_callback(transcriber.aclose)
         # The key signing MCP identity tokens (cmd_serve has checked it already).
-        identity = app.state.identity = load_identity(settings)
+        identity = load_identity(settings)
         mcp_servers = await connect_mcp_servers(settings, stack, identity)
         agent = build_agent(
             plugins.instructions(load_instructions(settings)),
@@ -175,7 +200,6 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             tools=plugins.tools,
         )
 
-        tasks = TaskRegistry()
         server = ChatKitPgServer(
             store,
             agent,
@@ -192,7 +216,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             attachment_store=attachments,
             converter=_converter_factory(attachments),
             plugins=plugins,
-            plugin_store=inner if isinstance(inner, PostgresStore) else None,
+            plugin_pool=pool if pg_store is not None else None,
             transcriber=transcriber,
         )
         app.state.runtime = Runtime(
@@ -205,12 +229,10 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             tasks=tasks,
             model=model,
             alembic_heads=await asyncio.to_thread(alembic_heads, plugins.migration_locations),
-            limits=Limits(inner, settings, tasks) if isinstance(inner, PostgresStore) else None,
+            limits=limits,
+            attachments=attachments,
+            identity=identity,
         )
-        # The parts other code most often needs, also directly on app.state.
-        app.state.pool = pool
-        app.state.store = store
-        app.state.server = server
         log.info(
             "chatkit-pg ready",
             extra={"model": f"{model.provider}:{model.name}", "kind": verifier.mode},

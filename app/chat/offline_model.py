@@ -33,7 +33,7 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
-from app.chat.converter import attachment_names
+from app.chat.item_converter import attachment_names
 from app.ids import new_id
 
 OFFLINE_MODEL_NAME = "offline-demo"

@@ -38,7 +38,8 @@ from pydantic import Field, SkipValidation
 
 from app.context import RequestContext
 from app.errors import ActionRejectedError, ConfigurationError
-from app.pg.store import PostgresStore
+from app.pg.calls import call
+from app.pg.pool import ConnectionPool
 
 __all__ = [
     "ActionContext",
@@ -74,13 +75,13 @@ class UserDatabase:
     hold one across a model call or a stream.
     """
 
-    def __init__(self, store: PostgresStore, user_id: str) -> None:
-        self._store = store
+    def __init__(self, pool: ConnectionPool, user_id: str) -> None:
+        self._pool = pool
         self.user_id = user_id
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._store.connection() as conn:
+        async with call(self._pool) as conn:
             try:
                 async with conn.transaction():
                     await conn.execute("SELECT set_config('app.user_id', $1, true)", self.user_id)
@@ -91,7 +92,7 @@ class UserDatabase:
                 # advisory lock), and the next borrower may be another user's request.
                 if not conn.is_closed():
                     await conn.reset()
-                    await self._store.pool.setup_session(conn)
+                    await self._pool.setup_session(conn)
 
 
 class PluginAgentContext(AgentContext[RequestContext]):

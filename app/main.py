@@ -72,9 +72,9 @@ def create_app(
     store: Store[RequestContext] | None = None,
 ) -> FastAPI:
     """The ASGI app. ``model`` replaces the configured model (tests, embedding apps) and
-    ``store`` the Postgres store (benchmarks); both are optional. A replaced store comes alone:
-    the parts that live beside the Postgres store in its database (attachments, the plugins'
-    tables, the per-user limits) are then left out, by that choice, not by probing the store.
+    ``store`` the Postgres store as the ChatKit server's store (benchmarks, fault tests); both
+    are optional. The parts built on the pool (attachments, limits, the plugins' tables) are
+    there either way.
 
     ``app.state`` holds the configuration (``settings``, ``metrics``) and, while the app runs,
     the one ``Runtime`` (app.http.runtime) the lifespan built; the routes take everything else
@@ -130,7 +130,7 @@ def create_app(
 @dataclass(frozen=True)
 class Overrides:
     """What ``create_app``'s caller put in place of the configured parts (None: the configured
-    one). ``store`` replaces the Postgres store and, with it, everything that lives beside it."""
+    one), handed to the lifespan."""
 
     model: Model | None = None
     store: Store[RequestContext] | None = None
@@ -169,19 +169,15 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
         pool = await open_pool(await aresolve_database_url(settings), settings)
         stack.push_async_callback(pool.close)
         tasks = TaskRegistry()
-        # The Postgres store and the parts beside it in its database, each on the pool; none
-        # of them when the caller brought its own store (benchmarks).
-        pg_store: PostgresStore | None = None
-        inner: Store[RequestContext]
-        if overrides.store is None:
-            inner = pg_store = PostgresStore(pool)
-        else:
-            inner = overrides.store
+        # Everything that lives in the database is built on the pool, whatever the chat store:
+        # the Postgres store (the attachments' rows are its), the attachments, the limits and
+        # the plugins' tables. A caller's own store (benchmarks, fault tests) replaces only the
+        # store the ChatKit server reads threads and items from.
+        pg_store = PostgresStore(pool)
+        inner: Store[RequestContext] = overrides.store or pg_store
         store = MeteredStore(inner, metrics.store_seconds)
-        attachments = (
-            PgAttachmentStore(pool, pg_store, settings).install() if pg_store is not None else None
-        )
-        limits = Limits(pool, settings, tasks) if pg_store is not None else None
+        attachments = PgAttachmentStore(pool, pg_store, settings).install()
+        limits = Limits(pool, settings, tasks)
 
         plugins = load_plugins(settings.chatkit_plugins)
         model = choose_model(settings, overrides.model)
@@ -216,7 +212,7 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
             attachment_store=attachments,
             converter=_converter_factory(attachments),
             plugins=plugins,
-            plugin_pool=pool if pg_store is not None else None,
+            plugin_pool=pool,
             transcriber=transcriber,
         )
         app.state.runtime = Runtime(
@@ -245,10 +241,8 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
 
 
 def _converter_factory(
-    attachments: PgAttachmentStore | None,
-) -> Callable[[RequestContext], AttachmentConverter] | None:
-    if attachments is None:
-        return None
+    attachments: PgAttachmentStore,
+) -> Callable[[RequestContext], AttachmentConverter]:
     converter = AttachmentConverter(attachments)
     return lambda context: converter.for_user(context.user_id)
 

@@ -29,7 +29,7 @@ class Runtime:
     tasks: TaskRegistry
     model: ModelSetup
     alembic_heads: frozenset[str]
-    # Per-user limits and attachments; None when the app runs over another store (benchmarks).
+    # Per-user limits (None: off, as the soak run's A/B knob sets) and the attachments.
     limits: Limits | None = None
     attachments: PgAttachmentStore | None = None
     # The key signing MCP identity tokens (app.chat.identity; its JWKS route reads it here).

@@ -20,7 +20,7 @@ from tests.harness.pg import PgServer
 
 
 def _limits(store: PostgresStore, settings: Settings, **overrides: object) -> Limits:
-    return Limits(store, settings.model_copy(update=overrides), TaskRegistry())
+    return Limits(store.pool, settings.model_copy(update=overrides), TaskRegistry())
 
 
 async def _leases(store: PostgresStore) -> list[tuple[str, str | None]]:

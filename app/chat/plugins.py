@@ -8,7 +8,7 @@ loads them at startup (a wrong entry stops it with one line naming the setting) 
   tables through ``user_database(ctx.context)``;
 * routes ``threads.custom_action`` (streaming) and ``threads.sync_custom_action`` by the
   action's ``type`` to the plugin that declared it, only for a widget item of a thread the user
-  owns (``ChatKitPgServer.precheck``);
+  owns (``ChatKitPgServer.precheck``, app.chat.actions);
 * runs each plugin's Alembic revisions (``migrations``) with ``python -m app migrate``.
 
 A handler refuses a payload by raising ``ActionRejectedError`` before it yields anything: the

@@ -1,4 +1,11 @@
-"""``ChatKitPgServer``: ChatKit's server over the Postgres store and an Agents SDK agent."""
+"""``ChatKitPgServer``: ChatKit's server over the Postgres store and an Agents SDK agent.
+
+Its parts live beside it: the widget actions (app.chat.actions), the stream steps that keep a
+stream's story and the thread's in agreement (app.chat.stream_outcome), the settled writes
+(app.chat.settle) and the items' conversion to model input (app.chat.item_converter,
+app.chat.converter). What is the request's own comes on its ``RequestContext`` (app.context),
+never from context variables.
+"""
 
 from __future__ import annotations
 

@@ -67,6 +67,7 @@ from app.files.signing import FILES_PREFIX, Purpose, UrlSigner, signing_secret
 from app.files.uploads import MULTIPART_OVERHEAD, UploadSource, open_body
 from app.ids import new_id
 from app.pg.calls import call, modify
+from app.pg.citus import Fetch
 from app.pg.pool import ConnectionPool
 from app.pg.sql import gated, gated_select, scoped_insert
 from app.pg.store import PostgresStore, user_id_of
@@ -181,6 +182,11 @@ class PgAttachmentStore(AttachmentStore[Any]):
         )
         self._cleanups: set[asyncio.Task[None]] = set()
 
+    async def _write(self, sql: str, *args: Any, fetch: Fetch = "execute") -> Any:
+        """One write of this module's (``$1`` the user) on a connection of its own."""
+        async with call(self.pool) as conn:
+            return await modify(self.pool, conn, sql, *args, fetch=fetch)
+
     def install(self) -> PgAttachmentStore:
         """Make ``self.store`` refresh signed URLs of every attachment it loads."""
         self.store.attachment_hook = self.refresh
@@ -205,18 +211,8 @@ class PgAttachmentStore(AttachmentStore[Any]):
         attachment = self._build(
             user_id, attachment_id, sanitise_filename(input.name), mime, upload=True
         )
-        async with call(self.pool) as conn:
-            await modify(
-                self.pool,
-                conn,
-                SQL_INSERT,
-                user_id,
-                attachment_id,
-                attachment.model_dump_json(by_alias=True),
-                "pending",
-                input.size,
-                mime,
-            )
+        row = attachment.model_dump_json(by_alias=True)
+        await self._write(SQL_INSERT, user_id, attachment_id, row, "pending", input.size, mime)
         return attachment
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
@@ -304,18 +300,8 @@ class PgAttachmentStore(AttachmentStore[Any]):
         async def create_row(mime: str) -> None:
             nonlocal created
             attachment = self._build(user_id, attachment_id, name, mime, upload=False)
-            async with call(self.pool) as conn:
-                await modify(
-                    self.pool,
-                    conn,
-                    SQL_INSERT,
-                    user_id,
-                    attachment_id,
-                    attachment.model_dump_json(by_alias=True),
-                    "uploading",
-                    None,
-                    mime,
-                )
+            row = attachment.model_dump_json(by_alias=True)
+            await self._write(SQL_INSERT, user_id, attachment_id, row, "uploading", None, mime)
             created = True
 
         try:
@@ -434,10 +420,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
                 raise NotFoundError(f"Attachment {attachment_id} not found") from exc
 
     async def _finish(self, user_id: str, attachment_id: str, size: int, mime: str) -> Attachment:
-        async with call(self.pool) as conn:
-            data = await modify(
-                self.pool, conn, SQL_FINISH, user_id, attachment_id, size, mime, fetch="fetchval"
-            )
+        data = await self._write(SQL_FINISH, user_id, attachment_id, size, mime, fetch="fetchval")
         if data is None:
             raise NotFoundError(f"Attachment {attachment_id} not found")
         return self.refresh(_ATTACHMENT.validate_json(data), user_id)
@@ -447,8 +430,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
 
         async def run() -> None:
             try:
-                async with call(self.pool) as conn:
-                    await modify(self.pool, conn, SQL_DISCARD, user_id, attachment_id)
+                await self._write(SQL_DISCARD, user_id, attachment_id)
             except Exception:
                 # prune removes it later (never attached): nothing is served meanwhile
                 log.exception("could not discard failed upload %s", attachment_id)

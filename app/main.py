@@ -212,7 +212,7 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
             attachment_store=attachments,
             converter=_converter_factory(attachments),
             plugins=plugins,
-            plugin_pool=pool,
+            pool=pool,
             transcriber=transcriber,
         )
         app.state.runtime = Runtime(

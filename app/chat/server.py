@@ -148,14 +148,14 @@ class ChatKitPgServer(WidgetActions):
         attachment_store: AttachmentStore[RequestContext] | None = None,
         converter: ThreadItemConverter | ConverterFactory | None = None,
         plugins: PluginSet | None = None,
-        plugin_pool: ConnectionPool | None = None,
+        pool: ConnectionPool | None = None,
         transcriber: Transcriber | None = None,
     ) -> None:
         self.options = options or ServerOptions()
         self.tasks = tasks or TaskRegistry()
         # A reply's writes are settled before the client is told how they went (app.chat.settle).
         settled = SettledWrites(
-            store, tasks=self.tasks, retry_seconds=self.options.save_retry_seconds
+            store, tasks=self.tasks, retry_seconds=self.options.save_retry_seconds, pool=pool
         )
         super().__init__(settled, attachment_store)
         self.agent = agent
@@ -164,9 +164,9 @@ class ChatKitPgServer(WidgetActions):
         # A converter, or a factory making one per request (for converters bound to a user).
         self.converter = converter or PgThreadItemConverter()
         # Widget actions go to plugins (app.chat.actions, app.chat.plugins), whose tables are
-        # reached through the app's pool.
+        # reached through the app's pool (``pool``: also the settled writes' fence).
         self.plugins = plugins or PluginSet()
-        self.plugin_pool = plugin_pool
+        self.plugin_pool = pool
         # None: no speech-to-text provider (the offline model), so dictation is refused.
         self.transcriber = transcriber
         self.run_config = RunConfig(

@@ -53,12 +53,20 @@ class SettledWrites(Store[Any]):
     """``inner`` with its writes of items and threads retried while their outcome is unknown
     (see the module). Anything else is ``inner``'s, unchanged."""
 
-    def __init__(self, inner: Store[Any], *, tasks: TaskRegistry, retry_seconds: float) -> None:
+    def __init__(
+        self,
+        inner: Store[Any],
+        *,
+        tasks: TaskRegistry,
+        retry_seconds: float,
+        pool: ConnectionPool | None = None,
+    ) -> None:
         self.inner = inner
         self._tasks = tasks
         self._retry_seconds = retry_seconds
-        pool = getattr(inner, "pool", None)
-        self._pool = pool if isinstance(pool, ConnectionPool) else None
+        # The pool ``inner`` borrows from, handed by whoever built both (``fence`` before an
+        # undo); None: nothing is known of what it gave up on, and nothing is undone.
+        self._pool = pool
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes this class does not define (store-specific extras).

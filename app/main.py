@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 from agents import Model
 from chatkit.store import NotFoundError, Store
@@ -74,14 +75,20 @@ def create_app(
     store: Store[RequestContext] | None = None,
 ) -> FastAPI:
     """The ASGI app. ``model`` replaces the configured model (tests, embedding apps) and
-    ``store`` the Postgres store (benchmarks); both are optional."""
+    ``store`` the Postgres store as the ChatKit server's store (benchmarks, fault tests); both
+    are optional. The parts built on the pool (attachments, limits, the plugins' tables) are
+    there either way.
+
+    ``app.state`` holds the configuration (``settings``, ``metrics``) and, while the app runs,
+    the one ``Runtime`` (app.http.runtime) the lifespan built; the routes take everything else
+    from it."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
     check_auth_settings(settings)  # fail before serving, with a message saying what to set
 
     app = FastAPI(
         title="chatkit-pg",
-        lifespan=lifespan,
+        lifespan=_lifespan_with(Overrides(model=model, store=store)),
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -97,8 +104,6 @@ def create_app(
     metrics = Metrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.model_override = model
-    app.state.store_override = store
 
     install_error_handlers(app)
     app.include_router(ops_router)
@@ -125,23 +130,39 @@ def create_app(
     return app
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    try:
-        async with _resources(app):
-            yield
-    except ConfigurationError as exc:
-        if getattr(app.state, "runtime", None) is not None:
+@dataclass(frozen=True)
+class Overrides:
+    """What ``create_app``'s caller put in place of the configured parts (None: the configured
+    one), handed to the lifespan."""
+
+    model: Model | None = None
+    store: Store[RequestContext] | None = None
+
+
+def _lifespan_with(
+    overrides: Overrides,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with _resources(app, overrides):
+                yield
+        except ConfigurationError as exc:
+            if getattr(app.state, "runtime", None) is not None:
+                raise
+            # Started as `uvicorn app.main:create_app` (the image), not `python -m app serve`: the
+            # operator reads one line naming the setting; the traceback uvicorn would add is
+            # dropped by the log handler (observability.StartupTracebackFilter).
+            log.error("chatkit-pg cannot start: %s", exc)
             raise
-        # Started as `uvicorn app.main:create_app` (the image), not `python -m app serve`: the
-        # operator reads one line naming the setting; the traceback uvicorn would add is
-        # dropped by the log handler (observability.StartupTracebackFilter).
-        log.error("chatkit-pg cannot start: %s", exc)
-        raise
+
+    return lifespan
 
 
 @asynccontextmanager
-async def _resources(app: FastAPI) -> AsyncIterator[None]:
+async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
+    """Build every resource once, hand each part what it uses, and put the ``Runtime`` on
+    ``app.state``; close them all (in reverse) when the app stops."""
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     async with AsyncExitStack() as stack:
@@ -151,25 +172,25 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
         pool = await open_pool(await aresolve_database_url(settings), settings)
         stack.push_async_callback(pool.close)
         await verify_search_config(pool, settings.search_text_config)
-        inner: Store[RequestContext] = app.state.store_override or PostgresStore(pool)
+        tasks = TaskRegistry()
+        # Everything that lives in the database is built on the pool, whatever the chat store:
+        # the Postgres store (the attachments' rows are its), the attachments, the limits and
+        # the plugins' tables. A caller's own store (benchmarks, fault tests) replaces only the
+        # store the ChatKit server reads threads and items from.
+        pg_store = PostgresStore(pool)
+        inner: Store[RequestContext] = overrides.store or pg_store
         store = MeteredStore(inner, metrics.store_seconds)
-
-        # Attachments need the Postgres store itself (its pool and its re-signing hook).
-        attachments = (
-            PgAttachmentStore(inner, settings).install()
-            if isinstance(inner, PostgresStore)
-            else None
-        )
-        app.state.attachment_store = attachments
+        attachments = PgAttachmentStore(pool, pg_store, settings).install()
+        limits = Limits(pool, settings, tasks)
 
         plugins = load_plugins(settings.chatkit_plugins)
-        model = choose_model(settings, app.state.model_override)
+        model = choose_model(settings, overrides.model)
         stack.push_async_callback(model.aclose)
         transcriber = build_transcriber(settings)
         if transcriber is not None:
             stack.push_async_callback(transcriber.aclose)
         # The key signing MCP identity tokens (cmd_serve has checked it already).
-        identity = app.state.identity = load_identity(settings)
+        identity = load_identity(settings)
         mcp_servers = await connect_mcp_servers(settings, stack, identity)
         agent = build_agent(
             plugins.instructions(load_instructions(settings)),
@@ -179,7 +200,6 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             tools=plugins.tools,
         )
 
-        tasks = TaskRegistry()
         server = ChatKitPgServer(
             store,
             agent,
@@ -196,7 +216,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             attachment_store=attachments,
             converter=_converter_factory(attachments),
             plugins=plugins,
-            plugin_store=inner if isinstance(inner, PostgresStore) else None,
+            pool=pool,
             transcriber=transcriber,
         )
         app.state.runtime = Runtime(
@@ -209,12 +229,10 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             tasks=tasks,
             model=model,
             alembic_heads=await asyncio.to_thread(alembic_heads, plugins.migration_locations),
-            limits=Limits(inner, settings, tasks) if isinstance(inner, PostgresStore) else None,
+            limits=limits,
+            attachments=attachments,
+            identity=identity,
         )
-        # The parts other code most often needs, also directly on app.state.
-        app.state.pool = pool
-        app.state.store = store
-        app.state.server = server
         log.info(
             "chatkit-pg ready",
             extra={"model": f"{model.provider}:{model.name}", "kind": verifier.mode},
@@ -227,10 +245,8 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _converter_factory(
-    attachments: PgAttachmentStore | None,
-) -> Callable[[RequestContext], AttachmentConverter] | None:
-    if attachments is None:
-        return None
+    attachments: PgAttachmentStore,
+) -> Callable[[RequestContext], AttachmentConverter]:
     converter = AttachmentConverter(attachments)
     return lambda context: converter.for_user(context.user_id)
 

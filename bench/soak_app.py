@@ -118,7 +118,7 @@ def create_soak_app() -> FastAPI:
     @asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[Any]:
         async with inner(application) as state:
-            application.state.pool.observer = watch
+            application.state.runtime.pool.observer = watch
             if os.environ.get("SOAK_WITHOUT_LIMITS") == "1":
                 # A/B knob: the same server without per-user limits and stream leases.
                 application.state.runtime.limits = None
@@ -132,9 +132,8 @@ def create_soak_app() -> FastAPI:
 
     @app.get("/soak/stats")
     async def stats(request: Request, reset_peak: bool = False) -> dict[str, Any]:
-        state = request.app.state
-        pool = state.pool
-        runtime = state.runtime
+        runtime = request.app.state.runtime
+        pool = runtime.pool
         peak = pool.peak_in_use
         if reset_peak:
             pool.peak_in_use = pool.in_use

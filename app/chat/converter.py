@@ -23,7 +23,6 @@ offline demo model can acknowledge them (``attachment_names``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +35,10 @@ from openai.types.responses import (
     ResponseInputImageParam,
 )
 
+from app.chat.item_converter import (
+    PgThreadItemConverter,
+    attachments_note,
+)
 from app.chat.model_files import (
     ImageDetail,
     ReplyFiles,
@@ -47,44 +50,8 @@ from app.chat.model_files import (
     unavailable_note,
     unique_attachments,
 )
-from app.chat.server import PgThreadItemConverter
 from app.errors import MissingUserError
 from app.files.store import PgAttachmentStore
-
-NOTE_PREFIX = "[The user attached: "
-NOTE_SUFFIX = "]"
-
-
-def attachments_note(attachments: Sequence[Attachment]) -> str:
-    """``[The user attached: "a.png", "notes.txt"]`` (names JSON-quoted)."""
-    names = ", ".join(json.dumps(a.name, ensure_ascii=False) for a in attachments)
-    return f"{NOTE_PREFIX}{names}{NOTE_SUFFIX}"
-
-
-def attachment_names(input: str | list[Any]) -> list[str]:
-    """The attachment names noted in the user's latest turn (after the last assistant item)."""
-    if isinstance(input, str):
-        return []
-    for item in reversed(input):
-        if not isinstance(item, dict) or item.get("role") == "assistant":
-            return []
-        content = item.get("content")
-        if item.get("role") != "user" or not isinstance(content, list):
-            continue
-        for part in content:
-            text = part.get("text") if isinstance(part, dict) else None
-            if (
-                isinstance(text, str)
-                and part.get("type") == "input_text"
-                and text.startswith(NOTE_PREFIX)
-                and text.endswith(NOTE_SUFFIX)
-            ):
-                try:
-                    names = json.loads("[" + text[len(NOTE_PREFIX) : -len(NOTE_SUFFIX)] + "]")
-                except ValueError:
-                    return []
-                return [str(n) for n in names]
-    return []
 
 
 class AttachmentConverter(PgThreadItemConverter):

@@ -199,7 +199,9 @@ router = APIRouter()
 async def jwks(request: Request) -> Response:
     """The public keys, without authentication: MCP servers fetch them to verify tokens.
     Cached briefly, so a rotation reaches verifiers within minutes."""
-    signer: IdentitySigner | None = getattr(request.app.state, "identity", None)
+    signer: IdentitySigner | None = getattr(
+        getattr(request.app.state, "runtime", None), "identity", None
+    )
     body = signer.jwks() if signer is not None else {"keys": []}
     return Response(
         json.dumps(body, separators=(",", ":")),

@@ -30,7 +30,7 @@ from openai.types.responses import (
     ResponseTextDoneEvent,
 )
 
-from app.chat.converter import attachment_names
+from app.chat.item_converter import attachment_names
 from app.ids import new_id
 
 OFFLINE_MODEL_NAME = "offline-demo"

@@ -8,7 +8,7 @@ loads them at startup (a wrong entry stops it with one line naming the setting) 
   tables through ``user_database(ctx.context)``;
 * routes ``threads.custom_action`` (streaming) and ``threads.sync_custom_action`` by the
   action's ``type`` to the plugin that declared it, only for a widget item of a thread the user
-  owns (``ChatKitPgServer.precheck``);
+  owns (``ChatKitPgServer.precheck``, app.chat.actions);
 * runs each plugin's Alembic revisions (``migrations``) with ``python -m app migrate``.
 
 A handler refuses a payload by raising ``ActionRejectedError`` before it yields anything: the
@@ -38,7 +38,8 @@ from pydantic import Field, SkipValidation
 
 from app.context import RequestContext
 from app.errors import ActionRejectedError, ConfigurationError
-from app.pg.store import PostgresStore
+from app.pg.calls import call
+from app.pg.pool import ConnectionPool
 
 __all__ = [
     "ActionContext",
@@ -76,13 +77,13 @@ class UserDatabase:
     hold one across a model call or a stream.
     """
 
-    def __init__(self, store: PostgresStore, user_id: str) -> None:
-        self._store = store
+    def __init__(self, pool: ConnectionPool, user_id: str) -> None:
+        self._pool = pool
         self.user_id = user_id
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._store.connection() as conn:
+        async with call(self._pool) as conn:
             try:
                 async with conn.transaction():
                     await conn.execute("SELECT set_config('app.user_id', $1, true)", self.user_id)
@@ -93,7 +94,7 @@ class UserDatabase:
                 # advisory lock), and the next borrower may be another user's request.
                 if not conn.is_closed():
                     await conn.reset()
-                    await self._store.pool.setup_session(conn)
+                    await self._pool.setup_session(conn)
 
 
 class PluginAgentContext(AgentContext[RequestContext]):

@@ -1,18 +1,21 @@
-"""``ChatKitPgServer``: ChatKit's server over the Postgres store and an Agents SDK agent."""
+"""``ChatKitPgServer``: ChatKit's server over the Postgres store and an Agents SDK agent.
+
+Its parts live beside it: the widget actions (app.chat.actions), the stream steps that keep a
+stream's story and the thread's in agreement (app.chat.stream_outcome), the settled writes
+(app.chat.settle) and the items' conversion to model input (app.chat.item_converter,
+app.chat.converter). What is the request's own comes on its ``RequestContext`` (app.context),
+never from context variables.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from agents import Agent, RunConfig, TResponseInputItem
-from chatkit.actions import Action
+from agents import Agent, RunConfig
 from chatkit.agents import AgentContext, ThreadItemConverter
 from chatkit.errors import CustomStreamError
 from chatkit.server import (
@@ -22,7 +25,6 @@ from chatkit.server import (
 )
 from chatkit.store import AttachmentStore, Store
 from chatkit.types import (
-    AssistantMessageItem,
     AttachmentsCreateReq,
     AttachmentsDeleteReq,
     AudioInput,
@@ -36,7 +38,6 @@ from chatkit.types import (
     Page,
     SDKHiddenContextItem,
     StructuredInputItem,
-    SyncCustomActionResponse,
     ThreadItem,
     ThreadMetadata,
     ThreadsAddClientToolOutputReq,
@@ -52,54 +53,39 @@ from chatkit.types import (
     TranscriptionResult,
     UserMessageInput,
     UserMessageItem,
-    UserMessageTagContent,
-    WidgetItem,
     is_streaming_req,
-)
-from openai.types.responses import (
-    EasyInputMessageParam,
-    ResponseInputContentParam,
-    ResponseInputTextParam,
 )
 from pydantic import TypeAdapter
 from pydantic_core import to_json
 
 from app.background import TaskRegistry
+from app.chat.actions import ActionTarget, WidgetActions
 from app.chat.agent_run import reply_events
 from app.chat.dictation import NO_TRANSCRIPTION, Transcriber
+from app.chat.item_converter import PgThreadItemConverter
 from app.chat.model_files import ReplyFiles
 from app.chat.plugins import (
-    ActionContext,
     PluginAgentContext,
     PluginSet,
-    UserDatabase,
-    refusing_bad_values,
 )
-from app.chat.settle import SettledWrites, settle_writes_here
+from app.chat.settle import SettledWrites
 from app.chat.stream_events import ItemIds, clean_event
-from app.chat.stream_outcome import ConsistentStreams, reply_complete
+from app.chat.stream_outcome import reply_complete
 from app.chat.titles import make_title
 from app.context import RequestContext
 from app.errors import (
-    ActionRejectedError,
     AttachmentInUseError,
     InvalidInputError,
     UnsupportedError,
 )
 from app.observability import thread_id_var
-from app.pg.limits import current_lease
-from app.pg.store import PostgresStore
+from app.pg.pool import ConnectionPool
 from app.sanitize import clean_model
 
 log = logging.getLogger(__name__)
 
 CHATKIT_REQUEST = TypeAdapter[ChatKitReq](ChatKitReq)
 
-# The thread and widget an action's precheck loaded, reused by ``process_parsed`` (the endpoint
-# awaits both in one context), so an action reads them once.
-_action_target: ContextVar[tuple[ThreadMetadata, WidgetItem] | None] = ContextVar(
-    "action_target", default=None
-)
 
 TitleMode = Literal["model", "first_message", "off"]
 ConverterFactory = Callable[[RequestContext], ThreadItemConverter]
@@ -138,30 +124,6 @@ class FeedbackStore(Protocol):
     ) -> None: ...
 
 
-class PgThreadItemConverter(ThreadItemConverter):
-    """Thread items to model input. Attachments are converted by ``app.files.store`` (which
-    passes its own converter to the server); without it they cannot be sent to the model."""
-
-    async def attachment_to_message_content(self, attachment: Any) -> ResponseInputContentParam:
-        raise CustomStreamError(
-            "This server cannot send attachments to the model.", allow_retry=False
-        )
-
-    async def assistant_message_to_input(
-        self, item: AssistantMessageItem
-    ) -> TResponseInputItem | list[TResponseInputItem] | None:
-        # The SDK's version sends ``output_text`` parts carrying ``logprobs: null``, which the
-        # Agents SDK's Chat Completions converter rejects; plain text works for every provider.
-        text = "".join(part.text for part in item.content)
-        return EasyInputMessageParam(type="message", role="assistant", content=text)
-
-    async def tag_to_message_content(self, tag: UserMessageTagContent) -> ResponseInputContentParam:
-        data = json.dumps(tag.data, ensure_ascii=False, default=str)[:2000]
-        return ResponseInputTextParam(
-            type="input_text", text=f"@{tag.text} (id {tag.id}) refers to: {data}"
-        )
-
-
 @dataclass(frozen=True)
 class ServerOptions:
     history_items: int = 40
@@ -174,7 +136,7 @@ class ServerOptions:
     save_retry_seconds: float = 30.0
 
 
-class ChatKitPgServer(ConsistentStreams):
+class ChatKitPgServer(WidgetActions):
     def __init__(
         self,
         store: Store[RequestContext],
@@ -186,14 +148,14 @@ class ChatKitPgServer(ConsistentStreams):
         attachment_store: AttachmentStore[RequestContext] | None = None,
         converter: ThreadItemConverter | ConverterFactory | None = None,
         plugins: PluginSet | None = None,
-        plugin_store: PostgresStore | None = None,
+        pool: ConnectionPool | None = None,
         transcriber: Transcriber | None = None,
     ) -> None:
         self.options = options or ServerOptions()
         self.tasks = tasks or TaskRegistry()
         # A reply's writes are settled before the client is told how they went (app.chat.settle).
         settled = SettledWrites(
-            store, tasks=self.tasks, retry_seconds=self.options.save_retry_seconds
+            store, tasks=self.tasks, retry_seconds=self.options.save_retry_seconds, pool=pool
         )
         super().__init__(settled, attachment_store)
         self.agent = agent
@@ -201,9 +163,10 @@ class ChatKitPgServer(ConsistentStreams):
         self.title_agent = title_agent
         # A converter, or a factory making one per request (for converters bound to a user).
         self.converter = converter or PgThreadItemConverter()
-        # Widget actions go to plugins (app.chat.plugins), whose tables live in the store's database.
+        # Widget actions go to plugins (app.chat.actions, app.chat.plugins), whose tables are
+        # reached through the app's pool (``pool``: also the settled writes' fence).
         self.plugins = plugins or PluginSet()
-        self.plugin_store = plugin_store
+        self.plugin_pool = pool
         # None: no speech-to-text provider (the offline model), so dictation is refused.
         self.transcriber = transcriber
         self.run_config = RunConfig(
@@ -211,11 +174,6 @@ class ChatKitPgServer(ConsistentStreams):
             trace_include_sensitive_data=False,
             workflow_name="chatkit-pg",
         )
-
-    def user_database(self, context: RequestContext) -> UserDatabase | None:
-        if self.plugin_store is None:
-            return None
-        return UserDatabase(self.plugin_store, context.user_id)
 
     def converter_for(self, context: RequestContext) -> ThreadItemConverter:
         if isinstance(self.converter, ThreadItemConverter):
@@ -232,9 +190,13 @@ class ChatKitPgServer(ConsistentStreams):
         return await self.process_parsed(CHATKIT_REQUEST.validate_json(request), context)
 
     async def process_parsed(
-        self, request: ChatKitReq, context: RequestContext
+        self,
+        request: ChatKitReq,
+        context: RequestContext,
+        checked: ActionTarget | None = None,
     ) -> StreamingResult | NonStreamingResult:
-        """Run a request the endpoint has already parsed and checked."""
+        """Run a request the endpoint has already parsed and checked; ``checked`` is what
+        ``precheck`` returned (an action's thread and widget, read once)."""
         if isinstance(request, ItemsListReq):
             return NonStreamingResult(await self._list_items(request, context))
         if isinstance(request, ThreadsListReq):
@@ -244,11 +206,11 @@ class ChatKitPgServer(ConsistentStreams):
             )
             return NonStreamingResult(thread_list_json(threads))
         if isinstance(request, ThreadsCustomActionReq):
-            return StreamingResult(await self._start_action(request, context))
+            return StreamingResult(await self._start_action(request, context, checked))
         if isinstance(request, ThreadsSyncCustomActionReq):
             action = request.params
             target = await self._action_context(
-                action.thread_id, action.item_id, action.action, context
+                action.thread_id, action.item_id, action.action, context, checked
             )
             answer = await self.sync_action(target.thread, action.action, target.sender, context)
             return NonStreamingResult(self._serialize(answer))
@@ -277,9 +239,10 @@ class ChatKitPgServer(ConsistentStreams):
 
     # --- checks before a response starts ---------------------------------------------------
 
-    async def precheck(self, request: ChatKitReq, context: RequestContext) -> None:
+    async def precheck(self, request: ChatKitReq, context: RequestContext) -> ActionTarget | None:
         """Everything that would otherwise fail inside a stream (after the 200 is sent) is
-        checked here first, so the client gets a proper 404 or 400 instead."""
+        checked here first, so the client gets a proper 404 or 400 instead. An action's thread
+        and widget come back, for ``process_parsed``."""
         store = self.store
         match request:
             case ThreadsCreateReq():
@@ -314,21 +277,7 @@ class ChatKitPgServer(ConsistentStreams):
                 if not isinstance(item, UserMessageItem):
                     raise InvalidInputError("Only a user message can be retried.")
             case ThreadsCustomActionReq() | ThreadsSyncCustomActionReq():
-                _action_target.set(None)
-                thread = await store.load_thread(request.params.thread_id, context)
-                if request.params.item_id:
-                    item = await store.load_item(
-                        request.params.thread_id, request.params.item_id, context
-                    )
-                    if not isinstance(item, WidgetItem):
-                        raise InvalidInputError("Actions can only come from a widget.")
-                    _action_target.set((thread, item))
-                streaming = isinstance(request, ThreadsCustomActionReq)
-                if not self.plugins.handles(request.params.action.type, streaming=streaming):
-                    # Says nothing of which types exist, nor echoes the client's.
-                    raise UnsupportedError("This server does not handle this action.")
-                if not request.params.item_id:
-                    raise InvalidInputError("Actions can only come from a widget.")
+                return await self.check_action(request, context)
             case ItemsFeedbackReq():
                 # With no item ids the store would not look at the thread at all.
                 await store.load_thread(request.params.thread_id, context)
@@ -348,6 +297,7 @@ class ChatKitPgServer(ConsistentStreams):
                 self.transcriber.check(request.params)
             case _:
                 pass
+        return None
 
     async def _check_attachments(
         self, input: UserMessageInput, thread_id: str | None, context: RequestContext
@@ -396,8 +346,7 @@ class ChatKitPgServer(ConsistentStreams):
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
         thread_id_var.set(thread.id)
-        reply_complete.set(False)
-        lease = current_lease.get()
+        lease = context.lease  # the endpoint's stream lease (app.pg.limits)
         if lease is not None:
             await lease.attach(thread.id)  # a new thread's reply claims it
         page = await self.store.load_thread_items(
@@ -435,7 +384,8 @@ class ChatKitPgServer(ConsistentStreams):
             log.info("reply %s", "finished" if finished else "stopped", extra={"events": events})
             if files is not None:
                 files.release()
-        reply_complete.set(True)
+        if context.stream is not None:
+            context.stream.reply_complete = True
 
         if (
             input_user_message is not None
@@ -464,7 +414,7 @@ class ChatKitPgServer(ConsistentStreams):
         The saves run in a task of their own (kept by the registry, which shutdown waits for);
         shielding means a second cancellation stops only our waiting, never the saves.
         """
-        if not pending_items and reply_complete.get():
+        if not pending_items and reply_complete(context):
             return
         items = [clean_model(item) for item in pending_items]
         save = self.tasks.spawn(
@@ -498,101 +448,3 @@ class ChatKitPgServer(ConsistentStreams):
             raise UnsupportedError(NO_TRANSCRIPTION)
         audio = self.transcriber.decode(request.params)
         return self._serialize(await self.transcribe(audio, context))
-
-    # --- widget actions (app.chat.plugins) ----------------------------------------------------------
-
-    async def _action_context(
-        self,
-        thread_id: str,
-        item_id: str | None,
-        action: Action[str, Any],
-        context: RequestContext,
-    ) -> ActionContext:
-        checked = _action_target.get()
-        sender: ThreadItem | None
-        if checked is not None and (checked[0].id, checked[1].id) == (thread_id, item_id):
-            thread, sender = checked
-        else:  # not prechecked (a caller of process_parsed alone)
-            thread = await self.store.load_thread(thread_id, context)
-            sender = await self.store.load_item(thread_id, item_id, context) if item_id else None
-        if not isinstance(sender, WidgetItem):  # precheck refused these already
-            raise InvalidInputError("Actions can only come from a widget.")
-        return ActionContext(
-            thread=thread,
-            action=action,
-            sender=sender,
-            request=context,
-            db=self.user_database(context),
-        )
-
-    async def _start_action(
-        self, request: ThreadsCustomActionReq, context: RequestContext
-    ) -> AsyncGenerator[bytes, None]:
-        """Run the handler's checks and work before the response starts (so a rejected payload
-        is a 400), then stream its events the way the SDK streams a reply: items replaced or
-        finished are saved as they pass."""
-        params = request.params
-        handler = self.plugins.actions.get(params.action.type)
-        if handler is None:
-            raise UnsupportedError("This server does not handle this action.")
-        action_context = await self._action_context(
-            params.thread_id, params.item_id, params.action, context
-        )
-        thread_id_var.set(action_context.thread.id)
-        with refusing_bad_values():
-            started = handler(action_context)
-            # An async generator function works too, but its checks run after the 200 is sent.
-            events = await started if inspect.isawaitable(started) else started
-
-        async def guarded() -> AsyncIterator[ThreadStreamEvent]:
-            try:
-                with refusing_bad_values():
-                    async for event in events:
-                        yield event
-            except ActionRejectedError as exc:  # too late for a 400: an error event says it
-                raise CustomStreamError(exc.message, allow_retry=False) from exc
-
-        async def stream() -> AsyncGenerator[bytes, None]:
-            settle_writes_here()  # in the stream's task: its writes, not the checks before
-            async for event in self._process_events(action_context.thread, context, guarded):
-                yield b"data: " + self._serialize(event) + b"\n\n"
-
-        return stream()
-
-    def action(
-        self,
-        thread: ThreadMetadata,
-        action: Action[str, Any],
-        sender: WidgetItem | None,
-        context: RequestContext,
-    ) -> AsyncIterator[ThreadStreamEvent]:
-        # Streaming actions are run by ``_start_action``; the SDK's path is never taken.
-        raise UnsupportedError("This server does not handle this action.")
-
-    async def sync_action(
-        self,
-        thread: ThreadMetadata,
-        action: Action[str, Any],
-        sender: WidgetItem | None,
-        context: RequestContext,
-    ) -> SyncCustomActionResponse:
-        """The plugin's handler returns the sender's new widget, which is saved and sent back."""
-        handler = self.plugins.sync_actions.get(action.type)
-        if handler is None or sender is None:
-            raise UnsupportedError("This server does not handle this action.")
-        thread_id_var.set(thread.id)
-        with refusing_bad_values():
-            widget = await handler(
-                ActionContext(
-                    thread=thread,
-                    action=action,
-                    sender=sender,
-                    request=context,
-                    db=self.user_database(context),
-                )
-            )
-        if widget is None:
-            return SyncCustomActionResponse()
-        updated = sender.model_copy(update={"widget": widget})
-        await self.store.save_item(thread.id, updated, context)
-        return SyncCustomActionResponse(updated_item=updated)

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextvars import ContextVar
 from typing import Any
 
 from chatkit.store import Store, StoreItemType
@@ -42,26 +41,32 @@ UNDO_WITHIN_SECONDS = 900.0
 FENCE_SECONDS = 10.0
 
 
-_settling: ContextVar[bool] = ContextVar("settle_writes", default=False)
-
-
-def settle_writes_here() -> None:
-    """Writes from here on in this context (a stream about to start: its client learns how
-    they went only later, in the stream) are settled. A plain request's failed write stays a
+def settling(context: Any) -> bool:
+    """Whether writes made for ``context`` are settled: those of a stream's steps (a stream
+    puts its ``StreamState`` on the context it hands them, app.chat.stream_outcome; its client
+    learns how they went only later, in the stream). A plain request's failed write stays a
     503 at once: its client knows it failed and may send it again."""
-    _settling.set(True)
+    return getattr(context, "stream", None) is not None
 
 
 class SettledWrites(Store[Any]):
     """``inner`` with its writes of items and threads retried while their outcome is unknown
     (see the module). Anything else is ``inner``'s, unchanged."""
 
-    def __init__(self, inner: Store[Any], *, tasks: TaskRegistry, retry_seconds: float) -> None:
+    def __init__(
+        self,
+        inner: Store[Any],
+        *,
+        tasks: TaskRegistry,
+        retry_seconds: float,
+        pool: ConnectionPool | None = None,
+    ) -> None:
         self.inner = inner
         self._tasks = tasks
         self._retry_seconds = retry_seconds
-        pool = getattr(inner, "pool", None)
-        self._pool = pool if isinstance(pool, ConnectionPool) else None
+        # The pool ``inner`` borrows from, handed by whoever built both (``fence`` before an
+        # undo); None: nothing is known of what it gave up on, and nothing is undone.
+        self._pool = pool
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes this class does not define (store-specific extras).
@@ -69,7 +74,7 @@ class SettledWrites(Store[Any]):
 
     # --- the writes ------------------------------------------------------------------------
 
-    async def _settle(self, write: Callable[[], Awaitable[None]]) -> None:
+    async def _settle(self, write: Callable[[], Awaitable[None]], context: Any) -> None:
         """Run ``write``. A failure whose outcome is unknown (the pool gave up on the call's
         connection mid-statement) is followed by more tries, until one succeeds or the
         retries are over (then the last failure is raised). A failure that certainly did
@@ -79,7 +84,7 @@ class SettledWrites(Store[Any]):
             await write()
             return
         except ServiceUnavailableError as exc:
-            if not _settling.get() or self._retry_seconds <= 0 or abandoned_here() == before:
+            if not settling(context) or self._retry_seconds <= 0 or abandoned_here() == before:
                 raise
             failure = exc
             cause = exc.__cause__
@@ -104,22 +109,26 @@ class SettledWrites(Store[Any]):
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         before = abandoned_here()
         try:
-            await self._settle(lambda: self.inner.add_thread_item(thread_id, item, context))
+            await self._settle(
+                lambda: self.inner.add_thread_item(thread_id, item, context), context
+            )
         except ServiceUnavailableError:
             # Still unknown (not a failure that did nothing); a workflow adds itself again,
             # it existed before.
-            if _settling.get() and abandoned_here() != before and item.type != "workflow":
+            if settling(context) and abandoned_here() != before and item.type != "workflow":
                 self._undo_later(thread_id, item.id, context)
             raise
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
-        await self._settle(lambda: self.inner.save_item(thread_id, item, context))
+        await self._settle(lambda: self.inner.save_item(thread_id, item, context), context)
 
     async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
-        await self._settle(lambda: self.inner.delete_thread_item(thread_id, item_id, context))
+        await self._settle(
+            lambda: self.inner.delete_thread_item(thread_id, item_id, context), context
+        )
 
     async def save_thread(self, thread: ThreadMetadata, context: Any) -> None:
-        await self._settle(lambda: self.inner.save_thread(thread, context))
+        await self._settle(lambda: self.inner.save_thread(thread, context), context)
 
     def _undo_later(self, thread_id: str, item_id: str, context: Any) -> None:
         if self._pool is None:

@@ -70,7 +70,9 @@ def files_router(
     User = Annotated[str, Depends(get_user_id)]
 
     def store_of(request: Request) -> PgAttachmentStore:
-        store = attachments or getattr(request.app.state, "attachment_store", None)
+        store = attachments or getattr(
+            getattr(request.app.state, "runtime", None), "attachments", None
+        )
         if not isinstance(store, PgAttachmentStore):  # this deployment keeps no files
             raise NotFoundError("file storage is not configured")
         return store

@@ -66,6 +66,9 @@ from app.files.content import (
 from app.files.signing import FILES_PREFIX, Purpose, UrlSigner, url_signing_secret
 from app.files.uploads import MULTIPART_OVERHEAD, UploadSource, open_body
 from app.ids import new_id
+from app.pg.calls import call, modify
+from app.pg.citus import Fetch
+from app.pg.pool import ConnectionPool
 from app.pg.sql import gated, gated_select, scoped_insert
 from app.pg.store import PostgresStore, user_id_of
 from app.settings import Settings
@@ -156,19 +159,30 @@ class PgAttachmentStore(AttachmentStore[Any]):
     """``chatkit.store.AttachmentStore`` with the bytes in PostgreSQL, scoped to the user.
 
     Another user's attachment is indistinguishable from a missing one in every operation.
-    Construct it with the ``PostgresStore`` whose pool it shares; ``install()`` makes that
-    store re-sign attachment URLs whenever it loads one.
+    Construct it with the app's pool (its own calls) and the ``PostgresStore`` that keeps the
+    attachments' rows (deletes go through it); ``install()`` makes that store re-sign
+    attachment URLs whenever it loads one.
     """
 
     def __init__(
-        self, store: PostgresStore, settings: Settings, signer: UrlSigner | None = None
+        self,
+        pool: ConnectionPool,
+        store: PostgresStore,
+        settings: Settings,
+        signer: UrlSigner | None = None,
     ) -> None:
+        self.pool = pool
         self.store = store
         self.settings = settings
         self.signer = signer or UrlSigner(
             url_signing_secret(settings), settings.public_base_url, settings.signed_url_ttl_seconds
         )
         self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def _write(self, sql: str, *args: Any, fetch: Fetch = "execute") -> Any:
+        """One write of this module's (``$1`` the user) on a connection of its own."""
+        async with call(self.pool) as conn:
+            return await modify(self.pool, conn, sql, *args, fetch=fetch)
 
     def install(self) -> PgAttachmentStore:
         """Make ``self.store`` refresh signed URLs of every attachment it loads."""
@@ -194,17 +208,8 @@ class PgAttachmentStore(AttachmentStore[Any]):
         attachment = self._build(
             user_id, attachment_id, sanitise_filename(input.name), mime, upload=True
         )
-        async with self.store.connection() as conn:
-            await self.store.modify(
-                conn,
-                SQL_INSERT,
-                user_id,
-                attachment_id,
-                attachment.model_dump_json(by_alias=True),
-                "pending",
-                input.size,
-                mime,
-            )
+        row = attachment.model_dump_json(by_alias=True)
+        await self._write(SQL_INSERT, user_id, attachment_id, row, "pending", input.size, mime)
         return attachment
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
@@ -292,17 +297,8 @@ class PgAttachmentStore(AttachmentStore[Any]):
         async def create_row(mime: str) -> None:
             nonlocal created
             attachment = self._build(user_id, attachment_id, name, mime, upload=False)
-            async with self.store.connection() as conn:
-                await self.store.modify(
-                    conn,
-                    SQL_INSERT,
-                    user_id,
-                    attachment_id,
-                    attachment.model_dump_json(by_alias=True),
-                    "uploading",
-                    None,
-                    mime,
-                )
+            row = attachment.model_dump_json(by_alias=True)
+            await self._write(SQL_INSERT, user_id, attachment_id, row, "uploading", None, mime)
             created = True
 
         try:
@@ -332,8 +328,8 @@ class PgAttachmentStore(AttachmentStore[Any]):
 
         The caller has verified the signed URL. Any failure deletes the attachment.
         """
-        async with self.store.connection() as conn:
-            row = await self.store.modify(conn, SQL_CLAIM, user_id, attachment_id, fetch="fetchrow")
+        async with call(self.pool) as conn:
+            row = await modify(self.pool, conn, SQL_CLAIM, user_id, attachment_id, fetch="fetchrow")
             if row is None:
                 if await conn.fetchval(SQL_EXISTS, user_id, attachment_id) is None:
                     raise NotFoundError(f"Attachment {attachment_id} not found")
@@ -414,17 +410,14 @@ class PgAttachmentStore(AttachmentStore[Any]):
         return total, check.mime
 
     async def _insert_chunk(self, user_id: str, attachment_id: str, no: int, data: bytes) -> None:
-        async with self.store.connection() as conn:
+        async with call(self.pool) as conn:
             try:
-                await self.store.modify(conn, SQL_INSERT_CHUNK, user_id, attachment_id, no, data)
+                await modify(self.pool, conn, SQL_INSERT_CHUNK, user_id, attachment_id, no, data)
             except asyncpg.ForeignKeyViolationError as exc:  # deleted while uploading
                 raise NotFoundError(f"Attachment {attachment_id} not found") from exc
 
     async def _finish(self, user_id: str, attachment_id: str, size: int, mime: str) -> Attachment:
-        async with self.store.connection() as conn:
-            data = await self.store.modify(
-                conn, SQL_FINISH, user_id, attachment_id, size, mime, fetch="fetchval"
-            )
+        data = await self._write(SQL_FINISH, user_id, attachment_id, size, mime, fetch="fetchval")
         if data is None:
             raise NotFoundError(f"Attachment {attachment_id} not found")
         return self.refresh(_ATTACHMENT.validate_json(data), user_id)
@@ -434,8 +427,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
 
         async def run() -> None:
             try:
-                async with self.store.connection() as conn:
-                    await self.store.modify(conn, SQL_DISCARD, user_id, attachment_id)
+                await self._write(SQL_DISCARD, user_id, attachment_id)
             except Exception:
                 # prune removes it later (never attached): nothing is served meanwhile
                 log.exception("could not discard failed upload %s", attachment_id)
@@ -449,7 +441,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
 
     async def file_info(self, user_id: str, attachment_id: str) -> StoredFile:
         """A ready attachment of this user, or ``NotFoundError``."""
-        async with self.store.connection() as conn:
+        async with call(self.pool) as conn:
             row = await conn.fetchrow(SQL_FILE_INFO, user_id, attachment_id)
         if row is None:
             raise NotFoundError(f"Attachment {attachment_id} not found")
@@ -460,7 +452,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         plans the files of its whole history at once); missing or others' ids are absent."""
         if not attachment_ids:
             return {}
-        async with self.store.connection() as conn:
+        async with call(self.pool) as conn:
             rows = await conn.fetch(SQL_FILES_INFO, user_id, attachment_ids)
         return {row[0]: _stored_file(row[0], *row[1:]) for row in rows}
 
@@ -469,7 +461,7 @@ class PgAttachmentStore(AttachmentStore[Any]):
         while the consumer (a slow client, say) takes its time."""
         next_no = 0
         while True:
-            async with self.store.connection() as conn:
+            async with call(self.pool) as conn:
                 rows = await conn.fetch(
                     SQL_READ_CHUNKS, user_id, attachment_id, next_no, READ_BATCH
                 )

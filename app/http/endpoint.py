@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 
 from chatkit.server import StreamingResult
 from chatkit.types import ChatKitReq, ItemsListReq, ThreadsListReq, is_streaming_req
@@ -34,8 +35,8 @@ from app.http.runtime import Runtime
 from app.http.sse import SSE_HEADERS, EventPump, SSEResponse
 from app.ids import check_ids
 from app.observability import Stopwatch, op_var, thread_id_var, user_id_var
-from app.pg.admission import PendingAdmission, pending_admission
-from app.pg.limits import StreamLease, current_lease
+from app.pg.admission import PendingAdmission
+from app.pg.limits import StreamLease
 from app.pg.store import MAX_PAGE_SIZE
 from app.sanitize import body_has_unstorable_text
 
@@ -119,7 +120,8 @@ def locale_from(accept_language: str | None) -> str | None:
 
 async def chatkit_endpoint(request: Request) -> Response:
     """Every request counts once against the user's rate limit (app.pg.limits). A list request
-    leaves its admission to the statement that reads its page (app.pg.admission): one round trip
+    leaves its admission to the statement that reads its page (app.pg.admission; it travels on
+    the request's context, ``RequestContext.page_fold``): one round trip
     instead of two. Whatever did not count it by the end (another store, a Citus cluster, an
     error before the store ran) counts it then, and a refusal replaces the answer or the error
     with the 429. Every other request is admitted as soon as its type is known, before any of
@@ -131,7 +133,6 @@ async def chatkit_endpoint(request: Request) -> Response:
     admission = limits.defer(user_id) if limits is not None else None
     if limits is None or admission is None:
         return await _serve(request, runtime, user_id, None)
-    token = pending_admission.set(admission)
     try:
         response = await _serve(request, runtime, user_id, admission)
     except ServiceUnavailableError:
@@ -146,8 +147,6 @@ async def chatkit_endpoint(request: Request) -> Response:
         except Exception as exc:  # not counted: the request's own error stands
             log.warning("request not counted", extra={"reason": type(exc).__name__})
         raise
-    finally:
-        pending_admission.reset(token)
     await limits.settle(admission)
     return response
 
@@ -160,9 +159,11 @@ async def _serve(
     info = request_info(request.scope) or RequestInfo(request_id="")
     body = await read_body(request, settings.max_body_bytes)
     chatkit_request = parse_request(body)
-    if limits is not None and not isinstance(chatkit_request, ThreadsListReq | ItemsListReq):
-        # Only list requests, which change nothing, defer it; the rest are counted before any
-        # of their work. A body that does not parse is counted by the caller's error path.
+    listing = isinstance(chatkit_request, ThreadsListReq | ItemsListReq)
+    if limits is not None and not listing:
+        # Only list requests, which change nothing, defer it (to the store, on their context);
+        # the rest are counted before any of their work. A body that does not parse is counted
+        # by the caller's error path.
         await limits.settle(admission)
     info.op = chatkit_request.type
     op_var.set(chatkit_request.type)
@@ -176,6 +177,7 @@ async def _serve(
         user_id=user_id,
         locale=locale_from(request.headers.get("accept-language")),
         request_id=info.request_id,
+        page_fold=admission if listing else None,
     )
     server = runtime.server
     streaming = is_streaming_req(chatkit_request)
@@ -189,20 +191,20 @@ async def _serve(
     handed_over = False
     lease: StreamLease | None = None
     try:
-        await server.precheck(chatkit_request, context)
+        checked = await server.precheck(chatkit_request, context)
         if limits is not None and streaming:
             try:
                 lease = await limits.lease(
                     user_id, thread_id if isinstance(thread_id, str) else None
                 )
-                current_lease.set(lease)
+                context = replace(context, lease=lease)  # the reply claims its new thread
             except ThreadBusyError as exc:
                 # Inside the protocol, so ChatKit shows the message in the conversation.
                 return Response(
                     error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS
                 )
         try:
-            result = await server.process_parsed(chatkit_request, context)
+            result = await server.process_parsed(chatkit_request, context, checked)
         except BaseException:
             if lease is not None:
                 await lease.release()

@@ -1,4 +1,5 @@
-"""What the lifespan builds and the routes use, kept on ``app.state.runtime``."""
+"""What the lifespan builds and the routes use, kept on ``app.state.runtime``: the one place
+the app's resources are found (``app.state`` holds nothing else of them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from dataclasses import dataclass
 
 from app.background import TaskRegistry
 from app.chat.agent import ModelSetup
+from app.chat.identity import IdentitySigner
 from app.chat.server import ChatKitPgServer
+from app.files.store import PgAttachmentStore
 from app.http.auth import TokenVerifier
 from app.observability import Metrics
 from app.pg.limits import Limits
@@ -26,8 +29,11 @@ class Runtime:
     tasks: TaskRegistry
     model: ModelSetup
     alembic_heads: frozenset[str]
-    # Per-user limits; None when the app runs over another store (benchmarks).
+    # Per-user limits (None: off, as the soak run's A/B knob sets) and the attachments.
     limits: Limits | None = None
+    attachments: PgAttachmentStore | None = None
+    # The key signing MCP identity tokens (app.chat.identity; its JWKS route reads it here).
+    identity: IdentitySigner | None = None
     # Whether PostgreSQL applies row-level security to our role; learnt by the first /readyz.
     row_security: bool | None = None
     # Replies this process is streaming now (for MAX_STREAMS_PER_PROCESS).

@@ -2,21 +2,22 @@
 statement (app.pg.limits explains the limiter; app.http.endpoint decides which requests defer).
 
 A list request (``threads.list``, ``items.list``) reads and changes nothing else, so it may be
-admitted by the very statement that reads its page: the endpoint leaves a ``PendingAdmission``
-in ``pending_admission``, ``PostgresStore._page`` runs the limiter's upsert and the page as one
-statement and marks it consumed, and the endpoint admits the usual way afterwards only when
-nothing consumed it (another store, a Citus cluster, an error before the store ran). Either
-way the request counts once. Imported by app.pg.store, so it imports nothing of the app but
-its errors.
+admitted by the very statement that reads its page: the endpoint puts a ``PendingAdmission`` on
+the request's context (``RequestContext.page_fold``), ``PostgresStore._page`` runs it as the
+limiter's upsert and the page in one statement, and the admission marks itself consumed; the
+endpoint admits the usual way afterwards only when nothing consumed it (another store, a Citus
+cluster, an error before the store ran). Either way the request counts once. The store knows it
+only as a ``PageFold`` (app.context): which statement, which parameters, and the verdict.
 """
 
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from app.errors import TooManyRequestsError
+from app.pg.sql import RATE_WAIT
 
 
 @dataclass
@@ -30,19 +31,22 @@ class PendingAdmission:
     burst: float
     consumed: bool = False
 
+    # --- as a PageFold (app.context), for PostgresStore._page ---------------------------------
 
-pending_admission: ContextVar[PendingAdmission | None] = ContextVar(
-    "pending_admission", default=None
-)
-"""The admission the request being served in this context has not spent yet, if deferred."""
+    def pending(self, user_id: str) -> bool:
+        return not self.consumed and self.user_id == user_id
 
+    def statement(self, forms: Any, first: bool) -> tuple[str, tuple[Any, ...]]:
+        """The page's admitted form (app.pg.sql: the upsert as a data-modifying CTE that the
+        page waits for; ``forms`` is a ``_PageSQL``) and its parameters, the interval and the burst."""
+        sql = forms.first_admitted if first else forms.after_admitted
+        return sql, (self.interval, self.burst)
 
-def pending_for(user_id: str) -> PendingAdmission | None:
-    """The deferred admission of this context, when it is ``user_id``'s and not yet counted."""
-    admission = pending_admission.get()
-    if admission is None or admission.consumed or admission.user_id != user_id:
-        return None
-    return admission
+    async def verdict(self, conn: Any, ok: bool) -> None:
+        """Counted, admitted or not; a refusal is the 429, with the wait asked on ``conn``."""
+        self.consumed = True
+        if not ok:
+            raise refused(await conn.fetchval(RATE_WAIT, self.user_id, self.interval, self.burst))
 
 
 def refused(wait: float | None) -> TooManyRequestsError:

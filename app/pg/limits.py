@@ -30,7 +30,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from contextvars import ContextVar
 
 import asyncpg
 
@@ -38,8 +37,9 @@ from app.background import TaskRegistry
 from app.errors import ThreadBusyError, TooManyRequestsError
 from app.ids import new_id
 from app.pg.admission import PendingAdmission, refused
+from app.pg.calls import call
+from app.pg.pool import ConnectionPool
 from app.pg.sql import RATE_WAIT, gated, rate_admit_sql
-from app.pg.store import PostgresStore
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ BUSY_POLL_SECONDS = 0.25
 
 
 class Limits:
-    def __init__(self, store: PostgresStore, settings: Settings, tasks: TaskRegistry) -> None:
-        self.store = store
+    def __init__(self, pool: ConnectionPool, settings: Settings, tasks: TaskRegistry) -> None:
+        self.pool = pool
         self.settings = settings
         self.tasks = tasks
 
@@ -87,7 +87,7 @@ class Limits:
         if admission is None:
             return
         args = (user_id, admission.interval, admission.burst)
-        async with self.store.connection() as conn:
+        async with call(self.pool) as conn:
             if await conn.fetchval(SQL_RATE_ADMIT, *args) is not None:
                 return
             wait = await conn.fetchval(SQL_RATE_WAIT, *args)
@@ -117,7 +117,7 @@ class Limits:
         limit = self.settings.max_streams_per_user
         ttl = self.settings.stream_lease_seconds
         lease_id = new_id("lease")
-        async with self.store.connection() as conn:
+        async with call(self.pool) as conn:
             outcome = await conn.fetchval(TAKE_LEASE, user_id, lease_id, thread_id, limit, ttl)
         if outcome == "busy":
             return None
@@ -129,12 +129,10 @@ class Limits:
         return StreamLease(self, user_id, lease_id, thread_id)
 
 
-current_lease: ContextVar[StreamLease | None] = ContextVar("current_lease", default=None)
-"""The lease of the reply being streamed in this context (the stream's task inherits it)."""
-
-
 class StreamLease:
-    """Held while a reply streams; ``hold`` wraps the stream so the lease lives exactly as long."""
+    """Held while a reply streams; ``hold`` wraps the stream so the lease lives exactly as long.
+    The endpoint hands it to the responder on the request's context (``RequestContext.lease``),
+    which ``attach``es a thread the reply has just created."""
 
     def __init__(self, limits: Limits, user_id: str, lease_id: str, thread_id: str | None) -> None:
         self._limits = limits
@@ -148,7 +146,7 @@ class StreamLease:
         if self.thread_id is not None:
             return
         try:
-            async with self._limits.store.connection() as conn:
+            async with call(self._limits.pool) as conn:
                 await conn.execute(SQL_LEASE_ATTACH, self.user_id, self.id, thread_id)
         except asyncpg.UniqueViolationError:
             # A message from elsewhere took the thread first (it saw the thread in the list
@@ -162,7 +160,7 @@ class StreamLease:
         while True:
             await asyncio.sleep(ttl / 3)
             try:
-                async with self._limits.store.connection() as conn:
+                async with call(self._limits.pool) as conn:
                     await conn.execute(SQL_LEASE_RENEW, self.user_id, self.id, ttl)
             except Exception as exc:
                 # The database is away (or worse); the lease may lapse, which only lifts the
@@ -178,7 +176,7 @@ class StreamLease:
 
     async def _release_once(self) -> bool:
         try:
-            async with self._limits.store.connection() as conn:
+            async with call(self._limits.pool) as conn:
                 await conn.execute(SQL_LEASE_RELEASE, self.user_id, self.id)
         except Exception as exc:  # never in the way of the reply or of the error it ends with
             log.debug("stream lease not released yet", extra={"reason": type(exc).__name__})

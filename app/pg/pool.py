@@ -1,4 +1,5 @@
-"""``ConnectionPool``: the plain asyncpg pool the store, the limits and the attachments borrow from.
+"""``ConnectionPool``: the plain asyncpg pool the store, the limits, the attachments and the
+plugins borrow from (each through app.pg.calls, handed the pool by the lifespan).
 
 Why not SQLAlchemy's pool (which the app used before, and which Alembic still uses): a checkout
 through it costs two greenlet hops and its bookkeeping, about half of a point read's time on the
@@ -119,6 +120,8 @@ class ConnectionPool:
         # Server pid → when the pool gave up on that connection after a failure that may have
         # left a statement in the server's hands (see ``fence``).
         self.abandoned: dict[int, float] = {}
+        # Whether the database is a Citus cluster: asked by the first write (app.pg.calls).
+        self.citus: bool | None = None
         self.pool = asyncpg.create_pool(
             asyncpg_dsn(url),
             min_size=0,

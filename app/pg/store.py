@@ -27,24 +27,21 @@ from chatkit.types import (
 )
 from pydantic import BaseModel, TypeAdapter
 
+from app.context import PageFold
 from app.errors import (
     AttachmentInUseError,
     InvalidInputError,
     ItemConflictError,
     MissingUserError,
-    ServiceUnavailableError,
 )
 from app.ids import new_id
-from app.pg.admission import pending_for, refused
-from app.pg.citus import CITUS_INSTALLED, Fetch, write_as
-from app.pg.engine import is_unavailable
+from app.pg.calls import Call, modify, on_citus
+from app.pg.citus import Fetch, write_as
 from app.pg.pool import ConnectionPool
 from app.pg.sql import (
     _ITEM_PAGES,
     _THREAD_PAGES,
     AS_USER,
-    CITUS_FORMS,
-    RATE_WAIT,
     _PageSQL,
     gated,
     gated_select,
@@ -176,42 +173,6 @@ SQL_LOAD_FEEDBACK = gated_select(
 )
 
 
-_UNSTORABLE = (
-    asyncpg.UntranslatableCharacterError,
-    asyncpg.CharacterNotInRepertoireError,
-    UnicodeEncodeError,
-)
-
-
-class StoreCall:
-    """``PostgresStore.connection()``: a borrow from the pool whose failures read as the app's
-    errors: the database away (down, restarting, no connection free in time) is
-    ``ServiceUnavailableError`` (503), text PostgreSQL cannot store is ``InvalidInputError``.
-    A class, not ``@asynccontextmanager``: it runs on every store call."""
-
-    __slots__ = ("_borrow",)
-
-    def __init__(self, pool: ConnectionPool) -> None:
-        self._borrow = pool.acquire()
-
-    async def __aenter__(self) -> asyncpg.Connection:
-        try:
-            return await self._borrow.__aenter__()
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise ServiceUnavailableError("database unavailable") from exc
-            raise
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        await self._borrow.__aexit__(exc_type, exc, tb)
-        if isinstance(exc, _UNSTORABLE):
-            raise InvalidInputError(
-                "Text may not contain NUL characters or unpaired surrogates."
-            ) from exc
-        if isinstance(exc, Exception) and is_unavailable(exc):
-            raise ServiceUnavailableError("database unavailable") from exc
-
-
 class PostgresStore(Store[Any]):
     """A ``chatkit.store.Store`` whose every call is one short statement or transaction."""
 
@@ -222,14 +183,13 @@ class PostgresStore(Store[Any]):
         # Applied to every attachment loaded, including those embedded in user messages, so
         # that time-limited links (signed preview URLs, see app.files.store) are fresh.
         self.attachment_hook = attachment_hook
-        self._citus: bool | None = None  # whether the database is a Citus cluster; asked once
 
     # --- plumbing -----------------------------------------------------------------------
 
-    def connection(self) -> StoreCall:
+    def connection(self) -> Call:
         """Borrow a pooled asyncpg connection for one call (``async with store.connection()``);
         it goes back as soon as the call is done. Driver errors come out as the app's."""
-        return StoreCall(self.pool)
+        return Call(self.pool)
 
     async def row_security_enforced(self) -> bool:
         """Whether PostgreSQL applies the row-level security policies to this store's role.
@@ -255,18 +215,13 @@ class PostgresStore(Store[Any]):
 
     async def on_citus(self, conn: asyncpg.Connection) -> bool:
         """Whether the database is a Citus cluster (the extension is installed); asked once."""
-        if self._citus is None:
-            self._citus = bool(await conn.fetchval(CITUS_INSTALLED))
-        return self._citus
+        return await on_citus(self.pool, conn)
 
     async def modify(
         self, conn: asyncpg.Connection, sql: str, *args: Any, fetch: Fetch = "execute"
     ) -> Any:
-        """Run a write built by ``gated`` or ``scoped_insert`` ($1 the user): one statement on
-        one node; on a Citus cluster, its Citus form through app.pg.citus."""
-        if not await self.on_citus(conn):
-            return await getattr(conn, fetch)(sql, *args)
-        return await write_as(conn, args[0], CITUS_FORMS[sql], args, fetch=fetch)
+        """Run a write built by ``gated`` or ``scoped_insert`` (app.pg.calls.modify)."""
+        return await modify(self.pool, conn, sql, *args, fetch=fetch)
 
     async def _page(
         self,
@@ -275,21 +230,21 @@ class PostgresStore(Store[Any]):
         after: str | None,
         limit: int,
         decode: Any,
+        context: Any,
     ) -> Page[Any]:
         n = _limit(limit)
         args = (*scope, n + 1) if after is None else (*scope, after, n + 1)
-        admission = pending_for(scope[0])
+        # Work the request left to this statement (``RequestContext.page_fold``: the
+        # endpoint's deferred rate-limit admission), run as part of it: one round trip.
+        fold: PageFold | None = getattr(context, "page_fold", None)
+        if fold is not None and not fold.pending(scope[0]):
+            fold = None
         async with self.connection() as conn:
-            # The limiter's table is the coordinator's own on a Citus cluster: no folding there.
-            if admission is not None and not await self.on_citus(conn):
-                sql = sqls.first_admitted if after is None else sqls.after_admitted
-                rows = await conn.fetch(sql, *args, admission.interval, admission.burst)
-                admission.consumed = True  # counted, admitted or not
-                if not rows[0]["ok"]:
-                    wait = await conn.fetchval(
-                        RATE_WAIT, admission.user_id, admission.interval, admission.burst
-                    )
-                    raise refused(wait)
+            # Not on a Citus cluster: the folded work's tables need not live on the user's shard.
+            if fold is not None and not await self.on_citus(conn):
+                sql, extra = fold.statement(sqls, after is None)
+                rows = await conn.fetch(sql, *args, *extra)
+                await fold.verdict(conn, bool(rows[0]["ok"]))
                 if rows[0]["id"] is None:  # the one row of an empty page
                     rows = []
             else:
@@ -347,6 +302,7 @@ class PostgresStore(Store[Any]):
             after,
             limit,
             ThreadMetadata.model_validate_json,
+            context,
         )
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
@@ -379,6 +335,7 @@ class PostgresStore(Store[Any]):
             after,
             limit,
             _ITEM.validate_json,
+            context,
         )
         if self.attachment_hook is not None:
             page.data = [self._fresh(item, user_id) for item in page.data]

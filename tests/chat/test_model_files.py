@@ -22,7 +22,8 @@ import pytest
 from chatkit.errors import CustomStreamError
 from chatkit.types import InferenceOptions, UserMessageItem, UserMessageTextContent
 
-from app.chat.converter import NOTE_PREFIX, AttachmentConverter
+from app.chat.converter import AttachmentConverter
+from app.chat.item_converter import NOTE_PREFIX
 from app.chat.model_files import size_text
 from app.context import RequestContext
 from app.files.store import CHUNK_SIZE, PgAttachmentStore
@@ -196,7 +197,7 @@ async def test_a_caller_skipping_the_precheck_gets_a_stream_error(
     model, _ = fake
     ck = await client_for(make_client, fake, max_attachments_per_message=1)
     ids = [await upload(ck, image(1000, seed=n), f"p{n}.png") for n in range(2)]
-    server = ck.app.state.server
+    server = ck.app.state.runtime.server
     body = {"type": "threads.create", "params": {"input": user_input("two", attachments=ids)}}
     result = await server.process(json.dumps(body), RequestContext(user_id="alice"))
     chunks: list[bytes] = []
@@ -298,7 +299,7 @@ async def test_each_file_is_read_once_per_reply_and_shared_by_its_model_calls(
     data = image()
     attachment_id = await upload(ck, data, "big.png")
     thread_id = await converse(ck, [[attachment_id], [attachment_id]])
-    attachments: PgAttachmentStore = ck.app.state.attachment_store
+    attachments: PgAttachmentStore = ck.app.state.runtime.attachments
     reads: list[str] = []
     iter_chunks = attachments.iter_chunks
 
@@ -329,7 +330,7 @@ async def test_a_file_deleted_after_planning_becomes_a_note(
     ck = await client_for(make_client, fake)
     attachment_id = await upload(ck, image(), "big.png")
     thread_id = await converse(ck, [[attachment_id]])
-    converter = AttachmentConverter(ck.app.state.attachment_store).for_user("alice")
+    converter = AttachmentConverter(ck.app.state.runtime.attachments).for_user("alice")
     history = (await store.load_thread_items(thread_id, None, 40, "asc", ALICE)).data
     planned = await converter.to_agent_input(history)
     # the user deletes the thread (and with it the file) while the reply is being prepared
@@ -354,7 +355,7 @@ async def test_streamed_base64_matches_the_file_at_every_chunk_boundary(
     ck = await make_client()
     data = image(size, seed=size)
     attachment_id = await upload(ck, data, "x.png")
-    attachments: PgAttachmentStore = ck.app.state.attachment_store
+    attachments: PgAttachmentStore = ck.app.state.runtime.attachments
     info = await attachments.file_info("alice", attachment_id)
     assert await read_data_url(attachments, "alice", info) == f"data:image/png;base64,{b64(data)}"
 

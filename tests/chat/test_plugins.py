@@ -74,7 +74,7 @@ async def plugin_client(
 
 
 async def add_tasks(store: PostgresStore, user: str, *titles: str) -> list[int]:
-    db = UserDatabase(store, user)
+    db = UserDatabase(store.pool, user)
     async with db.transaction() as conn:
         return [
             await conn.fetchval(
@@ -85,7 +85,7 @@ async def add_tasks(store: PostgresStore, user: str, *titles: str) -> list[int]:
 
 
 async def done_flags(store: PostgresStore, user: str) -> dict[str, bool]:
-    async with UserDatabase(store, user).transaction() as conn:
+    async with UserDatabase(store.pool, user).transaction() as conn:
         rows = await conn.fetch("SELECT title, done FROM plugin_tasks WHERE user_id = $1", user)
     return {r["title"]: r["done"] for r in rows}
 
@@ -546,7 +546,7 @@ async def test_a_plugins_session_state_never_reaches_the_next_borrower(
     pool = await open_pool(plugin_db, one)
     try:
         store = PostgresStore(pool)
-        async with UserDatabase(store, "alice").transaction() as conn:
+        async with UserDatabase(store.pool, "alice").transaction() as conn:
             pid = conn.get_server_pid()
             await conn.execute("SET search_path TO pg_catalog")
             await conn.execute("SET statement_timeout TO 1")
@@ -582,7 +582,7 @@ async def test_user_database_is_held_by_row_level_security(
         await admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON plugin_tasks TO {role}")
         url = make_url(plugin_db).set(username=role, password=password)
         pool = await open_pool(url.render_as_string(hide_password=False), test_settings)
-        bob = UserDatabase(PostgresStore(pool), "bob")
+        bob = UserDatabase(pool, "bob")
         async with bob.transaction() as conn:
             assert await conn.fetch("SELECT title FROM plugin_tasks") == [("Bob's chore",)]
             assert await conn.execute("UPDATE plugin_tasks SET done = true") == "UPDATE 1"

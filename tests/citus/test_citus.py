@@ -43,8 +43,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.background import TaskRegistry
 from app.cli.distribute import COORDINATOR_LOCAL, DISTRIBUTED
 from app.cli.prune import prune
+from app.context import RequestContext
 from app.errors import ConfigurationError, TooManyRequestsError
-from app.pg.admission import pending_admission
 from app.pg.limits import Limits
 from app.pg.store import PostgresStore
 from app.settings import PROJECT_ROOT, Settings
@@ -89,15 +89,12 @@ async def test_list_pages_leave_their_admission_to_the_endpoint(
     thread = f.thread()
     await store.save_thread(thread, {"user_id": "alice"})
     limits = Limits(
-        store, test_settings.model_copy(update={"rate_limit_per_minute": 2}), TaskRegistry()
+        store.pool, test_settings.model_copy(update={"rate_limit_per_minute": 2}), TaskRegistry()
     )
     for n in range(3):
         admission = limits.defer("alice")
-        token = pending_admission.set(admission)
-        try:
-            page = await store.load_threads(5, None, "desc", {"user_id": "alice"})
-        finally:
-            pending_admission.reset(token)
+        alice = RequestContext("alice", page_fold=admission)
+        page = await store.load_threads(5, None, "desc", alice)
         assert [t.id for t in page.data] == [thread.id]
         assert admission is not None and not admission.consumed
         if n < 2:

@@ -32,7 +32,7 @@ def clock() -> Clock:
 @pytest.fixture
 def attachments(store: PostgresStore, settings: Settings, clock: Clock) -> PgAttachmentStore:
     signer = UrlSigner(url_signing_secret(settings), BASE, settings.signed_url_ttl_seconds, clock)
-    return PgAttachmentStore(store, settings, signer).install()
+    return PgAttachmentStore(store.pool, store, settings, signer).install()
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ from chatkit.types import (
 from pydantic import AnyUrl
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.chat.converter import AttachmentConverter, attachment_names, attachments_note
+from app.chat.converter import AttachmentConverter
+from app.chat.item_converter import attachment_names, attachments_note
 from app.cli.prune import prune
 from app.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from app.files.content import content_disposition, sanitise_filename
@@ -505,7 +506,7 @@ async def test_allowed_types_setting_is_honoured(
     store: PostgresStore, settings: Settings, engine: AsyncEngine
 ) -> None:
     narrow = settings.model_copy(update={"allowed_mime_types": ["text/*"]})
-    app = make_app(PgAttachmentStore(store, narrow))
+    app = make_app(PgAttachmentStore(store.pool, store, narrow))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         assert (await upload(c, png(), "a.png", "image/png")).status_code == 415
         assert (await upload(c, b"# hi", "a.md", "text/markdown")).status_code == 200
@@ -600,7 +601,9 @@ async def test_upload_memory_does_not_grow_with_file_size(
     store: PostgresStore, settings: Settings, engine: AsyncEngine
 ) -> None:
     """Traced allocations while an 8 MiB body streams in stay near one chunk's worth."""
-    roomy = PgAttachmentStore(store, settings.model_copy(update={"max_upload_bytes": 16 * MiB}))
+    roomy = PgAttachmentStore(
+        store.pool, store, settings.model_copy(update={"max_upload_bytes": 16 * MiB})
+    )
     head, tail, ctype = multipart_parts(b"m" * (8 * MiB), "big.txt", "text/plain")
     whole = head + tail
     del head
@@ -769,7 +772,7 @@ async def test_converter_output_for_each_kind(
     wide = settings.model_copy(
         update={"allowed_mime_types": [*settings.allowed_mime_types, "application/zip"]}
     )
-    atts = PgAttachmentStore(store, wide)
+    atts = PgAttachmentStore(store.pool, store, wide)
     app = make_app(atts)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         img = (await upload(c, png(7, 7), "pic.png", "image/png")).json()

@@ -471,7 +471,7 @@ def file_request(world: World, case: FileCase) -> tuple[str, str, dict[str, byte
     query: list[tuple[str, str]] = []
     if case.signed is not None:
         signed_id = world.id_for(case.signed.target, case.actor)
-        signer = world.client.app.state.attachment_store.signer
+        signer = world.client.app.state.runtime.attachments.signer
         expires = signer.expiry()
         signature = signer.signature(case.signed.purpose, case.actor, signed_id, expires)
         fields = {"u": case.actor, "e": str(expires), "s": signature}

@@ -41,7 +41,7 @@ async def counts_by_user(
 async def seed_two_users(store: PostgresStore, config: Settings) -> None:
     """Each user: a thread with two messages and feedback, an uploaded file, a counted request
     and a stream lease."""
-    files = PgAttachmentStore(store, config)
+    files = PgAttachmentStore(store.pool, store, config)
     for ctx in (ALICE, BOB):
         thread = f.thread()
         await store.save_thread(thread, ctx)
@@ -55,7 +55,7 @@ async def seed_two_users(store: PostgresStore, config: Settings) -> None:
         await files.upload_to(ctx["user_id"], pending.id, body(b"hi"), "text/plain")
         # app.pg.limits' rows: a request counted, a stream lease taken (never released here).
         limits = Limits(
-            store, config.model_copy(update={"rate_limit_per_minute": 60}), TaskRegistry()
+            store.pool, config.model_copy(update={"rate_limit_per_minute": 60}), TaskRegistry()
         )
         await limits.admit(ctx["user_id"])
         await limits.lease(ctx["user_id"], thread.id)

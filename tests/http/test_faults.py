@@ -180,7 +180,7 @@ async def test_terminated_idle_connections_are_renewed(
     proxy: TcpProxy, via_proxy: str, make_client: MakeClient, admin: asyncpg.Connection
 ) -> None:
     client = await make_client(database_url=via_proxy, db_pool_size=3)
-    pool: ConnectionPool = client.app.state.pool
+    pool: ConnectionPool = client.app.state.runtime.pool
     thread_id, _ = await client.create_thread("Before the terminate")
     # Three connections idle in the pool: the whole pool has to be renewed, not just one.
     async with AsyncExitStack() as held:
@@ -247,7 +247,7 @@ async def test_connection_cut_during_a_slow_statement(
         assert recovery < RECOVERY_SECONDS
     renamed = await client.call("threads.update", {"thread_id": thread_id, "title": "Renamed"})
     assert renamed["title"] == "Renamed"
-    assert checked_out(client.app.state.pool) == 0
+    assert checked_out(client.app.state.runtime.pool) == 0
 
 
 @pytest.mark.parametrize("retry_seconds", [30.0, 0.0], ids=["retried", "not-retried"])
@@ -265,7 +265,7 @@ async def test_connection_cut_while_a_stream_saves(
     error event and the reply is not in the thread. Either way the next request succeeds."""
     model = GatedModel()
     client = await make_client(model, database_url=via_proxy, save_retry_seconds=retry_seconds)
-    pool: ConnectionPool = client.app.state.pool
+    pool: ConnectionPool = client.app.state.runtime.pool
     stream = asyncio.create_task(client.stream("threads.create", {"input": user_input("Hi")}))
     await until(value(lambda: model.waiting == 1), "the model to think")
     # The reply's first read of the thread may still be finishing as the model starts.
@@ -467,7 +467,7 @@ async def test_streams_hold_no_connection_while_the_model_thinks(
     client = await make_client(
         model, db_pool_size=2, db_max_overflow=0, db_pool_timeout=5.0, max_streams_per_user=0
     )
-    pool: ConnectionPool = client.app.state.pool
+    pool: ConnectionPool = client.app.state.runtime.pool
     tasks = [
         asyncio.create_task(client.create_thread(f"Question {i}", user=f"user{i % 4}"))
         for i in range(streams)
@@ -505,7 +505,7 @@ async def test_lock_timeout_is_a_503_and_the_connection_lives_on(
     client = await make_client(
         db_pool_size=1, db_max_overflow=0, db_lock_timeout_ms=int(lock_timeout * 1000)
     )
-    pool: ConnectionPool = client.app.state.pool
+    pool: ConnectionPool = client.app.state.runtime.pool
     thread_id, _ = await client.create_thread("Locked soon")
     pid = await pooled_pid(pool)
 
@@ -560,7 +560,7 @@ async def test_statement_timeout_is_a_503_and_the_connection_lives_on(
         db_statement_timeout_ms=int(statement_timeout * 1000),
         db_lock_timeout_ms=0,  # only the statement timeout can end the wait
     )
-    pool: ConnectionPool = client.app.state.pool
+    pool: ConnectionPool = client.app.state.runtime.pool
     thread_id, _ = await client.create_thread("Slow soon")
     pid = await pooled_pid(pool)
 

@@ -29,9 +29,10 @@ import httpx
 import pytest
 from chatkit.types import Page
 
+from app.context import RequestContext
 from app.errors import TooManyRequestsError
 from app.main import create_app
-from app.pg.admission import PendingAdmission, pending_admission
+from app.pg.admission import PendingAdmission
 from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.harness import factories as f
@@ -195,29 +196,23 @@ async def test_a_pending_admission_is_consumed_once_and_only_for_its_user(
 ) -> None:
     thread_id, item_ids = await seed(store)
     bobs = PendingAdmission("bob", INTERVAL, 60.0)
-    token = pending_admission.set(bobs)
-    try:
-        await store.load_threads(10, None, "desc", ALICE)  # alice's page: bob's stays pending
-        assert not bobs.consumed
-    finally:
-        pending_admission.reset(token)
+    # The endpoint hands the deferred admission to the store on the request's context.
+    await store.load_threads(10, None, "desc", RequestContext("alice", page_fold=bobs))
+    assert not bobs.consumed  # alice's page: bob's stays pending
     for n in range(RATE + 1):
         admission = PendingAdmission("alice", INTERVAL, 60.0)
-        token = pending_admission.set(admission)
-        try:
-            if n < RATE:
-                page = await store.load_thread_items(thread_id, None, 2, "asc", ALICE)
-                assert [i.id for i in page.data] == item_ids[:2] and page.after == item_ids[1]
-                # A second page in the same request is not counted again.
-                more = await store.load_thread_items(thread_id, page.after, 2, "asc", ALICE)
-                assert [i.id for i in more.data] == item_ids[2:] and not more.has_more
-            else:
-                with pytest.raises(TooManyRequestsError) as refused:
-                    await store.load_threads(10, None, "desc", ALICE)
-                assert 1 <= refused.value.retry_after <= INTERVAL
-            assert admission.consumed
-        finally:
-            pending_admission.reset(token)
+        alice = RequestContext("alice", page_fold=admission)
+        if n < RATE:
+            page = await store.load_thread_items(thread_id, None, 2, "asc", alice)
+            assert [i.id for i in page.data] == item_ids[:2] and page.after == item_ids[1]
+            # A second page in the same request is not counted again.
+            more = await store.load_thread_items(thread_id, page.after, 2, "asc", alice)
+            assert [i.id for i in more.data] == item_ids[2:] and not more.has_more
+        else:
+            with pytest.raises(TooManyRequestsError) as refused:
+                await store.load_threads(10, None, "desc", alice)
+            assert 1 <= refused.value.retry_after <= INTERVAL
+        assert admission.consumed
 
 
 # --- round trips, as PostgreSQL logs them -----------------------------------------------------

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.backends("owner", "citus")
 
 
 def _limits(store: PostgresStore, settings: Settings, **overrides: object) -> Limits:
-    return Limits(store, settings.model_copy(update=overrides), TaskRegistry())
+    return Limits(store.pool, settings.model_copy(update=overrides), TaskRegistry())
 
 
 async def _leases(store: PostgresStore) -> list[tuple[str, str | None]]:

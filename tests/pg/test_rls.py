@@ -39,9 +39,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import app.pg.store as store_sql
 from app.cli.prune import prune
+from app.context import RequestContext
 from app.errors import ConfigurationError, TooManyRequestsError
 from app.files.store import PgAttachmentStore
-from app.pg.admission import PendingAdmission, pending_admission
+from app.pg.admission import PendingAdmission
 from app.pg.engine import create_engine
 from app.pg.pool import ConnectionPool
 from app.pg.store import PostgresStore
@@ -77,7 +78,7 @@ async def test_role_is_subject_to_row_level_security(
 async def test_two_users_every_operation_with_cascades(
     store: PostgresStore, engine: AsyncEngine, test_settings: Settings
 ) -> None:
-    files = PgAttachmentStore(store, test_settings)
+    files = PgAttachmentStore(store.pool, store, test_settings)
     made: dict[str, dict[str, Any]] = {}
     for ctx in (ALICE, BOB):
         user = ctx["user_id"]
@@ -158,20 +159,17 @@ async def test_pages_folded_with_the_rate_limit(store: PostgresStore) -> None:
         item = f.user_message(thread.id, f"m{n}", f.T0 + timedelta(seconds=n))
         await store.add_thread_item(thread.id, item, ALICE)
 
-    async def admitted(admission: PendingAdmission | None, call: Any) -> Any:
-        token = pending_admission.set(admission and replace(admission, consumed=False))
-        try:
-            return await call
-        finally:
-            pending_admission.reset(token)
+    def admitted(admission: PendingAdmission | None, user: str = "alice") -> RequestContext:
+        """The context the endpoint hands the store, with a fresh copy of ``admission``."""
+        return RequestContext(user, page_fold=admission and replace(admission, consumed=False))
 
     async def pages(admission: PendingAdmission | None) -> list[Any]:
-        out = [await admitted(admission, store.load_threads(5, None, "desc", ALICE))]
+        out = [await store.load_threads(5, None, "desc", admitted(admission))]
         for order in ("asc", "desc"):
             after = None
             while True:
-                call = store.load_thread_items(thread.id, after, 2, order, ALICE)
-                out.append(page := await admitted(admission, call))
+                ctx = admitted(admission)
+                out.append(page := await store.load_thread_items(thread.id, after, 2, order, ctx))
                 if not page.has_more:
                     break
                 after = page.after
@@ -180,9 +178,9 @@ async def test_pages_folded_with_the_rate_limit(store: PostgresStore) -> None:
     assert await pages(PendingAdmission("alice", 0.001, 60.0)) == await pages(None)
     strict = PendingAdmission("bob", 30.0, 60.0)  # a budget of two
     for _ in range(2):
-        await admitted(strict, store.load_threads(5, None, "desc", BOB))
+        await store.load_threads(5, None, "desc", admitted(strict, "bob"))
     with pytest.raises(TooManyRequestsError) as refused:
-        await admitted(strict, store.load_thread_items(thread.id, None, 2, "asc", BOB))
+        await store.load_thread_items(thread.id, None, 2, "asc", admitted(strict, "bob"))
     assert 1 <= refused.value.retry_after <= 30
 
 

@@ -120,14 +120,13 @@ async def export_in_process(url: str, user: str, out: Path) -> float:
     from app.chat.plugins import PluginSet
     from app.chat.userdata import export_archive
     from app.pg.pool import open_pool
-    from app.pg.store import PostgresStore
     from app.settings import Settings
 
     pool = await open_pool(url, Settings(database_url=url))
     try:
         start = time.perf_counter()
         with out.open("wb") as f:
-            async for piece in export_archive(PostgresStore(pool), PluginSet(), user):
+            async for piece in export_archive(pool, PluginSet(), user):
                 f.write(piece)
         return time.perf_counter() - start
     finally:

@@ -39,7 +39,8 @@ from app.files.export import (
     write_lines,
 )
 from app.pg import userdata
-from app.pg.store import PostgresStore
+from app.pg.calls import Call
+from app.pg.pool import ConnectionPool
 
 
 async def _counted(
@@ -53,7 +54,7 @@ async def _counted(
 
 
 async def export_archive(
-    store: PostgresStore,
+    pool: ConnectionPool,
     plugins: PluginSet,
     user_id: str,
     *,
@@ -68,14 +69,14 @@ async def export_archive(
     try:
         counts = {} if counts is None else counts
         sections = (
-            ("threads.jsonl", "threads", userdata.thread_lines(store, user_id)),
-            ("items.jsonl", "items", userdata.item_lines(store, user_id)),
-            ("feedback.jsonl", "feedback", userdata.feedback_lines(store, user_id)),
+            ("threads.jsonl", "threads", userdata.thread_lines(pool, user_id)),
+            ("items.jsonl", "items", userdata.item_lines(pool, user_id)),
+            ("feedback.jsonl", "feedback", userdata.feedback_lines(pool, user_id)),
         )
         for name, key, lines in sections:
             async for piece in write_lines(archive, name, _counted(lines, counts, key)):
                 yield piece
-        async for piece in _attachments(archive, store, user_id, counts):
+        async for piece in _attachments(archive, pool, user_id, counts):
             yield piece
         plugin_counts: dict[str, dict[str, int]] = {}
         for plugin in plugins.plugins:
@@ -83,7 +84,7 @@ async def export_archive(
                 continue
             tables = plugin_counts[plugin.name] = {}
             async for piece in _plugin(
-                archive, plugin.name, plugin.export_user, store, user_id, tables
+                archive, plugin.name, plugin.export_user, pool, user_id, tables
             ):
                 yield piece
         counts["plugins"] = plugin_counts
@@ -97,18 +98,18 @@ async def export_archive(
 
 
 async def _attachments(
-    archive: ZipStream, store: PostgresStore, user_id: str, counts: dict[str, Any]
+    archive: ZipStream, pool: ConnectionPool, user_id: str, counts: dict[str, Any]
 ) -> AsyncIterator[bytes]:
     """``attachments.jsonl`` after each file's bytes: a member is written whole before the next
     starts, so the metadata lines wait (one short line per attachment) until the files are in."""
     lines: list[str] = []
     total = 0
-    async for row in userdata.attachment_rows(store, user_id):
+    async for row in userdata.attachment_rows(pool, user_id):
         path = None
         if row["status"] == "ready":
             path = file_path(row["id"], row["name"])
             archive.open(path, compress=False)
-            async for chunk in userdata.attachment_chunks(store, user_id, row["id"]):
+            async for chunk in userdata.attachment_chunks(pool, user_id, row["id"]):
                 archive.write(chunk)
                 total += len(chunk)
                 yield archive.drain()
@@ -133,14 +134,14 @@ async def _plugin(
     archive: ZipStream,
     name: str,
     hook: Any,
-    store: PostgresStore,
+    pool: ConnectionPool,
     user_id: str,
     tables: dict[str, int],
 ) -> AsyncIterator[bytes]:
     """A plugin's rows: every page of one table goes to ``plugins/<plugin>/<table>.jsonl``; a
     table's pages must come together (a member cannot be reopened)."""
     current: str | None = None
-    async with contextlib.aclosing(hook(UserDatabase(store, user_id))) as pages:
+    async with contextlib.aclosing(hook(UserDatabase(pool, user_id))) as pages:
         async for table, rows in pages:
             if table != current:
                 member = f"plugins/{safe_part(name, 'plugin')}/{safe_part(table, 'table')}.jsonl"
@@ -191,28 +192,28 @@ class EraseReport:
 
 
 async def erase_user(
-    store: PostgresStore, plugins: PluginSet, user_id: str, *, dry_run: bool = False
+    pool: ConnectionPool, plugins: PluginSet, user_id: str, *, dry_run: bool = False
 ) -> EraseReport:
     """Delete every row of ``user_id``: the chatkit_ tables, then each plugin's (or, with
     ``dry_run``, count them by deleting and rolling back)."""
     report = EraseReport(user_id=user_id, dry_run=dry_run)
     for group in userdata.ERASE_GROUPS:
         report.groups[group] = await _in_transaction(
-            store, user_id, dry_run, lambda conn, g=group: userdata.erase_group(conn, user_id, g)
+            pool, user_id, dry_run, lambda conn, g=group: userdata.erase_group(conn, user_id, g)
         )
     for plugin in plugins.plugins:
         if plugin.erase_user is None:
             continue
         hook = plugin.erase_user
         counts = await _in_transaction(
-            store, user_id, dry_run, lambda conn, h=hook: h(conn, user_id)
+            pool, user_id, dry_run, lambda conn, h=hook: h(conn, user_id)
         )
         report.groups[f"plugin {plugin.name}"] = {str(k): int(v) for k, v in counts.items()}
     return report
 
 
-async def _in_transaction(store: PostgresStore, user_id: str, dry_run: bool, work: Any) -> Any:
-    async with store.connection() as conn:
+async def _in_transaction(pool: ConnectionPool, user_id: str, dry_run: bool, work: Any) -> Any:
+    async with Call(pool) as conn:
         await userdata.begin_as(conn, user_id)
         try:
             result = await work(conn)

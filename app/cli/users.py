@@ -34,7 +34,6 @@ from app.errors import ConfigurationError, ServiceUnavailableError
 from app.ids import MAX_USER_ID_CHARS
 from app.pg.engine import aresolve_database_url
 from app.pg.pool import open_pool
-from app.pg.store import PostgresStore
 from app.sanitize import is_storable
 from app.settings import Settings, get_settings
 
@@ -54,10 +53,10 @@ def check_sub(sub: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _store(settings: Settings) -> Any:
+async def _pool(settings: Settings) -> Any:
     pool = await open_pool(await aresolve_database_url(settings), settings)
     try:
-        yield PostgresStore(pool)
+        yield pool
     finally:
         await pool.close()
 
@@ -66,9 +65,9 @@ async def run_export(settings: Settings, sub: str, out: IO[bytes]) -> dict[str, 
     """Write the archive of ``sub`` to ``out``; the manifest's counts."""
     plugins = load_plugins(settings.chatkit_plugins)
     counts: dict[str, Any] = {}
-    async with _store(settings) as store:
+    async with _pool(settings) as pool:
         # Plain writes: a local file or pipe keeps up, and the command has nothing else to do.
-        async for piece in export_archive(store, plugins, sub, counts=counts):
+        async for piece in export_archive(pool, plugins, sub, counts=counts):
             out.write(piece)
     out.flush()
     return counts
@@ -76,8 +75,8 @@ async def run_export(settings: Settings, sub: str, out: IO[bytes]) -> dict[str, 
 
 async def run_erase(settings: Settings, sub: str, *, dry_run: bool) -> EraseReport:
     plugins = load_plugins(settings.chatkit_plugins)
-    async with _store(settings) as store:
-        return await erase_user(store, plugins, sub, dry_run=dry_run)
+    async with _pool(settings) as pool:
+        return await erase_user(pool, plugins, sub, dry_run=dry_run)
 
 
 def _export(args: argparse.Namespace) -> int:

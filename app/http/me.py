@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
-from chatkit.store import NotFoundError
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
@@ -42,13 +41,10 @@ def me_router(get_user_id: Callable[..., Awaitable[str]]) -> APIRouter:
         request: Request, user_id: Annotated[str, Depends(get_user_id)]
     ) -> StreamingResponse:
         runtime: Runtime = request.app.state.runtime
-        store = runtime.server.plugin_store
-        if store is None:  # the app runs over another store (benchmarks): nothing to export
-            raise NotFoundError("no PostgreSQL store")
         if user_id in exporting:
             raise TooManyRequestsError("An export of your data is already running.", retry_after=10)
         exporting.add(user_id)
-        stream = export_archive(store, runtime.server.plugins, user_id)
+        stream = export_archive(runtime.pool, runtime.server.plugins, user_id)
         try:
             first = await anext(stream)
         except BaseException:

@@ -36,10 +36,10 @@ from typing import Any
 import asyncpg
 
 from app.errors import ConfigurationError, InvalidInputError
+from app.pg.calls import Call
 from app.pg.engine import is_unavailable
 from app.pg.pool import ConnectionPool
 from app.pg.sql import gated_select
-from app.pg.store import StoreCall
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class ThreadSearch:
             cursor.seq if cursor else None,
             HEADLINE_OPTIONS,
         )
-        async with StoreCall(self.pool) as conn:
+        async with Call(self.pool) as conn:
             await conn.execute(SQL_BEGIN_CUSTOM)
             try:
                 rows = await conn.fetch(SQL_SEARCH, *args)

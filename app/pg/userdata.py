@@ -23,9 +23,10 @@ from datetime import datetime
 
 import asyncpg
 
+from app.pg.calls import Call
 from app.pg.citus import CITUS_BEGIN, CITUS_INSTALLED, literal
+from app.pg.pool import ConnectionPool
 from app.pg.sql import gated_select
-from app.pg.store import PostgresStore
 
 PAGE_ROWS = 200
 """Rows per page read. Items are JSON of bounded size (MAX_BODY_BYTES), so a page is too."""
@@ -98,11 +99,11 @@ SQL_ATTACHMENT_BYTES = (
 )
 
 
-async def thread_lines(store: PostgresStore, user_id: str) -> AsyncGenerator[str, None]:
+async def thread_lines(pool: ConnectionPool, user_id: str) -> AsyncGenerator[str, None]:
     """The user's threads as JSON lines, oldest first."""
     after: tuple[datetime, int] = (NEVER, -1)
     while True:
-        async with store.connection() as conn:
+        async with Call(pool) as conn:
             rows = await conn.fetch(SQL_THREADS, user_id, *after, PAGE_ROWS)
         for line, *_ in rows:
             yield line
@@ -111,17 +112,17 @@ async def thread_lines(store: PostgresStore, user_id: str) -> AsyncGenerator[str
         after = (rows[-1][1], rows[-1][2])
 
 
-async def item_lines(store: PostgresStore, user_id: str) -> AsyncGenerator[str, None]:
+async def item_lines(pool: ConnectionPool, user_id: str) -> AsyncGenerator[str, None]:
     """Every item of the user's threads as JSON lines: thread by thread (oldest first), each
     thread's items in their order."""
     after: tuple[datetime, int] = (NEVER, -1)
     while True:
-        async with store.connection() as conn:
+        async with Call(pool) as conn:
             threads = await conn.fetch(SQL_THREAD_IDS, user_id, *after, PAGE_ROWS)
         for thread_id, *_ in threads:
             cursor: tuple[datetime, int] = (NEVER, -1)
             while True:
-                async with store.connection() as conn:
+                async with Call(pool) as conn:
                     rows = await conn.fetch(SQL_ITEMS, user_id, thread_id, *cursor, PAGE_ROWS)
                 for line, *_ in rows:
                     yield line
@@ -133,10 +134,10 @@ async def item_lines(store: PostgresStore, user_id: str) -> AsyncGenerator[str, 
         after = (threads[-1][1], threads[-1][2])
 
 
-async def feedback_lines(store: PostgresStore, user_id: str) -> AsyncGenerator[str, None]:
+async def feedback_lines(pool: ConnectionPool, user_id: str) -> AsyncGenerator[str, None]:
     after = ("", "")
     while True:
-        async with store.connection() as conn:
+        async with Call(pool) as conn:
             rows = await conn.fetch(SQL_FEEDBACK, user_id, *after, PAGE_ROWS)
         for line, *_ in rows:
             yield line
@@ -145,12 +146,12 @@ async def feedback_lines(store: PostgresStore, user_id: str) -> AsyncGenerator[s
         after = (rows[-1][1], rows[-1][2])
 
 
-async def attachment_rows(store: PostgresStore, user_id: str) -> AsyncIterator[asyncpg.Record]:
+async def attachment_rows(pool: ConnectionPool, user_id: str) -> AsyncIterator[asyncpg.Record]:
     """The user's attachments' metadata (id, thread_id, status, size_bytes, mime_type, name,
     created_at, data as JSON text), by id."""
     after = ""
     while True:
-        async with store.connection() as conn:
+        async with Call(pool) as conn:
             rows = await conn.fetch(SQL_ATTACHMENTS, user_id, after, PAGE_ROWS)
         for row in rows:
             yield row
@@ -160,12 +161,12 @@ async def attachment_rows(store: PostgresStore, user_id: str) -> AsyncIterator[a
 
 
 async def attachment_chunks(
-    store: PostgresStore, user_id: str, attachment_id: str
+    pool: ConnectionPool, user_id: str, attachment_id: str
 ) -> AsyncIterator[bytes]:
     """An attachment's bytes, one stored chunk per query: memory is one chunk."""
     chunk_no = 0
     while True:
-        async with store.connection() as conn:
+        async with Call(pool) as conn:
             data = await conn.fetchval(SQL_CHUNK, user_id, attachment_id, chunk_no)
         if data is None:
             return

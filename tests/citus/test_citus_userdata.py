@@ -78,19 +78,19 @@ async def test_export_erase_export_on_a_cluster(
     await seed_user(owner, "bob")
     bob = await row_counts(owner, "bob")
 
-    exported = b"".join([p async for p in export_archive(store, plugins, "alice")])
+    exported = b"".join([p async for p in export_archive(store.pool, plugins, "alice")])
     assert_matches(read_archive(exported), alice)
 
     before = await row_counts(owner, "alice")
-    dry = await erase_user(store, plugins, "alice", dry_run=True)
+    dry = await erase_user(store.pool, plugins, "alice", dry_run=True)
     assert await row_counts(owner, "alice") == before
-    report = await erase_user(store, plugins, "alice")
+    report = await erase_user(store.pool, plugins, "alice")
     assert report.groups == dry.groups and report.rows == sum(before.values())
     assert set((await row_counts(owner, "alice")).values()) == {0}
     assert await row_counts(owner, "bob") == bob
-    assert (await erase_user(store, plugins, "alice")).rows == 0
+    assert (await erase_user(store.pool, plugins, "alice")).rows == 0
 
-    again = b"".join([p async for p in export_archive(store, plugins, "alice")])
+    again = b"".join([p async for p in export_archive(store.pool, plugins, "alice")])
     assert_empty(read_archive(again), "alice")
 
 

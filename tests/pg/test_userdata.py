@@ -61,7 +61,7 @@ def plugins() -> PluginSet:
 
 
 async def export_bytes(store: PostgresStore, plugins: PluginSet, user_id: str) -> bytes:
-    return b"".join([p async for p in export_archive(store, plugins, user_id)])
+    return b"".join([p async for p in export_archive(store.pool, plugins, user_id)])
 
 
 async def test_export_erase_export(ustore: PostgresStore, plugins: PluginSet) -> None:
@@ -71,7 +71,7 @@ async def test_export_erase_export(ustore: PostgresStore, plugins: PluginSet) ->
         bob_before = await row_counts(conn, "bob")
     assert_matches(read_archive(await export_bytes(ustore, plugins, "alice")), alice)
 
-    report = await erase_user(ustore, plugins, "alice")
+    report = await erase_user(ustore.pool, plugins, "alice")
     assert report.groups["conversations"] == {
         "attachment_bytes": sum(len(d) for _, d in alice.files.values()),
         "chatkit_feedback": alice.feedback,
@@ -87,7 +87,7 @@ async def test_export_erase_export(ustore: PostgresStore, plugins: PluginSet) ->
         assert await row_counts(conn, "bob") == bob_before  # untouched
 
     assert_empty(read_archive(await export_bytes(ustore, plugins, "alice")), "alice")
-    again = await erase_user(ustore, plugins, "alice")  # idempotent
+    again = await erase_user(ustore.pool, plugins, "alice")  # idempotent
     assert again.rows == 0
     assert again.lines() == ["no data stored for user 'alice': nothing to delete"]
 
@@ -98,10 +98,10 @@ async def test_dry_run_counts_what_erase_removes_and_removes_nothing(
     async with ustore.connection() as conn:
         await seed_user(conn, "alice")
         before = await row_counts(conn, "alice")
-    dry = await erase_user(ustore, plugins, "alice", dry_run=True)
+    dry = await erase_user(ustore.pool, plugins, "alice", dry_run=True)
     async with ustore.connection() as conn:
         assert await row_counts(conn, "alice") == before
-    real = await erase_user(ustore, plugins, "alice")
+    real = await erase_user(ustore.pool, plugins, "alice")
     assert dry.groups == real.groups and dry.rows == real.rows == sum(before.values())
     assert dry.lines()[0] == "would delete for user 'alice':"
     assert real.lines()[-1] == f"deleted {real.rows} rows in all"
@@ -114,7 +114,7 @@ async def test_a_user_with_nothing_gets_an_empty_archive(
         await seed_user(conn, "bob")
     archive = read_archive(await export_bytes(ustore, plugins, "nobody"))
     assert_empty(archive, "nobody")
-    assert (await erase_user(ustore, plugins, "nobody")).rows == 0
+    assert (await erase_user(ustore.pool, plugins, "nobody")).rows == 0
 
 
 async def test_pages_keep_the_order_past_a_page(ustore: PostgresStore, plugins: PluginSet) -> None:
@@ -134,7 +134,7 @@ async def test_pieces_are_bounded_by_a_chunk(ustore: PostgresStore, plugins: Plu
     size = 9 * CHUNK_SIZE + 1
     async with ustore.connection() as conn:
         alice = await seed_user(conn, "alice", file_sizes=(size,))
-    pieces = [p async for p in export_archive(ustore, plugins, "alice")]
+    pieces = [p async for p in export_archive(ustore.pool, plugins, "alice")]
     assert max(len(p) for p in pieces) <= CHUNK_SIZE + FLUSH_BYTES + 4096
     assert len(pieces) >= 10
     assert_matches(read_archive(b"".join(pieces)), alice)
@@ -182,7 +182,7 @@ async def test_a_failing_plugin_hook_rolls_back_its_group_only(
     async with ustore.connection() as conn:
         await seed_user(conn, "alice")
     with pytest.raises(RuntimeError, match="plugin broke"):
-        await erase_user(ustore, broken, "alice")
+        await erase_user(ustore.pool, broken, "alice")
     async with ustore.connection() as conn:
         left = await row_counts(conn, "alice")
     assert left == {**dict.fromkeys(USER_TABLES, 0), "plugin_tasks": 2}
@@ -210,7 +210,7 @@ async def test_erase_works_through_the_apps_role_under_row_level_security(
         app_store = PostgresStore(pool)
         assert await app_store.row_security_enforced()
         assert_matches(read_archive(await export_bytes(app_store, plugins, "alice")), alice)
-        report = await erase_user(app_store, plugins, "alice")
+        report = await erase_user(app_store.pool, plugins, "alice")
         assert report.rows > 0
     finally:
         await pool.close()

@@ -47,6 +47,7 @@ from app.errors import (
 from app.files.routes import files_router
 from app.files.store import PgAttachmentStore
 from app.http import devpage
+from app.http import runs as run_routes
 from app.http.auth import TokenVerifier, check_auth_settings
 from app.http.endpoint import chatkit_endpoint
 from app.http.health import alembic_heads
@@ -104,6 +105,7 @@ def create_app(
     # A plain Starlette route: the endpoint reads the request itself, so FastAPI's dependency
     # machinery would only add cost to every ChatKit call.
     app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
+    run_routes.install(app, settings.chatkit_path)  # resumable replies (docs/runs.md)
     # Attachment bytes (app.files.routes): uploads, downloads, signed previews; errors go to the
     # handlers below like every other route's.
     app.include_router(files_router(bearer_user, handle_errors=False))
@@ -113,7 +115,7 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID"],
+            expose_headers=["X-Request-ID", run_routes.RUN_HEADER],
             max_age=600,
         )
     app.add_middleware(
@@ -206,6 +208,12 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
             model=model,
             alembic_heads=await asyncio.to_thread(alembic_heads, plugins.migration_locations),
             limits=Limits(inner, settings, tasks) if isinstance(inner, PostgresStore) else None,
+        )
+        # Resumable replies (docs/runs.md): kept only over the Postgres store.
+        app.state.runs = (
+            run_routes.build_registry(pool, tasks, settings)
+            if isinstance(inner, PostgresStore)
+            else None
         )
         # The parts other code most often needs, also directly on app.state.
         app.state.pool = pool

@@ -20,7 +20,7 @@ pytest.register_assert_rewrite("tests.harness.hostile_world", "tests.harness.hos
 
 TABLES = (
     "chatkit_feedback, chatkit_items, chatkit_attachments, chatkit_threads, "
-    "chatkit_rate_limits, chatkit_stream_leases"
+    "chatkit_rate_limits, chatkit_stream_leases, chatkit_runs"
 )
 
 

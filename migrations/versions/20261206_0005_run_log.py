@@ -79,12 +79,6 @@ def upgrade() -> None:
         ),
         prefixes=["UNLOGGED"],
     )
-    op.create_index(
-        "ix_chatkit_runs_ended_at",
-        "chatkit_runs",
-        ["ended_at"],
-        postgresql_where="ended_at IS NOT NULL",
-    )
     for table in TABLES:
         op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
         op.execute(

@@ -22,7 +22,10 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cli.prune import prune
+from app.settings import Settings
 from tests.harness.deploy import Backend, Lockstep, pace_prompt, threads_create_body
 from tests.harness.pg import PgServer
 from tests.harness.runs import (
@@ -372,3 +375,47 @@ async def test_sigkill_of_the_runs_process_ends_its_resumers_with_one_error(
             # What the log kept is what the client saw, in the same order, then the error.
             logged = rest[:-1]
             assert [e.data for e in logged] == [e.data for e in first[: len(logged)]]
+
+
+async def test_prune_deletes_run_logs_past_the_retention(
+    engine: AsyncEngine, test_settings: Settings, database_url: str
+) -> None:
+    """Ended runs past RUN_EVENTS_RETENTION_SECONDS go, and so do runs whose process died
+    with nobody resuming them (their heartbeat stopped as long ago); their events with them."""
+    user = new_user()
+    conn = await asyncpg.connect(PgServer.dsn(database_url))
+    try:
+        for run in ("run_old_ended", "run_old_silent", "run_recent"):
+            await conn.execute("SELECT chatkit_run_start($1, $2, NULL)", user, run)
+            await conn.execute(
+                "SELECT chatkit_run_append($1, $2, 1, $3::text[], 'running')",
+                user,
+                run,
+                ["data: {}"],
+            )
+        await conn.execute(
+            "UPDATE chatkit_runs SET state = 'completed', ended_at = now() - interval '1 hour' "
+            "WHERE user_id = $1 AND id = 'run_old_ended'",
+            user,
+        )
+        await conn.execute(
+            "UPDATE chatkit_runs SET heartbeat_at = now() - interval '1 hour' "
+            "WHERE user_id = $1 AND id = 'run_old_silent'",
+            user,
+        )
+        dry = await prune(engine, test_settings, dry_run=True)
+        assert dry.runs == 2 and "would delete 2 expired run log(s)" in dry.summary()
+        report = await prune(engine, test_settings)
+        assert report.runs == 2
+        left = await conn.fetch(
+            "SELECT r.id, count(e.seq) AS n FROM chatkit_runs r LEFT JOIN chatkit_run_events e "
+            "ON e.user_id = r.user_id AND e.run_id = r.id WHERE r.user_id = $1 GROUP BY r.id",
+            user,
+        )
+        assert [(r["id"], r["n"]) for r in left] == [("run_recent", 1)]
+        orphans = await conn.fetchval(
+            "SELECT count(*) FROM chatkit_run_events WHERE user_id = $1", user
+        )
+        assert orphans == 1
+    finally:
+        await conn.close()

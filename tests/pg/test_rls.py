@@ -69,6 +69,9 @@ TABLES = (
     # app.pg.limits: kept per user like the rest.
     "chatkit_rate_limits",
     "chatkit_stream_leases",
+    # app.pg.runlog (migration 0005).
+    "chatkit_runs",
+    "chatkit_run_events",
 )
 CONTENT_TABLES = TABLES[:5]
 ALICE = {"user_id": "alice"}

@@ -211,7 +211,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
         )
         # Resumable replies (docs/runs.md): kept only over the Postgres store.
         app.state.runs = (
-            run_routes.build_registry(pool, tasks, settings)
+            run_routes.build_registry(pool, tasks, settings, server)
             if isinstance(inner, PostgresStore)
             else None
         )

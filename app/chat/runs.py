@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from chatkit.errors import ErrorCode
@@ -194,10 +194,18 @@ class Run:
 class RunRegistry:
     """This process's runs, and how every process reads the log."""
 
-    def __init__(self, runlog: RunLog, tasks: TaskRegistry, options: RunOptions) -> None:
+    def __init__(
+        self,
+        runlog: RunLog,
+        tasks: TaskRegistry,
+        options: RunOptions,
+        on_lost: Callable[[str, Sequence[str]], Awaitable[None]] | None = None,
+    ) -> None:
         self.runlog = runlog
         self.tasks = tasks
         self.options = options
+        # Stores what a lost run had streamed (app.chat.run_recovery): the user and the events.
+        self.on_lost = on_lost
         self._runs: dict[str, Run] = {}
 
     def __len__(self) -> int:
@@ -268,9 +276,27 @@ class RunRegistry:
             if not page.ended and caught_up and page.silent_seconds > options.dead_after_seconds:
                 if await self.runlog.abandon(user_id, run_id, options.dead_after_seconds):
                     log.warning("resumable reply declared lost: its process went silent")
+                    await self._recover(user_id, run_id)
             elif caught_up:
                 await asyncio.sleep(options.poll_seconds)
             read = await self.runlog.read(user_id, run_id, seq, READ_PAGE)
             if read is None:
                 return  # expired meanwhile
             page = read
+
+    async def _recover(self, user_id: str, run_id: str) -> None:
+        """Hand a lost run's logged events to ``on_lost`` (once: only the follower that
+        declared the run lost calls this), before any follower learns the run is over, so a
+        client that reloads on the error finds the partial reply stored."""
+        if self.on_lost is None:
+            return
+        blocks: list[str] = []
+        try:
+            while True:
+                page = await self.runlog.read(user_id, run_id, len(blocks), READ_PAGE)
+                if page is None or not page.events:
+                    break
+                blocks += [data for _, data in page.events]
+            await self.on_lost(user_id, blocks)
+        except Exception:
+            log.exception("the partial reply of a lost run was not stored")

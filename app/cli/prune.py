@@ -94,10 +94,10 @@ SQL_DELETE_THREADS = (
 # Resumable replies' logs (docs/runs.md) past RUN_EVENTS_RETENTION_SECONDS: ended, or never
 # ended because their process died and no resumer came (their heartbeat stopped). Their
 # events go with them (ON DELETE CASCADE).
-_OLD_RUNS = "WHERE coalesce(ended_at, heartbeat_at) < $1"
-SQL_COUNT_OLD_RUNS = f"SELECT count(*) FROM chatkit_runs {_OLD_RUNS}"
+SQL_COUNT_OLD_RUNS = "SELECT count(*) FROM chatkit_runs WHERE coalesce(ended_at, heartbeat_at) < $1"
 SQL_DELETE_OLD_RUNS = (
-    f"WITH d AS (DELETE FROM chatkit_runs {_OLD_RUNS} RETURNING 1) SELECT count(*) FROM d"
+    "WITH d AS (DELETE FROM chatkit_runs WHERE coalesce(ended_at, heartbeat_at) < $1 "
+    "RETURNING 1) SELECT count(*) FROM d"
 )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncIterable
+from functools import partial
 
 from chatkit.store import NotFoundError
 from fastapi import FastAPI
@@ -23,7 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from app.background import TaskRegistry
+from app.chat.run_recovery import store_lost_reply
 from app.chat.runs import RunOptions, RunRegistry
+from app.chat.server import ChatKitPgServer
 from app.chat.stream_events import error_chunk
 from app.errors import InvalidInputError
 from app.http.runtime import Runtime
@@ -162,8 +165,11 @@ def start_run(
     return event_stream(runtime, run_id, run.follow(0))
 
 
-def build_registry(pool: ConnectionPool, tasks: TaskRegistry, settings: Settings) -> RunRegistry:
-    """This process's registry of resumable replies, from the settings."""
+def build_registry(
+    pool: ConnectionPool, tasks: TaskRegistry, settings: Settings, server: ChatKitPgServer
+) -> RunRegistry:
+    """This process's registry of resumable replies, from the settings; ``server`` stores the
+    partial reply of a run whose process died (app.chat.run_recovery)."""
     options = RunOptions(
         flush_seconds=settings.run_flush_seconds,
         flush_events=settings.run_flush_events,
@@ -173,4 +179,4 @@ def build_registry(pool: ConnectionPool, tasks: TaskRegistry, settings: Settings
         max_seconds=settings.run_max_seconds,
     )
     runlog = RunLog(pool, retention_seconds=settings.run_events_retention_seconds)
-    return RunRegistry(runlog, tasks, options)
+    return RunRegistry(runlog, tasks, options, partial(store_lost_reply, server))

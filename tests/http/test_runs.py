@@ -334,12 +334,28 @@ async def test_resume_points_past_the_end_and_expired_runs(two: Pair, tmp_path: 
         ).status_code == 404
 
 
+async def logged_up_to(dsn: str, user: str, run_id: str, seq: int) -> None:
+    """Until the run's log holds event ``seq`` (the lockstep holds the reply, so it comes)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            last = await conn.fetchval(
+                "SELECT last_seq FROM chatkit_runs WHERE user_id = $1 AND id = $2", user, run_id
+            )
+            if last is not None and last >= seq:
+                return
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+
+
 async def test_sigkill_of_the_runs_process_ends_its_resumers_with_one_error(
     two: Pair, database_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A third process runs the reply and is killed mid-reply: resumers through B learn it is
-    dead within RUN_DEAD_AFTER_SECONDS of its last write, and get one error event, retry
-    allowed, after the last event they have. Never a hang."""
+    dead within RUN_DEAD_AFTER_SECONDS of its last write and get one error event, retry
+    allowed, after the last event they have; the partial reply is stored with the cancel
+    marker. Never a hang."""
     env = backend_env(tmp_path, tmp_path_factory.getbasetemp().parent)
     victim = Backend(database_url=database_url, extra_env=env)
     start_all([victim], tmp_path, "victim")
@@ -349,13 +365,15 @@ async def test_sigkill_of_the_runs_process_ends_its_resumers_with_one_error(
         async with httpx.AsyncClient(base_url=victim.url, timeout=30) as client:
             async with asyncio.timeout(DEADLINE):
                 run_id, first = await start_reply(client, user, lockstep, stop_at=2)
+                last = first[-1].seq
+                assert last is not None
+                # Killed once everything the client has is logged: what is stored is known.
+                await logged_up_to(two.dsn, user, run_id, last)
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(DEADLINE)
     finally:
         victim.stop()
-    last = first[-1].seq
-    assert last is not None
     for resume_from in (last, 0):
         async with asyncio.timeout(DEADLINE):
             async with two.b.stream(
@@ -365,16 +383,25 @@ async def test_sigkill_of_the_runs_process_ends_its_resumers_with_one_error(
             ) as response:
                 assert response.status_code == 200
                 rest = await read_events(response, None)
-        assert rest, "no final event"
         final = rest[-1]
         assert final.type == "error" and final.data["allow_retry"] is True, final.data
         assert [e.type for e in rest].count("error") == 1
-        numbers = seqs(rest)
-        assert numbers == list(range(resume_from + 1, resume_from + 1 + len(rest)))
-        if resume_from == 0:
-            # What the log kept is what the client saw, in the same order, then the error.
-            logged = rest[:-1]
-            assert [e.data for e in logged] == [e.data for e in first[: len(logged)]]
+        assert seqs(rest) == list(range(resume_from + 1, last + 2))
+        # What the log kept is what the client saw, in the same order, then the error.
+        assert [e.data for e in rest[:-1]] == [e.data for e in first[resume_from:]]
+
+    # The partial reply is stored as a disconnect stores it: the deltas the client saw, then
+    # the marker; the thread goes on normally after it.
+    stored = await stored_types(two.dsn, user, thread_of(first))
+    assert [t for t, _ in stored] == ["user_message", "assistant_message", "sdk_hidden_context"]
+    assert "[d2@" in stored[1][1] and "[d3@" not in stored[1][1]
+    added = next(
+        e
+        for e in first
+        if e.type == "thread.item.added" and e.data["item"]["type"] == "assistant_message"
+    )
+    assert added.data["item"]["id"] in stored[1][1]
+    assert "cancelled" in stored[2][1]
 
 
 async def test_prune_deletes_run_logs_past_the_retention(

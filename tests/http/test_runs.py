@@ -42,6 +42,7 @@ from tests.harness.runs import (
 )
 
 DEADLINE = 60  # seconds; only against hangs
+ORIGIN = "https://app.example"
 DELTAS = 6
 RUN_ENV = {
     "RUN_HEARTBEAT_SECONDS": "0.3",
@@ -49,6 +50,7 @@ RUN_ENV = {
     "RUN_POLL_SECONDS": "0.05",
     "STREAM_LEASE_SECONDS": "3",
     "MAX_STREAMS_PER_USER": "2",
+    "CORS_ORIGINS": ORIGIN,
 }
 
 
@@ -116,10 +118,13 @@ async def start_reply(
     """An opted-in ``threads.create`` on ``client``, read until delta ``stop_at`` (held there,
     unacknowledged); the connection is closed on return. (run_id, events read)."""
     body = threads_create_body(pace_prompt(DELTAS, 0, lockstep=lockstep))
-    headers = {**auth(user), **RESUMABLE, "Accept": "text/event-stream"}
+    headers = {**auth(user), **RESUMABLE, "Accept": "text/event-stream", "Origin": ORIGIN}
     async with client.stream("POST", "/chatkit", json=body, headers=headers) as response:
         assert response.status_code == 200, await response.aread()
         run_id = response.headers["x-chatkit-run"]
+        # A browser's script may read it.
+        exposed = response.headers["access-control-expose-headers"].lower().split(", ")
+        assert "x-chatkit-run" in exposed
         events = await read_events(response, lockstep, stop_at_delta=stop_at)
     return run_id, events
 

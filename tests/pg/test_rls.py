@@ -46,10 +46,12 @@ from app.background import TaskRegistry
 from app.cli.prune import prune
 from app.errors import ConfigurationError, TooManyRequestsError
 from app.files.store import PgAttachmentStore
+from app.ids import new_id
 from app.pg.admission import PendingAdmission, pending_admission
 from app.pg.engine import create_engine
 from app.pg.limits import Limits
 from app.pg.pool import ConnectionPool, open_pool
+from app.pg.runlog import RunLog
 from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.files import test_attachments as attachments_suite
@@ -352,6 +354,11 @@ async def _seed_two_users(store: PostgresStore, config: Settings) -> None:
         )
         await limits.admit(ctx["user_id"])
         await limits.lease(ctx["user_id"], thread.id)
+        # app.pg.runlog's rows: a resumable reply with one event logged.
+        runlog = RunLog(store.pool, retention_seconds=600)
+        run_id = new_id("run")
+        await runlog.start(ctx["user_id"], run_id, thread.id)
+        assert await runlog.append(ctx["user_id"], run_id, 1, ["data: {}"], "running") is False
 
 
 async def test_unscoped_select_sees_only_the_user_set_and_nothing_without(

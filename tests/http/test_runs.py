@@ -415,6 +415,7 @@ async def test_prune_deletes_run_logs_past_the_retention(
     """Ended runs past RUN_EVENTS_RETENTION_SECONDS go, and so do runs whose process died
     with nobody resuming them (their heartbeat stopped as long ago); their events with them."""
     user = new_user()
+    await prune(engine, test_settings)  # what earlier tests left past the retention
     conn = await asyncpg.connect(PgServer.dsn(database_url))
     try:
         for run in ("run_old_ended", "run_old_silent", "run_recent"):

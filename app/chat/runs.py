@@ -53,14 +53,28 @@ class RunOptions:
     max_seconds: float = 900.0
 
 
+def frames(run_id: str, first_seq: int, blocks: Sequence[bytes]) -> bytes:
+    """Events numbered from ``first_seq``, as one chunk (one write for all that waited)."""
+    prefix = b"id: " + run_id.encode() + b":"
+    return b"".join(
+        prefix + str(first_seq + i).encode() + b"\n" + block + b"\n\n"
+        for i, block in enumerate(blocks)
+    )
+
+
 def frame(run_id: str, seq: int, block: str) -> bytes:
     """One SSE event as sent: its ``id:`` line, then its own lines."""
     return f"id: {run_id}:{seq}\n{block}\n\n".encode()
 
 
-def split_events(chunk: bytes) -> list[str]:
+def split_events(chunk: bytes) -> list[bytes]:
     """The SSE events of a chunk of the SDK's stream (each ``data: ...`` block)."""
-    return [b.decode() for b in chunk.split(b"\n\n") if b.strip()]
+    return [b for b in chunk.split(b"\n\n") if b.strip()]
+
+
+def as_text(blocks: Sequence[bytes]) -> list[str]:
+    """Blocks as the log stores them, decoded in one go (a block of JSON holds no NUL)."""
+    return b"\x00".join(blocks).decode().split("\x00") if blocks else []
 
 
 class Run:
@@ -81,7 +95,7 @@ class Run:
         self._source = source
         self._error_chunk = error_chunk
         self._on_end = on_end
-        self.events: list[str] = []
+        self.events: list[bytes] = []
         self.logged = 0  # events written to the log
         self.state = RUNNING  # the driver's outcome, once it has ended
         self.driven = False  # the driver has ended
@@ -101,7 +115,7 @@ class Run:
         if self._driver is not None and not self._driver.done():
             self._driver.cancel()
 
-    def _add(self, block: str) -> None:
+    def _add(self, block: bytes) -> None:
         self.events.append(block)
         self._changed.set()
         self._waiting.set()
@@ -153,7 +167,7 @@ class Run:
                 state = self.state if driven else RUNNING
                 try:
                     answer = await self.registry.runlog.append(
-                        self.user_id, self.id, self.logged + 1, batch, state
+                        self.user_id, self.id, self.logged + 1, as_text(batch), state
                     )
                 except Exception as exc:
                     failing_since = failing_since or loop.time()
@@ -180,9 +194,10 @@ class Run:
         """The events after seq ``after``, then each as it comes, until the reply ends."""
         seq = after
         while True:
-            while seq < len(self.events):
-                seq += 1
-                yield frame(self.id, seq, self.events[seq - 1])
+            while seq < len(self.events):  # checked again after each yield (an await)
+                waiting = self.events[seq:]
+                yield frames(self.id, seq + 1, waiting)
+                seq += len(waiting)
             if self.driven:
                 if self.lost:  # as followers elsewhere end it (``follow_log``)
                     yield frame(self.id, seq + 1, LOST_EVENT)

@@ -48,6 +48,7 @@ from app.errors import (
 from app.files.routes import files_router
 from app.files.store import PgAttachmentStore
 from app.http import devpage
+from app.http import runs as run_routes
 from app.http.auth import TokenVerifier, check_auth_settings
 from app.http.endpoint import chatkit_endpoint
 from app.http.health import alembic_heads
@@ -112,6 +113,7 @@ def create_app(
     # A plain Starlette route: the endpoint reads the request itself, so FastAPI's dependency
     # machinery would only add cost to every ChatKit call.
     app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
+    run_routes.install(app, settings.chatkit_path)  # resumable replies (docs/runs.md)
     # Attachment bytes (app.files.routes): uploads, downloads, signed previews; errors go to the
     # handlers below like every other route's.
     app.include_router(files_router(bearer_user))
@@ -123,7 +125,7 @@ def create_app(
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID"],
+            expose_headers=["X-Request-ID", run_routes.RUN_HEADER],
             max_age=600,
         )
     app.add_middleware(AccessLogMiddleware, metrics=metrics, chatkit_path=settings.chatkit_path)
@@ -232,6 +234,8 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
             limits=limits,
             attachments=attachments,
             identity=identity,
+            # Resumable replies (docs/runs.md).
+            runs=run_routes.build_registry(pool, tasks, settings, server),
         )
         log.info(
             "chatkit-pg ready",

@@ -269,6 +269,45 @@ class Settings(BaseSettings):
         "every third of this; a crashed process's claims expire after it (so short: a user "
         "whose replies were cut by a crash is not locked out for long).",
     )
+    run_events_retention_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long a resumable reply's events stay readable after it ended "
+        "(docs/runs.md); later, resuming it answers 404.",
+    )
+    run_flush_seconds: float = Field(
+        default=0.1,
+        gt=0,
+        le=5,
+        description="A resumable reply's events are logged in batches: at most this long "
+        "after the first waiting one (or at RUN_FLUSH_EVENTS).",
+    )
+    run_flush_events: int = Field(
+        default=64, ge=1, le=10_000, description="Events that make a batch of the run log."
+    )
+    run_heartbeat_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="A running resumable reply writes at least this often (its heartbeat; "
+        "it also reads back cancels asked for through another process).",
+    )
+    run_dead_after_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="A running reply whose process wrote nothing for this long is declared "
+        "lost by its resumers (one final error event); keep it several heartbeats long.",
+    )
+    run_poll_seconds: float = Field(
+        default=0.1,
+        gt=0,
+        description="How often a resumer in another process than the reply's reads the log.",
+    )
+    run_max_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="A resumable reply, detached from its connection, is stopped (as by a "
+        "cancel) after running this long.",
+    )
     thread_busy_wait_seconds: float = Field(
         default=10.0,
         ge=0,

@@ -91,6 +91,14 @@ SQL_DELETE_THREADS = (
     "DELETE FROM chatkit_threads t USING unnest($1::text[], $2::text[]) AS v(user_id, id) "
     "WHERE t.user_id = v.user_id AND t.id = v.id"
 )
+# Resumable replies' logs (docs/runs.md) past RUN_EVENTS_RETENTION_SECONDS: ended, or never
+# ended because their process died and no resumer came (their heartbeat stopped). Their
+# events go with them (ON DELETE CASCADE).
+SQL_COUNT_OLD_RUNS = "SELECT count(*) FROM chatkit_runs WHERE coalesce(ended_at, heartbeat_at) < $1"
+SQL_DELETE_OLD_RUNS = (
+    "WITH d AS (DELETE FROM chatkit_runs WHERE coalesce(ended_at, heartbeat_at) < $1 "
+    "RETURNING 1) SELECT count(*) FROM d"
+)
 
 
 @dataclass
@@ -105,6 +113,7 @@ class PruneReport:
     feedback: int = 0
     thread_attachments: int = 0
     thread_attachment_bytes: int = 0
+    runs: int = 0
 
     def summary(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
@@ -112,6 +121,7 @@ class PruneReport:
             f"{verb} {self.orphan_attachments} unattached upload(s) "
             f"({self.orphan_bytes} bytes) created before {self.orphan_cutoff}"
         )
+        text += f"; {verb} {self.runs} expired run log(s)"
         if self.retention_cutoff is None:
             return text + "; thread retention is off (RETENTION_DAYS unset)"
         return text + (
@@ -157,6 +167,9 @@ async def prune(
         if retention_cutoff is not None:
             await _prune_threads(conn, report, retention_cutoff, dry_run, batch)
         await _prune_orphans(conn, report, orphan_cutoff, dry_run, batch)
+        runs_cutoff = now - timedelta(seconds=settings.run_events_retention_seconds)
+        sql = SQL_COUNT_OLD_RUNS if dry_run else SQL_DELETE_OLD_RUNS
+        report.runs = int(await conn.fetchval(sql, runs_cutoff))
     return report
 
 

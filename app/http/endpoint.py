@@ -31,6 +31,7 @@ from app.errors import (
 )
 from app.files.uploads import declared_length
 from app.http.middleware import RequestInfo, request_info
+from app.http.runs import resumable_runs, start_run
 from app.http.runtime import Runtime
 from app.http.sse import SSE_HEADERS, EventPump, SSEResponse
 from app.ids import check_ids
@@ -190,6 +191,8 @@ async def _serve(
         runtime.open_streams += 1
     handed_over = False
     lease: StreamLease | None = None
+    runs = resumable_runs(request) if streaming else None  # opted in (app.http.runs)
+    run_id: str | None = None
     try:
         checked = await server.precheck(chatkit_request, context)
         if limits is not None and streaming:
@@ -204,6 +207,10 @@ async def _serve(
                     error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS
                 )
         try:
+            if runs is not None:
+                run_id = await runs.create(
+                    user_id, thread_id if isinstance(thread_id, str) else None
+                )
             result = await server.process_parsed(chatkit_request, context, checked)
         except BaseException:
             if lease is not None:
@@ -219,6 +226,9 @@ async def _serve(
     info.streaming = True
     metrics = runtime.metrics
     op = chatkit_request.type
+    if runs is not None and run_id is not None:  # detached: the run gives the slot back
+        source = result if lease is None else lease.hold(result)
+        return start_run(runtime, runs, run_id, user_id, source, op)
     watch = Stopwatch()
     metrics.active_streams.inc()
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from app.background import TaskRegistry
 from app.chat.agent import ModelSetup
 from app.chat.identity import IdentitySigner
+from app.chat.runs import RunRegistry
 from app.chat.server import ChatKitPgServer
 from app.files.store import PgAttachmentStore
 from app.http.auth import TokenVerifier
@@ -34,6 +35,8 @@ class Runtime:
     attachments: PgAttachmentStore | None = None
     # The key signing MCP identity tokens (app.chat.identity; its JWKS route reads it here).
     identity: IdentitySigner | None = None
+    # Resumable replies (app.chat.runs, docs/runs.md).
+    runs: RunRegistry | None = None
     # Whether PostgreSQL applies row-level security to our role; learnt by the first /readyz.
     row_security: bool | None = None
     # Replies this process is streaming now (for MAX_STREAMS_PER_PROCESS).

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -199,3 +200,45 @@ class StreamLeaseRow(SQLModel, table=True):
     thread_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     expires_at: datetime = Field(sa_column=_ts())
     created_at: datetime = Field(sa_column=_ts(default_now=True))
+
+
+class RunRow(SQLModel, table=True):
+    """A resumable reply (app.chat.runs, docs/runs.md): its state, the last event logged, the
+    heartbeat of the process running it, and whether a cancel was asked for. Written once per
+    batch of events, so UNLOGGED like the limiter's rows (migration 0006 says why)."""
+
+    __tablename__ = "chatkit_runs"
+    __table_args__ = {"prefixes": ["UNLOGGED"]}
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    thread_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    state: str = Field(sa_column=Column(Text, nullable=False, server_default=text("'running'")))
+    last_seq: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("0")))
+    cancel_requested: bool = Field(
+        sa_column=Column(Boolean, nullable=False, server_default=text("false"))
+    )
+    heartbeat_at: datetime = Field(sa_column=_ts(default_now=True))
+    ended_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    created_at: datetime = Field(sa_column=_ts(default_now=True))
+
+
+class RunEventRow(SQLModel, table=True):
+    """One SSE event of a resumable reply, as sent (without its ``id:`` line)."""
+
+    __tablename__ = "chatkit_run_events"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["user_id", "run_id"],
+            ["chatkit_runs.user_id", "chatkit_runs.id"],
+            ondelete="CASCADE",
+        ),
+        {"prefixes": ["UNLOGGED"]},
+    )
+
+    user_id: str = Field(sa_column=Column(Text, primary_key=True))
+    run_id: str = Field(sa_column=Column(Text, primary_key=True))
+    seq: int = Field(sa_column=Column(Integer, primary_key=True))
+    data: str = Field(sa_column=Column(Text, nullable=False))

@@ -36,6 +36,8 @@ ROLE_TABLES = (
     "chatkit_feedback",
     "chatkit_rate_limits",
     "chatkit_stream_leases",
+    "chatkit_runs",
+    "chatkit_run_events",
 )
 CONTENT_TABLES = ROLE_TABLES[:5]
 

@@ -10,7 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.background import TaskRegistry
 from app.files.store import PgAttachmentStore
+from app.ids import new_id
 from app.pg.limits import Limits
+from app.pg.runlog import RunLog
 from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.harness import factories as f
@@ -59,3 +61,8 @@ async def seed_two_users(store: PostgresStore, config: Settings) -> None:
         )
         await limits.admit(ctx["user_id"])
         await limits.lease(ctx["user_id"], thread.id)
+        # app.pg.runlog's rows: a resumable reply with one event logged.
+        runlog = RunLog(store.pool, retention_seconds=600)
+        run_id = new_id("run")
+        await runlog.start(ctx["user_id"], run_id, thread.id)
+        assert await runlog.append(ctx["user_id"], run_id, 1, ["data: {}"], "running") is False

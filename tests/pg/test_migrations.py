@@ -88,8 +88,9 @@ async def test_drift_detector_can_fail(scratch_db: str) -> None:
     assert any("add_index" in str(d) for d in diff), diff
 
 
-async def test_only_the_limits_tables_are_unlogged(scratch_db: str) -> None:
-    """The limiter's rows skip the WAL (and are emptied by a crash); conversations never do."""
+async def test_only_the_limits_and_run_log_tables_are_unlogged(scratch_db: str) -> None:
+    """The limiter's rows and the run log skip the WAL (and are emptied by a crash);
+    conversations never do."""
     await asyncio.to_thread(migrate, scratch_db)
     conn = await asyncpg.connect(PgServer.dsn(scratch_db))
     try:
@@ -100,7 +101,12 @@ async def test_only_the_limits_tables_are_unlogged(scratch_db: str) -> None:
     finally:
         await conn.close()
     unlogged = {r[0] for r in rows if r[1] == b"u"}  # a "char": bytes
-    assert unlogged == {"chatkit_rate_limits", "chatkit_stream_leases"}
+    assert unlogged == {
+        "chatkit_rate_limits",
+        "chatkit_stream_leases",
+        "chatkit_runs",
+        "chatkit_run_events",
+    }
     assert {r[0] for r in rows} == TABLES
     # The models say the same, so a table made from them would match.
     assert {t.name for t in metadata.sorted_tables if "UNLOGGED" in t._prefixes} == unlogged

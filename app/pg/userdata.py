@@ -91,6 +91,8 @@ ERASE_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     # On a Citus cluster these stay on the coordinator (app.cli.distribute).
     "limits": ("chatkit_rate_limits", "chatkit_stream_leases"),
+    # Resumable replies' logs (app.pg.runlog); on a Citus cluster on the coordinator too.
+    "runs": ("chatkit_run_events", "chatkit_runs"),
 }
 """Each group is erased in one transaction of its own. Table names are constants."""
 SQL_ERASE = {t: f"DELETE FROM {t} WHERE user_id = $1" for g in ERASE_GROUPS.values() for t in g}  # noqa: S608

@@ -122,6 +122,16 @@ async def seed_user(
         user_id,
         f"lease_{user_id}",
     )
+    # A resumable reply's log (app.pg.runlog): the run and two of its events.
+    await conn.execute(
+        "INSERT INTO chatkit_runs (user_id, id, last_seq) VALUES ($1, $2, 2)",
+        user_id,
+        f"run_{user_id}",
+    )
+    await conn.executemany(
+        "INSERT INTO chatkit_run_events (user_id, run_id, seq, data) VALUES ($1, $2, $3, 'data: {}')",
+        [(user_id, f"run_{user_id}", seq) for seq in (1, 2)],
+    )
     if tasks and await conn.fetchval(TASKS_TABLE_EXISTS):
         for title in tasks:
             await conn.execute(
@@ -161,6 +171,8 @@ USER_TABLES = (
     "chatkit_attachment_blobs",
     "chatkit_rate_limits",
     "chatkit_stream_leases",
+    "chatkit_runs",
+    "chatkit_run_events",
 )
 
 

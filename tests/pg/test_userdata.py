@@ -81,6 +81,7 @@ async def test_export_erase_export(ustore: PostgresStore, plugins: PluginSet) ->
         "chatkit_threads": len(alice.threads),
     }
     assert report.groups["limits"] == {"chatkit_rate_limits": 1, "chatkit_stream_leases": 1}
+    assert report.groups["runs"] == {"chatkit_run_events": 2, "chatkit_runs": 1}
     assert report.groups["plugin tasks"] == {"plugin_tasks": len(alice.tasks)}
     async with ustore.connection() as conn:
         assert set((await row_counts(conn, "alice")).values()) == {0}

@@ -94,6 +94,14 @@ def checked_out(pool: ConnectionPool) -> int:
     return pool.in_use
 
 
+def all_seen_closed(pool: ConnectionPool) -> bool:
+    """Whether asyncpg has seen every pooled connection's socket close. The proxy drops a link
+    before the app's end has read the FIN: until asyncpg processes it, the pool cannot know the
+    connection is dead, and a request borrowing it then is a 503 by luck, not by design."""
+    holders = pool.pool._holders  # asyncpg's pool keeps no public view of its connections
+    return all(h._con is None or h._con.is_closed() for h in holders)
+
+
 async def pooled_pid(pool: ConnectionPool) -> int:
     """The server pid of the connection the pool hands out next (with one pooled connection,
     *the* connection)."""

@@ -42,6 +42,7 @@ from tests.harness.faults import (
     RECOVERY_SECONDS,
     SLACK_SECONDS,
     GatedModel,
+    all_seen_closed,
     assert_unavailable,
     checked_out,
     now,
@@ -197,6 +198,7 @@ async def test_terminated_idle_connections_are_renewed(
     )
     assert all(row[0] for row in killed)
     await until(value(lambda: proxy.open_connections == 0), "the proxy to see them close")
+    await until(value(lambda: all_seen_closed(pool)), "the app's driver to see them close")
 
     started = now()
     listed = await client.request("threads.list", {})  # the very next request

@@ -267,7 +267,7 @@ class Deployment:
             "OPENAI_API_KEY": "unused-by-the-fake",
             "OPENAI_BASE_URL": f"http://{subnet[1]}:{model_port}/v1",
             "MODEL_NAME": "fake",
-            "THREAD_TITLES": "false",
+            "THREAD_TITLES": "off",
             # A short drain, so a stopped replica cuts its open streams quickly.
             "GRACEFUL_SHUTDOWN_SECONDS": "3",
         }

@@ -13,7 +13,7 @@
 #
 # The stand-ins that download during a build (python: uv sync; node: npm ci) carry this
 # machine's CA bundle: package downloads here pass a proxy with its own certificate authority.
-# Idempotent: an image whose label `files` matches the digest of its inputs is kept. Prints one
+# Idempotent: an image whose label `files` matches the key of its inputs (key_of) is kept. Prints one
 # line per image: name, size, seconds spent building it (0 when kept).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -27,8 +27,20 @@ NODE_TAG=node:22-bookworm-slim
 NGINX_TAG=nginx:1.28-alpine
 POSTGRES_TAG=postgres:16-bookworm
 
-digest() { cat "$@" | sha256sum | cut -c1-12; }
-current() { [ "$(docker image inspect -f '{{index .Config.Labels "files"}}' "$1" 2>/dev/null)" = "$2" ]; }
+# A stand-in's cache key: the code that makes it (its function and the rootfs helper, so an edit
+# elsewhere in this file rebuilds nothing) and the files it takes in.
+key_of() {
+  local fn=$1
+  shift
+  { declare -f rootfs "$fn"; cat "$@"; } | sha256sum | cut -c1-12
+}
+current() {
+  [ "$(docker image inspect -f '{{index .Config.Labels "files"}}' "$1" 2>/dev/null)" = "$2" ] && return
+  # Out of date: the image it replaces is removed once the new one has its name.
+  replaced+=("$(docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true)")
+  return 1
+}
+replaced=()
 report() {
   local size
   size=$(docker image inspect -f '{{.Size}}' "$1")
@@ -49,7 +61,7 @@ trap 'rm -rf "$work"' EXIT
 
 python_standin() {
   local key start
-  key=$(digest "$0" "$bundle")
+  key=$(key_of python_standin "$bundle")
   if current "$PYTHON_TAG" "$key"; then report "$PYTHON_TAG" 0; return; fi
   start=$SECONDS
   rootfs trixie python3,ca-certificates "$work/python.tar" \
@@ -65,7 +77,7 @@ python_standin() {
 
 uv_standin() {
   local key start
-  key=$(echo "$UV_VERSION" | cat "$0" - | sha256sum | cut -c1-12)
+  key=$(echo "$UV_VERSION" | key_of uv_standin -)
   if current "$UV_TAG" "$key"; then report "$UV_TAG" 0; return; fi
   start=$SECONDS
   python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
@@ -81,7 +93,7 @@ uv_standin() {
 
 node_standin() {
   local key start
-  key=$(digest "$0" "$bundle")
+  key=$(key_of node_standin "$bundle")
   if current "$NODE_TAG" "$key"; then report "$NODE_TAG" 0; return; fi
   start=$SECONDS
   rootfs trixie nodejs,npm,ca-certificates "$work/node.tar" \
@@ -95,7 +107,7 @@ node_standin() {
 
 nginx_standin() {
   local key start
-  key=$(digest "$0" "$here/nginx-entrypoint.sh")
+  key=$(key_of nginx_standin "$here/nginx-entrypoint.sh")
   if current "$NGINX_TAG" "$key"; then report "$NGINX_TAG" 0; return; fi
   start=$SECONDS
   # Like the official image: nginx.conf includes only conf.d/*.conf (no sites-enabled), logs
@@ -130,3 +142,6 @@ uv_standin
 node_standin
 nginx_standin
 postgres_standin
+for id in "${replaced[@]}"; do
+  [ -n "$id" ] && docker rmi "$id" >/dev/null 2>&1 || true
+done

@@ -98,18 +98,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 async def _until_ready(stack: Stack) -> None:
-    """Bounded wait for /readyz through nginx (compose has already waited for health)."""
+    """Bounded wait for /readyz through nginx (compose has already waited for health); on
+    failure, the last answer and what nginx logged say which part is broken."""
     deadline = time.monotonic() + READY_SECONDS
+    last = "no answer"
     async with stack.client() as http:
         while True:
             try:
-                if (await http.get("/readyz")).status_code == 200:
+                answer = await http.get("/readyz")
+                if answer.status_code == 200:
                     return
-            except httpx.TransportError:
-                pass
+                last = f"{answer.status_code} {answer.text[:200]}"
+            except httpx.TransportError as exc:
+                last = repr(exc)
             if time.monotonic() > deadline:
+                (nginx,) = stack.d.containers("nginx") or ["nginx-not-running"]
                 raise AssertionError(
-                    "the stack never became ready:\n" + stack.d.compose("ps", check=False)
+                    f"/readyz through nginx never answered 200; last: {last}\n"
+                    f"nginx's log ends:\n{stack.d.logs(nginx)[-1500:]}"
                 )
             await asyncio.sleep(1)
 
@@ -312,7 +318,9 @@ async def test_a_replica_stopped_mid_stream(stack: Stack) -> None:
                     chat_stream(http, stack.token(f"u{i}"), "hold 3", None, events[i])
                 )
             )
+            deadline = time.monotonic() + READY_SECONDS
             while len(stack.model.streams) < before + i + 1 or stack.model.streams[-1].sent < 3:
+                assert time.monotonic() < deadline, "a stream never reached the model"
                 await asyncio.sleep(0.05)
             peers.add(stack.model.streams[-1].peer)
             if len(peers) == 2 and i >= 1:
@@ -330,6 +338,8 @@ async def test_a_replica_stopped_mid_stream(stack: Stack) -> None:
         stack.model.release.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for stream, result, got in zip(opened, results, events, strict=False):
+            ending = got[-1]["type"] if got else None
+            print(f"stream on {stream.peer}: last event {ending}, outcome {type(result).__name__}")
             if stream.peer == victim_ip:
                 # Cut short: the model's end never reached the client.
                 assert "thread.item.done" not in {e.get("type") for e in got[-1:]} or isinstance(

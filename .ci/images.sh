@@ -24,9 +24,10 @@ web=${CHATKIT_WEB_IMAGE:-chatkit-pg-web:local}
 log=${CHATKIT_CI_CACHE:-/var/cache/chatkit-pg-ci}/images.log
 mkdir -p "$(dirname "$log")"
 one() {
-  local tag=$1 start
+  local tag=$1 start old
   shift
   start=$SECONDS
+  old=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
   if ! "${build[@]}" --progress=plain -t "$tag" "$@" >"$log" 2>&1; then
     tail -40 "$log" >&2
     echo "building $tag failed (whole log: $log)" >&2
@@ -34,6 +35,10 @@ one() {
   fi
   printf '%-32s %6s MB %4ss\n' "$tag" "$(($(docker image inspect -f '{{.Size}}' "$tag") / 1000000))" \
     "$((SECONDS - start))"
+  # The image this build replaced (vfs keeps every layer whole): gone unless a container uses it.
+  if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]; then
+    docker rmi "$old" >/dev/null 2>&1 || true
+  fi
 }
 one "$backend" -f Dockerfile .
 # docker-compose.yml's build argument, with its default.

@@ -43,6 +43,7 @@ lint: install
 	$(VENV)/bin/ruff check app tests bench migrations examples
 	$(VENV)/bin/ruff format --check app tests bench migrations examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 fmt: install
 	$(VENV)/bin/ruff check --fix app tests bench migrations examples

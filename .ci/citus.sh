@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and installs Citus (test infrastructure for tests/test_citus*.py) into the machine's
+# Builds and installs Citus (test infrastructure for tests/citus/) into the machine's
 # PostgreSQL 15 when it is missing. Citus is not packaged for this Debian and cannot be
 # downloaded here: its source release sits next to the repository in ../shared/vendor/citus.
 # Nothing of Citus is committed into the project. Idempotent: does nothing when installed.

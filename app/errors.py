@@ -75,7 +75,7 @@ class ItemConflictError(AppError):
     """A thread item added under an id the thread already holds, with other content.
 
     Adding the very same item again (a retry) is harmless; anything else would overwrite what
-    is stored, such as a structured input the user has answered (app.store)."""
+    is stored, such as a structured input the user has answered (app.pg.store)."""
 
     status_code = 409
     code = "item_conflict"
@@ -132,7 +132,7 @@ class ConfigurationError(Exception):
 
 
 class ActionRejectedError(InvalidInputError):
-    """A plugin's widget-action handler refused the action's payload (app.plugins).
+    """A plugin's widget-action handler refused the action's payload (app.chat.plugins).
 
     Raised by plugin code before any event is streamed, so the client gets a 400 with this
     message; write it for the user, never with exception text inside."""
@@ -141,7 +141,7 @@ class ActionRejectedError(InvalidInputError):
     public_message = "The action was rejected."
 
 
-# --- attachments (app.attachments, app.content, app.signing, app.uploads) ---
+# --- attachments (app.files.store, app.files.content, app.files.signing, app.files.uploads) ---
 
 
 class FileTooLargeError(PayloadTooLargeError):
@@ -168,7 +168,7 @@ class UploadConflictError(AppError):
 
 
 class AttachmentInUseError(AppError):
-    """An attachment belongs to the thread that first sent it (app.store): another thread may
+    """An attachment belongs to the thread that first sent it (app.pg.store): another thread may
     not send it, and it cannot be deleted while a message of its thread shows it."""
 
     status_code = 409

@@ -9,8 +9,8 @@ import time
 from chatkit.store import StoreItemType
 from pydantic import BaseModel
 
-from .errors import InvalidInputError
-from .sanitize import is_storable
+from app.errors import InvalidInputError
+from app.sanitize import is_storable
 
 PREFIXES: dict[str, str] = {
     "thread": "thr",
@@ -23,7 +23,7 @@ PREFIXES: dict[str, str] = {
 }
 
 MAX_USER_ID_CHARS = 255
-"""The longest user id a token may name (app.auth), or a signed URL carry (app.signing)."""
+"""The longest user id a token may name (app.http.auth), or a signed URL carry (app.files.signing)."""
 MAX_ID_CHARS = 128
 """The longest id a client may send. Ids are key columns: the feedback table's primary key
 holds a user id (``MAX_USER_ID_CHARS``), a thread id and an item id, and a B-tree
@@ -33,7 +33,7 @@ characters, the SDK's about 12."""
 
 ID_FIELDS = frozenset({"thread_id", "item_id", "attachment_id", "item_ids", "after", "attachments"})
 """The fields of the ChatKit protocol's requests that name stored objects, at any depth
-(``params.input.attachments`` too); tests/test_input_bounds.py checks the SDK has no others."""
+(``params.input.attachments`` too); tests/http/test_input_bounds.py checks the SDK has no others."""
 
 
 def new_id(kind: StoreItemType | str) -> str:

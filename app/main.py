@@ -21,45 +21,45 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import devpage
-from .agent import (
+from app.background import TaskRegistry
+from app.chat.agent import (
     build_agent,
     build_title_agent,
     choose_model,
     connect_mcp_servers,
     load_instructions,
 )
-from .agent_run import PacedModel
-from .attachments import PgAttachmentStore
-from .auth import TokenVerifier, check_auth_settings
-from .background import TaskRegistry
-from .context import RequestContext
-from .converter import AttachmentConverter
-from .db import aresolve_database_url
-from .dictation import build_transcriber
-from .endpoint import chatkit_endpoint
-from .errors import (
+from app.chat.agent_run import PacedModel
+from app.chat.converter import AttachmentConverter
+from app.chat.dictation import build_transcriber
+from app.chat.identity import load_identity
+from app.chat.identity import router as identity_router
+from app.chat.plugins import load_plugins
+from app.chat.server import ChatKitPgServer, ServerOptions
+from app.context import RequestContext
+from app.errors import (
     AppError,
     AuthenticationError,
     ConfigurationError,
     RetryLaterError,
     ServiceUnavailableError,
 )
-from .files import files_router
-from .identity import load_identity
-from .identity import router as identity_router
-from .limits import Limits
-from .metered_store import MeteredStore
-from .middleware import RequestContextMiddleware, request_info
-from .observability import Metrics, configure_logging, user_id_var
-from .ops import alembic_heads
-from .ops import router as ops_router
-from .plugins import load_plugins
-from .pool import open_pool
-from .runtime import Runtime
-from .server import ChatKitPgServer, ServerOptions
-from .settings import Settings, get_settings
-from .store import PostgresStore
+from app.files.routes import files_router
+from app.files.store import PgAttachmentStore
+from app.http import devpage
+from app.http.auth import TokenVerifier, check_auth_settings
+from app.http.endpoint import chatkit_endpoint
+from app.http.health import alembic_heads
+from app.http.health import router as ops_router
+from app.http.middleware import RequestContextMiddleware, request_info
+from app.http.runtime import Runtime
+from app.observability import Metrics, configure_logging, user_id_var
+from app.pg.engine import aresolve_database_url
+from app.pg.limits import Limits
+from app.pg.metered import MeteredStore
+from app.pg.pool import open_pool
+from app.pg.store import PostgresStore
+from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def create_app(
     # A plain Starlette route: the endpoint reads the request itself, so FastAPI's dependency
     # machinery would only add cost to every ChatKit call.
     app.add_route(settings.chatkit_path, chatkit_endpoint, methods=["POST"])
-    # Attachment bytes (app.files): uploads, downloads, signed previews; errors go to the
+    # Attachment bytes (app.files.routes): uploads, downloads, signed previews; errors go to the
     # handlers below like every other route's.
     app.include_router(files_router(bearer_user, handle_errors=False))
     if settings.cors_origins:
@@ -169,7 +169,7 @@ async def _resources(app: FastAPI) -> AsyncIterator[None]:
         mcp_servers = await connect_mcp_servers(settings, stack, identity)
         agent = build_agent(
             plugins.instructions(load_instructions(settings)),
-            PacedModel(model.model),  # waits for the reply's reader (app.agent_run)
+            PacedModel(model.model),  # waits for the reply's reader (app.chat.agent_run)
             mcp_servers,
             max_output_tokens=settings.max_output_tokens,
             tools=plugins.tools,

@@ -380,7 +380,7 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    # --- identity tokens for MCP servers (issue 12, app/identity.py) -------------------------
+    # --- identity tokens for MCP servers (issue 12, app/chat/identity.py) -------------------------
     identity_signing_key_file: Path | None = Field(
         default=None,
         description="PEM Ed25519 private key signing the identity tokens sent to MCP servers; "
@@ -406,7 +406,7 @@ class Settings(BaseSettings):
     # --- plugins and dictation (issue 12) -------------------------------------------------
     chatkit_plugins: CommaList = Field(
         default_factory=list,
-        description="Comma-separated `module:attribute` plugins loaded at startup (app.plugins, "
+        description="Comma-separated `module:attribute` plugins loaded at startup (app.chat.plugins, "
         "docs/customising.md).",
     )
     transcription_model: str | None = Field(

@@ -1,6 +1,6 @@
 """Attachment benchmark: file bytes through the HTTP endpoints against raw asyncpg.
 
-A real uvicorn process serves the file endpoints (``app.files``) on loopback, on a fresh migrated
+A real uvicorn process serves the file endpoints (``app.files.routes``) on loopback, on a fresh migrated
 database of the same PostgreSQL the tests use. Two parts:
 
 * **throughput**: upload (``POST /files``, multipart) and download (``GET /files/{id}``) of a
@@ -40,10 +40,10 @@ import httpx
 import jwt
 import psutil
 
-from app.attachments import CHUNK_SIZE
+from app.files.store import CHUNK_SIZE
 from app.settings import PROJECT_ROOT
 from bench import RESULTS_DIR
-from tests.pgharness import PgServer, describe, migrate, postgres_server
+from tests.harness.pg import PgServer, describe, migrate, postgres_server
 
 MiB = 1024 * 1024
 FILE_BYTES = 10 * MiB

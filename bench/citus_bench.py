@@ -1,20 +1,20 @@
 """Citus benchmark: every ``PostgresStore`` method on a 3-node cluster against one PostgreSQL.
 
 Both sides are private servers started for the run from the same binaries (the machine's
-PostgreSQL 15, tests/citusharness.py) with the same options, reached over TCP on 127.0.0.1:
+PostgreSQL 15, tests/harness/citus.py) with the same options, reached over TCP on 127.0.0.1:
 
 * ``single``: one plain node (no Citus loaded), migrated;
 * ``citus``: a coordinator and two workers, migrated and distributed (``python -m app
   distribute``'s function), the store talking to the coordinator.
 
-Each side's store is the app's own (``app.pool.open_pool``, the app's settings) connecting as
+Each side's store is the app's own (``app.pg.pool.open_pool``, the app's settings) connecting as
 a role without BYPASSRLS, as production does. Each round runs every method on both sides, the
 side order alternating from round to round; a side's figure for a round is the mean over
 ``CALLS`` back-to-back calls, and we quote, per method, the median over rounds and the ratio of
 the medians, citus/single. Rows a call consumes (deletes) are made before its batch, untimed.
 
 It also counts the statements that are single-shard on the cluster (one task in Citus' EXPLAIN,
-no subplan; tests/test_citus.py asserts it for every one).
+no subplan; tests/citus/test_citus.py asserts it for every one).
 
 On a machine with one cluster on its own cores this measures the price of the extra hop
 (coordinator to worker) and of the cluster's write transaction; it says nothing about the
@@ -38,14 +38,14 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from app.distribute import distribute, plain_dsn
-from app.pool import open_pool
+from app.cli.distribute import distribute, plain_dsn
+from app.pg.pool import open_pool
+from app.pg.store import PostgresStore
 from app.settings import PROJECT_ROOT, Settings
-from app.store import PostgresStore
-from tests import factories as f
-from tests.citusharness import NODE_OPTIONS, PG_BIN, citus_cluster, citus_missing
-from tests.pgharness import migrate
-from tests.pginstance import SYSTEM_USER, PgInstance, _prepare_for, _short_temp_root
+from tests.harness import factories as f
+from tests.harness.citus import NODE_OPTIONS, PG_BIN, citus_cluster, citus_missing
+from tests.harness.pg import migrate
+from tests.harness.pginstance import SYSTEM_USER, PgInstance, _prepare_for, _short_temp_root
 
 ROUNDS = int(os.environ.get("BENCH_CITUS_ROUNDS", "7"))
 CALLS = int(os.environ.get("BENCH_CITUS_CALLS", "60"))
@@ -64,7 +64,7 @@ async def _single_node() -> AsyncIterator[str]:
 
     root = _short_temp_root()
     user = SYSTEM_USER if os.geteuid() == 0 else None
-    from tests.citusharness import _free_ports
+    from tests.harness.citus import _free_ports
 
     [port] = _free_ports(1)
     options = NODE_OPTIONS.replace("-c shared_preload_libraries=citus ", "")
@@ -190,7 +190,7 @@ async def _batch(side: Side, method: str) -> float:
 
 
 async def _single_shard_share(url: str) -> dict[str, Any]:
-    from tests.test_citus import citus_statements, explain, single_shard
+    from tests.citus.test_citus import citus_statements, explain, single_shard
 
     conn = await asyncpg.connect(plain_dsn(url))
     try:

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from bench import RESULTS_DIR
-from tests.deployharness import (
+from tests.harness.deploy import (
     Backend,
     Nginx,
     StreamResult,
@@ -45,7 +45,7 @@ from tests.deployharness import (
     read_stream,
     threads_create_body,
 )
-from tests.pgharness import describe, migrate, postgres_server
+from tests.harness.pg import describe, migrate, postgres_server
 
 STREAMS = 100  # per path
 WARMUP = 3

@@ -36,9 +36,9 @@ import psutil
 
 from bench import RESULTS_DIR
 from bench.attachments_bench import _auth, _Sampler, uvicorn_process
-from tests.fake_openai import FakeChatCompletions
-from tests.loopback import serve
-from tests.pgharness import describe, migrate, postgres_server
+from tests.harness.fake_openai import FakeChatCompletions
+from tests.harness.loopback import serve
+from tests.harness.pg import describe, migrate, postgres_server
 
 MiB = 1024 * 1024
 TURNS = 6

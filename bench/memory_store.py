@@ -13,7 +13,7 @@ from chatkit.store import NotFoundError, Store, StoreItemType
 from chatkit.types import Attachment, FeedbackKind, Page, Thread, ThreadItem, ThreadMetadata
 
 from app.ids import new_id
-from app.store import MAX_PAGE_SIZE, user_id_of
+from app.pg.store import MAX_PAGE_SIZE, user_id_of
 
 
 def _key(created_at: datetime, seq: int) -> tuple[datetime, int]:

@@ -30,13 +30,19 @@ from agents.testing import ScriptedModel, assistant_message, function_call
 from alembic import command
 from pydantic import SecretStr
 
-from app.cli import alembic_config
+from app.chat.plugins import load_plugins
+from app.cli.commands import alembic_config
 from app.context import RequestContext
 from app.main import create_app
-from app.plugins import load_plugins
 from app.settings import Settings
-from tests.chatkit_client import JWT_TEST_SECRET, done_items, parse_sse, token_for, user_input
-from tests.pgharness import describe, postgres_server
+from tests.harness.chatkit_client import (
+    JWT_TEST_SECRET,
+    done_items,
+    parse_sse,
+    token_for,
+    user_input,
+)
+from tests.harness.pg import describe, postgres_server
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PLUGIN = "examples.plugin_tasks.plugin:plugin"

@@ -1,8 +1,8 @@
-"""The store's SQL as it was before row-level security (app/store.py at commit d18fa69).
+"""The store's SQL as it was before row-level security (app/pg/store.py at commit d18fa69).
 
 The store benchmark's ``pre`` side runs today's ``PostgresStore`` code with these statements
 swapped in, as the tables' owner: the store exactly as it was deployed before the second wall.
-Same names as app.store's module constants; the positional parameters are the same too.
+Same names as app.pg.store's module constants; the positional parameters are the same too.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-import app.store as store_module
-from app.sql import _PageSQL
+import app.pg.store as store_module
+from app.pg.sql import _PageSQL
 
 
 def _page_sql(table: str, scope: str, nscope: int, order: Literal["asc", "desc"]) -> _PageSQL:
@@ -32,7 +32,7 @@ def _page_sql(table: str, scope: str, nscope: int, order: Literal["asc", "desc"]
             f"ORDER BY {order_by} LIMIT {limit}) p ORDER BY p.{order_by.replace(', ', ', p.')}"
         ),
         exists=f"SELECT 1 FROM {table} WHERE {where} AND id = {cursor}",
-        # The limiter was folded into list pages later (app.admission); the benchmark calls the
+        # The limiter was folded into list pages later (app.pg.admission); the benchmark calls the
         # store with no admission pending, so these are never run.
         first_admitted="",
         after_admitted="",
@@ -85,7 +85,7 @@ PRE_RLS: dict[str, Any] = {
         "ORDER BY item_id"
     ),
 }
-assert set(PRE_RLS) <= set(vars(store_module)), "app.store renamed a statement"
+assert set(PRE_RLS) <= set(vars(store_module)), "app.pg.store renamed a statement"
 
 
 @contextmanager

@@ -22,9 +22,9 @@ from agents.items import TResponseInputItem, TResponseStreamEvent
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from app.chat.offline_model import _last_user_text, text_response_events
 from app.ids import new_id
 from app.main import create_app
-from app.offline_model import _last_user_text, text_response_events
 from app.settings import get_settings
 from bench.memory_store import MemoryStore
 

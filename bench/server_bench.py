@@ -51,7 +51,7 @@ from bench.httpload import (
     server_process,
     user_input,
 )
-from tests.pgharness import PgServer, describe, migrate, postgres_server
+from tests.harness.pg import PgServer, describe, migrate, postgres_server
 
 SHORT, LONG = 200, 2000
 STREAMS = {SHORT: 20, LONG: 5}

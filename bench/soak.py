@@ -30,7 +30,7 @@ stream, a malformed stream, a reply stored wrongly); failures the server reports
 ``error`` event: overload) are counted and printed, not asserted: this is a load run.
 
 Database: ``TEST_DATABASE_URL``, else ``DATABASE_URL`` (a server to create a fresh database
-on), else what ``tests.pgharness`` picks (a container, or the embedded PostgreSQL). Results:
+on), else what ``tests.harness.pg`` picks (a container, or the embedded PostgreSQL). Results:
 ``bench/results/soak.json``, the server's log in ``bench/results/soak-server.log``.
 """
 
@@ -66,7 +66,7 @@ from app.settings import PROJECT_ROOT, normalise_database_url
 from bench import RESULTS_DIR
 from bench.httpload import Connection, chatkit, http_request, user_input, wait_listening
 from bench.soak_app import delta_text
-from tests.pgharness import PgServer, describe, migrate, postgres_server
+from tests.harness.pg import PgServer, describe, migrate, postgres_server
 
 SECRET = "soak-secret-" + "s" * 40
 SAMPLE_SECONDS = 0.5

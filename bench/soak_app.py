@@ -33,9 +33,9 @@ from agents import Model, ModelResponse
 from agents.items import TResponseInputItem, TResponseStreamEvent
 from fastapi import FastAPI, Request
 
+from app.chat.offline_model import _last_user_text, text_response_events
 from app.ids import new_id
 from app.main import create_app
-from app.offline_model import _last_user_text, text_response_events
 from app.settings import get_settings
 
 LAG_INTERVAL = 0.010
@@ -71,7 +71,7 @@ class SoakModel(Model):
 
 
 class PoolWatch:
-    """An observer of the app's pool (``app.pool.PoolObserver``): how long each borrow waited
+    """An observer of the app's pool (``app.pg.pool.PoolObserver``): how long each borrow waited
     for a connection and how long it held it (checkout to checkin)."""
 
     def __init__(self) -> None:

@@ -19,8 +19,8 @@ What grew before (the issue measured 162 → 508 MB in 30 s with 100 such stream
 bytes waiting for the clients (on loopback the kernel's autotuned socket buffers, outside the
 process, held all of them), but the Agents SDK's queue of model events, filled as fast as the
 model wrote while the process, short of CPU, turned them into ChatKit events more slowly;
-reading clients grew it just as much. ``app.agent_run.PacedModel`` bounds that queue;
-``STREAM_BUFFER_BYTES`` and ``STREAM_STALL_SECONDS`` bound what waits for a client (app.sse).
+reading clients grew it just as much. ``app.chat.agent_run.PacedModel`` bounds that queue;
+``STREAM_BUFFER_BYTES`` and ``STREAM_STALL_SECONDS`` bound what waits for a client (app.http.sse).
 Results: ``bench/results/stall.json``.
 """
 
@@ -49,7 +49,7 @@ from bench.soak import (
     server_process,
     token,
 )
-from tests.pgharness import PgServer, migrate
+from tests.harness.pg import PgServer, migrate
 
 SMALL_RCVBUF = 4096
 IDLE_SAMPLES = 6

@@ -3,7 +3,7 @@ it was before it, and against the same SQL on raw asyncpg.
 
 Five sides run on one fresh, migrated database in the same process and event loop:
 
-* ``rls``: ``PostgresStore`` over the app's own pool (``app.pool.open_pool`` and the app's
+* ``rls``: ``PostgresStore`` over the app's own pool (``app.pg.pool.open_pool`` and the app's
   settings: pool size, GUCs, timeouts) connecting as a role without BYPASSRLS, as production
   does (docs/rls.md): every statement sets ``app.user_id`` and PostgreSQL applies the policies
   of migration 0003. The role is created for the run and dropped at its end;
@@ -16,7 +16,7 @@ Five sides run on one fresh, migrated database in the same process and event loo
 * ``raw``: ``asyncpg.create_pool`` of the same size with the same per-session GUCs, issuing the
   store's own SQL constants and doing the same (de)serialisation of the pydantic models, so the
   difference is exactly what the store adds (its pool wrapper, error mapping, context
-  handling, ...). Its ``reset`` is a no-op, as the app's pool's is (app.pool);
+  handling, ...). Its ``reset`` is a no-op, as the app's pool's is (app.pg.pool);
 * ``conn``: one bare ``asyncpg.connect`` connection, the floor (no pool at all), for reference.
 
 ``raw`` and ``conn`` run today's statements as the owner.
@@ -79,11 +79,10 @@ from chatkit.types import (
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.engine import make_url
 
-from app.db import server_settings
 from app.ids import new_id
-from app.pool import open_pool
-from app.settings import Settings
-from app.store import (
+from app.pg.engine import server_settings
+from app.pg.pool import open_pool
+from app.pg.store import (
     _ITEM_PAGES,
     _THREAD_PAGES,
     MAX_PAGE_SIZE,
@@ -101,10 +100,11 @@ from app.store import (
     PostgresStore,
     _PageSQL,
 )
+from app.settings import Settings
 from bench import RESULTS_DIR
 from bench.pre_rls_sql import pre_rls_sql
-from tests import factories as f
-from tests.pgharness import PgServer, describe, migrate, postgres_server
+from tests.harness import factories as f
+from tests.harness.pg import PgServer, describe, migrate, postgres_server
 
 WARMUP_ROUNDS = 2
 ROUNDS = 21
@@ -665,7 +665,7 @@ async def _method_bench(
 
 
 def _statement_names() -> dict[str, str]:
-    import app.store as st
+    import app.pg.store as st
 
     names = {v: k for k, v in vars(st).items() if k.startswith("SQL_") and isinstance(v, str)}
     for table, pages in (("threads", _THREAD_PAGES), ("items", _ITEM_PAGES)):
@@ -914,7 +914,7 @@ async def _app_role(setup: asyncpg.Connection, url: str) -> AsyncIterator[str]:
 @asynccontextmanager
 async def _sides(url: str, settings: Settings) -> AsyncIterator[Sides]:
     dsn = PgServer.dsn(url)
-    # The raw sides run with the plan-cache mode the app's pool sets on one node (app.pool).
+    # The raw sides run with the plan-cache mode the app's pool sets on one node (app.pg.pool).
     gucs = server_settings(settings) | {"plan_cache_mode": "force_generic_plan"}
     setup = await asyncpg.connect(dsn)
 

@@ -11,8 +11,8 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app import models
-from app.db import resolve_database_url, server_settings
+from app.pg import tables as models
+from app.pg.engine import resolve_database_url, server_settings
 from app.settings import get_settings, normalise_database_url
 
 config = context.config

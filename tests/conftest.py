@@ -9,14 +9,14 @@ from contextlib import ExitStack
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import create_engine
-from app.pool import ConnectionPool, open_pool
+from app.pg.engine import create_engine
+from app.pg.pool import ConnectionPool, open_pool
+from app.pg.store import PostgresStore
 from app.settings import Settings
-from app.store import PostgresStore
-from tests.pgharness import PgServer, header_line, migrate, postgres_server
+from tests.harness.pg import PgServer, header_line, migrate, postgres_server
 
 # Helper modules whose assert statements check answers (pytest rewrites test modules only).
-pytest.register_assert_rewrite("tests.hostile_world", "tests.hostile_cases")
+pytest.register_assert_rewrite("tests.harness.hostile_world", "tests.harness.hostile_cases")
 
 TABLES = (
     "chatkit_feedback, chatkit_items, chatkit_attachments, chatkit_threads, "
@@ -76,7 +76,7 @@ async def engine(database_url: str, test_settings: Settings) -> AsyncIterator[As
 
 @pytest.fixture(scope="session")
 async def pool(database_url: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
-    """The app's kind of pool (app.pool) on the test database, for stores made by tests."""
+    """The app's kind of pool (app.pg.pool) on the test database, for stores made by tests."""
     p = await open_pool(database_url, test_settings)
     yield p
     await p.close()
@@ -101,7 +101,7 @@ import httpx  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from app.main import create_app  # noqa: E402
-from tests.chatkit_client import JWT_TEST_SECRET, ChatKitClient  # noqa: E402
+from tests.harness.chatkit_client import JWT_TEST_SECRET, ChatKitClient  # noqa: E402
 
 MakeClient = Callable[..., Awaitable[ChatKitClient]]
 

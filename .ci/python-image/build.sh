@@ -2,7 +2,7 @@
 # Build a Debian image with nothing but the Python of one release, plus what the README asks a
 # newcomer for (python3-venv, make, git), from Debian's packages only (nothing can be pulled
 # here): `trixie` has Python 3.13, `sid` 3.14. One test tool more: psql (postgresql-client), which
-# tests/test_app_role.py runs the deployment's role script with (the bundled one crashes).
+# tests/pg/test_app_role.py runs the deployment's role script with (the bundled one crashes).
 # Prints the image tag. Idempotent: an image already built from this file is kept.
 set -euo pipefail
 release=${1:?usage: build.sh trixie|sid}

@@ -63,7 +63,7 @@ class TasksConfig:
         database_url = env.get("TASKS_DATABASE_URL") or env.get("DATABASE_URL")
         if not database_url:
             # Next to `make run`: the same embedded PostgreSQL, started if it is not running.
-            from app.db import resolve_database_url
+            from app.pg.engine import resolve_database_url
             from app.settings import Settings
 
             database_url = resolve_database_url(Settings())

@@ -21,8 +21,7 @@ from chatkit.types import ThreadStreamEvent
 from chatkit.widgets import DynamicWidgetRoot, WidgetRoot
 from pydantic import BaseModel, Field, ValidationError
 
-from app.context import RequestContext
-from app.plugins import (
+from app.chat.plugins import (
     ActionContext,
     ActionRejectedError,
     PgBigInt,
@@ -31,6 +30,7 @@ from app.plugins import (
     replace_widget,
     user_database,
 )
+from app.context import RequestContext
 
 COMPLETE = "tasks.complete"
 REOPEN = "tasks.reopen"

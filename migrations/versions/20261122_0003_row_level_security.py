@@ -2,7 +2,7 @@
 
 Every chatkit_ table gets one policy, for all commands, keyed on the per-transaction setting
 ``app.user_id`` that each statement of the app makes itself (``set_config('app.user_id', $1,
-true)``, see app.store): rows of other users are invisible to reads, updates and deletes, and a
+true)``, see app.pg.store): rows of other users are invisible to reads, updates and deletes, and a
 row written for another user is refused (WITH CHECK). With no user set the setting is NULL or
 empty and nothing is visible.
 
@@ -12,7 +12,7 @@ the owner's credentials. The app must therefore connect as another role, one wit
 BYPASSRLS (docs/rls.md shows how operators create it). Foreign-key checks and ON DELETE CASCADE
 run as the table owner and are not affected.
 
-Alembic's autogenerate does not compare policies; the tests check them (tests/test_rls.py).
+Alembic's autogenerate does not compare policies; the tests check them (tests/pg/test_rls.py).
 
 Revision ID: 0003
 Revises: 0002

@@ -1,6 +1,6 @@
 """Per-user limits kept in PostgreSQL: request budgets and leases of streaming replies.
 
-Every backend process consults the same rows (app.limits), so the limits hold however many
+Every backend process consults the same rows (app.pg.limits), so the limits hold however many
 processes serve. Both tables get the row-level security policy of revision 0003.
 
 Both are UNLOGGED: their rows are short-lived counters and claims, written on every request,

@@ -1,0 +1,1 @@
+"""Operator commands (``python -m app …``): serve, migrate, prune, distribute, tokens."""

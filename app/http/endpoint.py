@@ -1,0 +1,236 @@
+"""``POST /chatkit``: authenticate, read and check the body, then hand it to the ChatKit server.
+
+Order matters: the token is checked before a byte of the body is read; the body is bounded;
+the request is parsed and checked (ownership of every thread and item it names) before any
+response starts, so that all client mistakes are plain 4xx JSON answers and only failures of
+the reply itself arrive as ChatKit ``error`` events inside the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from chatkit.server import StreamingResult
+from chatkit.types import ChatKitReq, ItemsListReq, ThreadsListReq, is_streaming_req
+from pydantic import ValidationError
+from pydantic_core import from_json
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.chat.server import CHATKIT_REQUEST
+from app.chat.stream_events import error_chunk
+from app.context import RequestContext
+from app.errors import (
+    InvalidInputError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    ThreadBusyError,
+    TooManyRequestsError,
+)
+from app.files.uploads import declared_length
+from app.http.middleware import RequestInfo, request_info
+from app.http.runtime import Runtime
+from app.http.sse import SSE_HEADERS, EventPump, SSEResponse
+from app.ids import check_ids
+from app.observability import Stopwatch, op_var, thread_id_var, user_id_var
+from app.pg.admission import PendingAdmission, pending_admission
+from app.pg.limits import StreamLease, current_lease
+from app.pg.store import MAX_PAGE_SIZE
+from app.sanitize import body_has_unstorable_text
+
+log = logging.getLogger(__name__)
+
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8}){0,3}")
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,40}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes whether or not Content-Length says so."""
+    size = declared_length(request.headers.get("content-length"))
+    if size is not None and size > limit:
+        raise PayloadTooLargeError(f"The request body may not exceed {limit} bytes.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"The request body may not exceed {limit} bytes.")
+    return bytes(body)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str | None:
+    """A validation error's location, keeping only names that are ours (never client data)."""
+    parts = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif _FIELD_NAME.fullmatch(part) and not part.startswith(("function-", "tagged-")):
+            parts.append(part)
+        else:
+            parts.append("*")
+    return ".".join(parts) or None
+
+
+def parse_request(body: bytes) -> ChatKitReq:
+    """The request, checked as the SDK's schema does and then stricter where the store needs
+    it: every id bounded (app.ids), ``limit`` a JSON integer within the page cap."""
+    try:
+        request = CHATKIT_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        first = errors[0] if errors else None
+        kind = first["type"] if first else ""
+        if kind in ("json_invalid", "json_type"):
+            raise InvalidInputError("The request body is not valid JSON.") from None
+        if kind == "union_tag_invalid":
+            raise InvalidInputError("Unknown request type.", field="type") from None
+        if kind == "union_tag_not_found":
+            raise InvalidInputError("The request has no type.", field="type") from None
+        if kind in ("dict_type", "model_attributes_type") and first and not first["loc"]:
+            raise InvalidInputError("The request body must be a JSON object.") from None
+        field = _field_path(tuple(first["loc"])) if first else None
+        raise InvalidInputError("Invalid request.", field=field) from None
+    # Error fields are named as the schema's are: the request type first.
+    check_ids(request.params, f"{request.type}.params")
+    if isinstance(request, ThreadsListReq | ItemsListReq) and request.params.limit is not None:
+        _check_limit(body, f"{request.type}.params.limit")
+    return request
+
+
+def _check_limit(body: bytes, field: str) -> None:
+    """The SDK's schema turns ``true``, ``"10"`` and ``3.0`` into integers and lets ``0``
+    through (then read as "the default"): the raw value must be an integer from 1 to the cap.
+    Only list requests with a limit pay for this second parse of a (small) body."""
+    params = from_json(body).get("params")
+    limit = params.get("limit") if isinstance(params, dict) else None
+    if type(limit) is not int or not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidInputError(f"limit must be an integer from 1 to {MAX_PAGE_SIZE}.", field=field)
+
+
+def locale_from(accept_language: str | None) -> str | None:
+    """The first language tag of ``Accept-Language`` (ignoring weights), if well formed."""
+    if not accept_language:
+        return None
+    first = accept_language.split(",", 1)[0].split(";", 1)[0].strip()
+    if first == "*" or not _LANGUAGE_TAG.fullmatch(first):
+        return None
+    return first
+
+
+async def chatkit_endpoint(request: Request) -> Response:
+    """Every request counts once against the user's rate limit (app.pg.limits). A list request
+    leaves its admission to the statement that reads its page (app.pg.admission): one round trip
+    instead of two. Whatever did not count it by the end (another store, a Citus cluster, an
+    error before the store ran) counts it then, and a refusal replaces the answer or the error
+    with the 429. Every other request is admitted as soon as its type is known, before any of
+    its work."""
+    runtime: Runtime = request.app.state.runtime
+    user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
+    user_id_var.set(user_id)
+    limits = runtime.limits
+    admission = limits.defer(user_id) if limits is not None else None
+    if limits is None or admission is None:
+        return await _serve(request, runtime, user_id, None)
+    token = pending_admission.set(admission)
+    try:
+        response = await _serve(request, runtime, user_id, admission)
+    except ServiceUnavailableError:
+        # The database is away or too slow (a lock, a timeout): not counted and not tried
+        # again, as when an admission of its own fails.
+        raise
+    except Exception:
+        try:
+            await limits.settle(admission)
+        except TooManyRequestsError:
+            raise  # the 429 replaces the request's own error
+        except Exception as exc:  # not counted: the request's own error stands
+            log.warning("request not counted", extra={"reason": type(exc).__name__})
+        raise
+    finally:
+        pending_admission.reset(token)
+    await limits.settle(admission)
+    return response
+
+
+async def _serve(
+    request: Request, runtime: Runtime, user_id: str, admission: PendingAdmission | None
+) -> Response:
+    settings = runtime.settings
+    limits = runtime.limits
+    info = request_info(request.scope) or RequestInfo(request_id="")
+    body = await read_body(request, settings.max_body_bytes)
+    chatkit_request = parse_request(body)
+    if limits is not None and not isinstance(chatkit_request, ThreadsListReq | ItemsListReq):
+        # Only list requests, which change nothing, defer it; the rest are counted before any
+        # of their work. A body that does not parse is counted by the caller's error path.
+        await limits.settle(admission)
+    info.op = chatkit_request.type
+    op_var.set(chatkit_request.type)
+    thread_id = getattr(chatkit_request.params, "thread_id", None)
+    if isinstance(thread_id, str):
+        thread_id_var.set(thread_id)
+    if body_has_unstorable_text(body):
+        raise InvalidInputError("Text may not contain NUL characters or unpaired surrogates.")
+
+    context = RequestContext(
+        user_id=user_id,
+        locale=locale_from(request.headers.get("accept-language")),
+        request_id=info.request_id,
+    )
+    server = runtime.server
+    streaming = is_streaming_req(chatkit_request)
+    cap = settings.max_streams_per_process
+    if streaming and cap and runtime.open_streams >= cap:
+        raise ServiceUnavailableError("This server is busy.", retry_after=2)
+    # The slot is taken now, not once the response exists: requests arriving together would
+    # otherwise all pass the check above while the first is still awaiting the database.
+    if streaming:
+        runtime.open_streams += 1
+    handed_over = False
+    lease: StreamLease | None = None
+    try:
+        await server.precheck(chatkit_request, context)
+        if limits is not None and streaming:
+            try:
+                lease = await limits.lease(
+                    user_id, thread_id if isinstance(thread_id, str) else None
+                )
+                current_lease.set(lease)
+            except ThreadBusyError as exc:
+                # Inside the protocol, so ChatKit shows the message in the conversation.
+                return Response(
+                    error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS
+                )
+        try:
+            result = await server.process_parsed(chatkit_request, context)
+        except BaseException:
+            if lease is not None:
+                await lease.release()
+            raise
+        if not isinstance(result, StreamingResult):
+            return Response(result.json, media_type="application/json")
+        handed_over = True  # from here on_close gives the slot back
+    finally:
+        if streaming and not handed_over:
+            runtime.open_streams -= 1
+
+    info.streaming = True
+    metrics = runtime.metrics
+    op = chatkit_request.type
+    watch = Stopwatch()
+    metrics.active_streams.inc()
+
+    def on_close(outcome: str) -> None:
+        metrics.active_streams.dec()
+        runtime.open_streams -= 1
+        metrics.stream_seconds.labels(op, outcome).observe(watch.seconds)
+        log.info("stream closed", extra={"outcome": outcome, "duration_ms": watch.ms})
+
+    pump = EventPump(
+        result if lease is None else lease.hold(result),
+        tasks=runtime.tasks,
+        heartbeat_seconds=settings.sse_heartbeat_seconds,
+        error_chunk=error_chunk,
+        max_buffered_bytes=settings.stream_buffer_bytes,
+    )
+    return SSEResponse(pump, stall_seconds=settings.stream_stall_seconds, on_close=on_close)

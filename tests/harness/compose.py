@@ -1,4 +1,4 @@
-"""The compose stack as an operator runs it, for tests/test_compose_stack.py.
+"""The compose stack as an operator runs it, for tests/deploy/test_compose_stack.py.
 
 ``Deployment`` lays out a deployment folder the way docs/deployment.md tells an operator to: the
 repository's docker-compose.yml, deploy/, nginx/ and examples/ copied unchanged, a ``.env``
@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BACKEND_IMAGE = os.environ.get("CHATKIT_IMAGE", "chatkit-pg:local")
 WEB_IMAGE = os.environ.get("CHATKIT_WEB_IMAGE", "chatkit-pg-web:local")
 SERVER_NAME = "chat.deploy.test"

@@ -2,7 +2,7 @@
 (``.ci/images.sh``), the repository's docker-compose.yml unchanged, a test ``.env``, two backend
 replicas and the mcp-tasks profile, reached over HTTPS through the stack's own nginx.
 
-Everything is real except the model (tests/composeharness.py's ``LockstepModel``, an
+Everything is real except the model (tests/harness/compose.py's ``LockstepModel``, an
 OpenAI-compatible server on this machine). The stack starts once for the module; the last
 check, in the fixture's teardown, is that ``down -v`` leaves no container, volume or network.
 Without a Docker engine, a compose client or the built images the module skips, and under CI
@@ -25,7 +25,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.composeharness import (
+from tests.harness.compose import (
     BACKEND_IMAGE,
     WEB_IMAGE,
     Deployment,
@@ -36,7 +36,7 @@ from tests.composeharness import (
     require,
     run,
 )
-from tests.deployharness import threads_create_body
+from tests.harness.deploy import threads_create_body
 
 READY_SECONDS = 180.0
 PNG = (

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # chatkit-pg: the FastAPI backend as a small, non-root image.
 #
 #   docker build -t chatkit-pg .
@@ -20,11 +19,14 @@ FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS builder
 COPY --from=uv /uv /usr/local/bin/uv
 
 # Bytecode compiled at build time (faster cold start); copies instead of hard links (the
-# cache is a separate mount); the image's own interpreter, never a downloaded one.
+# cache is a separate mount); the image's own interpreter, never a downloaded one: `python3`
+# on PATH, which every Python base has (/usr/local/bin on the official image, /usr/bin on a
+# distribution's). No `# syntax=` line: BuildKit's built-in frontend reads this file, and
+# fetching another from a registry fails where registries are unreachable.
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never \
-    UV_PYTHON=/usr/local/bin/python \
+    UV_PYTHON=python3 \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 
 WORKDIR /app
@@ -42,7 +44,7 @@ COPY migrations ./migrations
 COPY app ./app
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-default-groups \
- && python -m compileall -q app migrations
+ && /app/.venv/bin/python -m compileall -q app migrations
 
 # ---------------------------------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime

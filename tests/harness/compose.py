@@ -1,0 +1,326 @@
+"""The compose stack as an operator runs it, for tests/deploy/test_compose_stack.py.
+
+``Deployment`` lays out a deployment folder the way docs/deployment.md tells an operator to: the
+repository's docker-compose.yml, deploy/, nginx/ and examples/ copied unchanged, a ``.env``
+with test secrets, a self-signed certificate in certs/. Compose then runs the images that
+``.ci/images.sh`` built from the project's Dockerfiles (``up --no-build``: the compose client
+here, Debian's docker-compose 1.29, builds without BuildKit, which the Dockerfiles need).
+
+``LockstepModel`` is the only fake: an OpenAI-compatible Chat Completions server on this
+machine, which the backend containers reach through the stack's edge network. A reply
+``lockstep N`` releases delta i+1 only once the test client has acknowledged delta i, so a
+reply completes with every delta ``acked`` only if nothing between the model and the client
+holds events back; ``hold N`` sends N deltas and then waits until the test releases it (a
+stream in flight, for stopping a replica under it). Each streamed request records the peer
+address, which names the backend replica that serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+REPO = Path(__file__).resolve().parents[2]
+BACKEND_IMAGE = os.environ.get("CHATKIT_IMAGE", "chatkit-pg:local")
+WEB_IMAGE = os.environ.get("CHATKIT_WEB_IMAGE", "chatkit-pg-web:local")
+SERVER_NAME = "chat.deploy.test"
+# What the deployment folder holds besides .env and certs/ (copied from the repository as is).
+LAYOUT = ("docker-compose.yml", "deploy", "nginx", "examples", "frontend/Dockerfile")
+COMMAND_SECONDS = 300
+
+
+def require(found: bool, what: str, install: str) -> None:
+    """A missing part fails under CI (which must provide it) and skips elsewhere."""
+    if found:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing; CI must provide it ({install})")
+    pytest.skip(f"{what} is missing ({install}); CI provides it and runs this")
+
+
+def run(*args: str, check: bool = True, timeout: float = COMMAND_SECONDS, **kw: Any) -> str:
+    """A command's stdout; on failure an error carrying its stderr."""
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return str(done.stdout)
+
+
+def engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def image_exists(tag: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
+
+
+def compose_client() -> list[str] | None:
+    """Debian's docker-compose (1.29), or the Compose plugin of a newer Docker."""
+    if found := shutil.which("docker-compose"):
+        return [found]
+    plugin = subprocess.run(["docker", "compose", "version"], capture_output=True)
+    return ["docker", "compose"] if plugin.returncode == 0 else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    """A /24 that no Docker network uses yet, for the stack's edge network."""
+    used: set[ipaddress.IPv4Network] = set()
+    for net in run("docker", "network", "ls", "-q").split():
+        for config in (
+            json.loads(run("docker", "network", "inspect", net))[0]["IPAM"]["Config"] or []
+        ):
+            if "Subnet" in config and ":" not in config["Subnet"]:
+                used.add(ipaddress.IPv4Network(config["Subnet"]))
+    for third in range(64, 250):
+        candidate = ipaddress.IPv4Network(f"172.29.{third}.0/24")
+        if not any(candidate.overlaps(u) for u in used):
+            return candidate
+    raise AssertionError("no free 172.29.x.0/24 subnet for the edge network")
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Streamed:
+    prompt: str
+    peer: str  # the backend replica's address on the edge network
+    sent: int = 0
+
+
+@dataclass
+class LockstepModel:
+    """The fake model server (see the module docstring); runs in a thread of its own."""
+
+    wait_seconds: float = 120.0
+    streams: list[Streamed] = field(default_factory=list)
+    acks: dict[int, threading.Event] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def ack(self, index: int) -> None:
+        self.acks.setdefault(index, threading.Event()).set()
+
+    def ack_text(self, delta: str) -> None:
+        for mark in re.findall(r"\[d(\d+) ", delta):
+            self.ack(int(mark))
+
+    async def handle(self, request: Request) -> Response:
+        body = await request.json()
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "Deploy test"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return JSONResponse(
+                {
+                    "id": "t",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": "fake",
+                    "choices": [choice],
+                }
+            )
+        prompt = " ".join(
+            str(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user"
+        )
+        record = Streamed(prompt, request.client.host if request.client else "")
+        self.streams.append(record)
+        return StreamingResponse(self._chunks(record), media_type="text/event-stream")
+
+    async def _wait(self, event: threading.Event) -> bool:
+        return await asyncio.to_thread(event.wait, self.wait_seconds)
+
+    async def _chunks(self, record: Streamed) -> AsyncIterator[bytes]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            payload = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "fake",
+                "choices": [choice],
+            }
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        lockstep = re.search(r"lockstep (\d+)", record.prompt)
+        held = re.search(r"hold (\d+)", record.prompt)
+        found = lockstep or held
+        count = int(found[1]) if found else 3
+        for i in range(count):
+            mark = "first"
+            if lockstep and i > 0:
+                acked = await self._wait(self.acks.setdefault(i - 1, threading.Event()))
+                mark = "acked" if acked else "timeout"
+            yield chunk({"content": f"[d{i} {mark}] "})
+            record.sent = i + 1
+        if held:
+            await self._wait(self.release)
+        yield chunk({}, "stop")
+        yield b"data: [DONE]\n\n"
+
+    @contextmanager
+    def serving(self) -> Iterator[int]:
+        """Listen on all addresses (the containers come from their bridge): yields the port."""
+        app = Starlette(routes=[Route("/v1/chat/completions", self.handle, methods=["POST"])])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
+        thread.start()
+        try:
+            yield int(sock.getsockname()[1])
+        finally:
+            self.release.set()
+            for event in list(self.acks.values()):
+                event.set()
+            server.should_exit = True
+            thread.join(30)
+            sock.close()
+
+
+# --- the deployment -------------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    folder: Path
+    project: str
+    https_port: int
+    subnet: ipaddress.IPv4Network
+    compose_cmd: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def lay_out(cls, folder: Path, model_port: int, compose_cmd: list[str]) -> Deployment:
+        for name in LAYOUT:
+            source, target = REPO / name, folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(source, target)
+        (folder / "certs" / "acme").mkdir(parents=True)
+        run(
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={SERVER_NAME}",
+            "-addext",
+            f"subjectAltName=DNS:{SERVER_NAME},IP:127.0.0.1",
+            "-keyout",
+            str(folder / "certs/privkey.pem"),
+            "-out",
+            str(folder / "certs/fullchain.pem"),
+        )
+        # nginx reads the key as root (its master process); the file stays private on the host.
+        subnet = free_subnet()
+        https_port = free_port()
+        project = f"ckdeploy{os.getpid()}"
+        env = {
+            "COMPOSE_PROJECT_NAME": project,
+            "SERVER_NAME": SERVER_NAME,
+            "HTTP_PORT": str(free_port()),
+            "HTTPS_PORT": str(https_port),
+            "PUBLIC_BASE_URL": f"https://{SERVER_NAME}:{https_port}",
+            "EDGE_SUBNET": str(subnet),
+            "NGINX_IPV4": str(subnet[10]),
+            "POSTGRES_PASSWORD": secrets.token_hex(16),
+            "APP_DB_PASSWORD": secrets.token_hex(16),
+            "JWT_SECRET": secrets.token_hex(32),
+            "ATTACHMENT_SIGNING_SECRET": secrets.token_hex(32),
+            "OPENAI_API_KEY": "unused-by-the-fake",
+            "OPENAI_BASE_URL": f"http://{subnet[1]}:{model_port}/v1",
+            "MODEL_NAME": "fake",
+            "THREAD_TITLES": "off",
+            # A short drain, so a stopped replica cuts its open streams quickly.
+            "GRACEFUL_SHUTDOWN_SECONDS": "3",
+        }
+        (folder / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        return cls(folder, project, https_port, subnet, compose_cmd, env)
+
+    def compose(self, *args: str, check: bool = True, timeout: float = COMMAND_SECONDS) -> str:
+        return run(
+            *self.compose_cmd,
+            "--profile",
+            "mcp-tasks",
+            *args,
+            check=check,
+            timeout=timeout,
+            cwd=self.folder,
+        )
+
+    def compose_result(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.compose_cmd, *args],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_SECONDS,
+            cwd=self.folder,
+        )
+
+    def containers(self, service: str | None = None, *, all: bool = False) -> list[str]:
+        filters = ["--filter", f"label=com.docker.compose.project={self.project}"]
+        if service:
+            filters += ["--filter", f"label=com.docker.compose.service={service}"]
+        return run("docker", "ps", "-q", *(["-a"] if all else []), *filters).split()
+
+    def inspect(self, container: str) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(run("docker", "inspect", container))[0]
+        return result
+
+    def edge_address(self, container: str) -> str:
+        for name, net in self.inspect(container)["NetworkSettings"]["Networks"].items():
+            if name.endswith("_edge"):
+                return str(net["IPAddress"])
+        raise AssertionError(f"{container} is not on the edge network")
+
+    def logs(self, container: str) -> str:
+        done = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
+        return done.stdout + done.stderr
+
+    def leftovers(self) -> dict[str, list[str]]:
+        label = f"label=com.docker.compose.project={self.project}"
+        return {
+            "containers": run("docker", "ps", "-aq", "--filter", label).split(),
+            "volumes": run("docker", "volume", "ls", "-q", "--filter", label).split(),
+            "networks": run("docker", "network", "ls", "-q", "--filter", label).split(),
+        }
+
+    def down(self) -> None:
+        self.compose("--profile", "jobs", "down", "-v", "--remove-orphans", "--timeout", "60")

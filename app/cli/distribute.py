@@ -40,7 +40,14 @@ DISTRIBUTED = (
     "chatkit_attachment_blobs",
     "chatkit_feedback",
 )
-COORDINATOR_LOCAL = ("chatkit_rate_limits", "chatkit_stream_leases")
+# Kept on the coordinator: the limiter's rows, and (until they are distributed with the content
+# they belong to) the resumable replies' logs (app.pg.runlog).
+COORDINATOR_LOCAL = (
+    "chatkit_rate_limits",
+    "chatkit_stream_leases",
+    "chatkit_runs",
+    "chatkit_run_events",
+)
 
 SQL_HAS_CITUS = "SELECT extversion FROM pg_extension WHERE extname = 'citus'"
 SQL_EXISTING = "SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NULL"
@@ -63,7 +70,7 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.distributed]
         out += [f"already distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.already]
-        out.append(f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}")
+        out.append(f"kept on the coordinator (limits, run logs): {', '.join(COORDINATOR_LOCAL)}")
         if not self.distributed:
             out.append("nothing to do: every table was already distributed")
         return out
@@ -84,6 +91,10 @@ async def distribute(dsn: str) -> Report:
                 f"table {missing[0]} does not exist: run `python -m app migrate` first"
             )
         report = Report()
+        # The search vectors are kept by row triggers (migration 0005) that read only the row
+        # itself and immutable text-search functions: safe on a shard, so Citus is told to
+        # create them there (it refuses a table with triggers otherwise).
+        await conn.execute("SET citus.enable_unsafe_triggers TO on")
         for table in DISTRIBUTED:
             current = await _distribution(conn)
             if table in current:

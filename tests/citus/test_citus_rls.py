@@ -32,6 +32,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import app.pg.sql as pg_sql
 import app.pg.store as store_sql
 from app.cli.distribute import DISTRIBUTED
 from app.pg.store import PostgresStore
@@ -109,7 +110,7 @@ async def test_a_write_lands_through_the_workers_policy_only_with_the_propagated
         )
         assert [tuple(r) for r in on_worker] == [(thread.id, "kept")]
 
-        citus_insert = store_sql.CITUS_FORMS[store_sql.SQL_SAVE_THREAD]
+        citus_insert = pg_sql.CITUS_FORMS[store_sql.SQL_SAVE_THREAD]
         args = ("alice", "thr_other", f.T0, "t", "{}")
         # The same statement without the SET LOCAL: that worker's policy refuses the row.
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match=shard):

@@ -32,6 +32,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+import app.pg.sql as pg_sql
 import app.pg.store as store_sql
 from tests.harness.pginstance import SYSTEM_USER, PgInstance, _prepare_for, _short_temp_root
 from tests.harness.statements import literal, statements
@@ -260,7 +261,7 @@ def citus_statements() -> dict[str, tuple[str, tuple[Any, ...]]]:
         if name == "store.SQL_SAVE_FEEDBACK":
             sql, args = store_sql.CITUS_SAVE_FEEDBACK_ROW, (*args[:2], args[2][0], args[3])
         elif writes and not name.startswith("limits."):
-            assert sql in store_sql.CITUS_FORMS, f"{name} has no Citus form"
-            sql = store_sql.CITUS_FORMS[sql]
+            assert sql in pg_sql.CITUS_FORMS, f"{name} has no Citus form"
+            sql = pg_sql.CITUS_FORMS[sql]
         out[name] = (sql, args)
     return out

@@ -1,0 +1,58 @@
+"""Search on a real Citus cluster (tests/harness/citus.py): the search vectors are kept by the
+triggers on the shards (``python -m app distribute`` creates them there), a user finds their own
+threads and never another's on the same shards, and the search statement is routed to one shard
+(every table it reads is filtered by the user, the distribution column)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.pg.search import HEADLINE_OPTIONS, SQL_SEARCH, ThreadSearch, parse_query
+from app.pg.store import PostgresStore
+from tests.harness import factories as f
+from tests.harness.citus import explain, single_shard
+
+pytestmark = pytest.mark.backends("citus")
+
+ALICE = {"user_id": "alice"}
+BOB = {"user_id": "bob"}
+
+
+async def seed(store: PostgresStore) -> dict[str, str]:
+    """Alice and Bob each a thread about zebras; Alice one more about budgets."""
+    threads: dict[str, str] = {}
+    for name, ctx, title, text in (
+        ("alice-zebra", ALICE, "Animals", "the zebra crossing near the station"),
+        ("alice-budget", ALICE, "Quarterly budget", "numbers for the next quarter"),
+        ("bob-zebra", BOB, "Stripes", "a zebra in the zoo"),
+    ):
+        thread = f.thread(title=title)
+        await store.save_thread(thread, ctx)
+        await store.add_thread_item(thread.id, f.user_message(thread.id, text), ctx)
+        threads[name] = thread.id
+    return threads
+
+
+async def test_a_user_finds_their_own_threads_on_the_shards(store: PostgresStore) -> None:
+    threads = await seed(store)
+    search = ThreadSearch(store.pool)
+
+    zebra = await search.search("alice", "zebra ")
+    assert [h.thread_id for h in zebra.hits] == [threads["alice-zebra"]]
+    assert any(s.hit and s.text.lower() == "zebra" for s in zebra.hits[0].snippet)
+
+    # As you type: a prefix; a title match.
+    assert {h.thread_id for h in (await search.search("alice", "quart")).hits} == {
+        threads["alice-budget"]
+    }
+    assert {h.thread_id for h in (await search.search("bob", "zeb")).hits} == {threads["bob-zebra"]}
+    assert (await search.search("bob", "budget")).hits == []
+
+
+async def test_the_search_statement_is_single_shard(store: PostgresStore) -> None:
+    await seed(store)
+    terms = parse_query("zebra")
+    args = ("alice", terms.text, terms.prefix, 21, None, None, None, HEADLINE_OPTIONS)
+    async with store.connection() as conn:
+        plan = await explain(conn, SQL_SEARCH, args)
+    assert single_shard(plan), plan

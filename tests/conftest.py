@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, ExitStack
 from typing import Any
 
+import asyncpg
 import httpx
 import hypothesis
 import pytest
@@ -41,6 +42,7 @@ from tests.harness.backends import (
 from tests.harness.chatkit_client import JWT_TEST_SECRET, ChatKitClient, MakeClient
 from tests.harness.citus import CitusCluster, citus_cluster, distributed_database, require_citus
 from tests.harness.pg import PgServer, header_line, migrate, postgres_server
+from tests.harness.userdata import USER_TABLES, migrated_with_tasks
 
 _PG = pytest.StashKey[tuple[ExitStack, PgServer]]()
 
@@ -104,6 +106,24 @@ async def owner_database_url(pg_server: PgServer) -> AsyncIterator[str]:
     await asyncio.to_thread(migrate, url)
     yield url
     await pg_server.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+async def tasks_db(pg_server: PgServer, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A database of the module's own, migrated with the example task plugin's branch (the user
+    data suites: export and erase reach the plugin's rows through its hooks)."""
+    url = await migrated_with_tasks(pg_server, f"ckpg_{request.module.__name__.rsplit('.', 1)[-1]}")
+    yield url
+    await pg_server.drop_database(url)
+
+
+@pytest.fixture
+async def tasks_owner(tasks_db: str) -> AsyncIterator[asyncpg.Connection]:
+    """The owner's connection to ``tasks_db``; every user's rows are gone after the test."""
+    conn = await asyncpg.connect(PgServer.dsn(tasks_db))
+    yield conn
+    await conn.execute(f"TRUNCATE {', '.join(USER_TABLES)}, plugin_tasks CASCADE")
+    await conn.close()
 
 
 @pytest.fixture(scope="session")

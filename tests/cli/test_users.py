@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -19,39 +19,19 @@ from sqlalchemy.engine import make_url
 from app.cli.commands import build_parser
 from app.cli.users import cmd_users as users_command
 from app.settings import PROJECT_ROOT, get_settings
-from tests.harness.pg import PgServer
 from tests.harness.userdata import (
     TASKS_PLUGIN,
     assert_empty,
     assert_matches,
-    migrated_with_tasks,
     read_archive,
     row_counts,
     seed_user,
 )
 
 
-@pytest.fixture(scope="module")
-async def cli_db(pg_server: PgServer) -> AsyncIterator[str]:
-    url = await migrated_with_tasks(pg_server, "ckpg_users_cli")
-    yield url
-    await pg_server.drop_database(url)
-
-
-@pytest.fixture
-async def owner(cli_db: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(PgServer.dsn(cli_db))
-    yield conn
-    await conn.execute(
-        "TRUNCATE chatkit_feedback, chatkit_items, chatkit_attachment_blobs, chatkit_attachments, "
-        "chatkit_threads, chatkit_rate_limits, chatkit_stream_leases, plugin_tasks CASCADE"
-    )
-    await conn.close()
-
-
-async def users(cli_db: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+async def users(tasks_db: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JWT_", "PRODUCTION"))}
-    env |= {"DATABASE_URL": cli_db, "DATA_DIR": str(tmp_path), "CHATKIT_PLUGINS": TASKS_PLUGIN}
+    env |= {"DATABASE_URL": tasks_db, "DATA_DIR": str(tmp_path), "CHATKIT_PLUGINS": TASKS_PLUGIN}
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "app", "users", *args],
@@ -63,43 +43,43 @@ async def users(cli_db: str, tmp_path: Path, *args: str) -> subprocess.Completed
 
 
 async def test_export_erase_export(
-    cli_db: str,
-    owner: asyncpg.Connection,
+    tasks_db: str,
+    tasks_owner: asyncpg.Connection,
     tmp_path: Path,
     env_database: Callable[[str], None],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    alice = await seed_user(owner, "alice")
-    await seed_user(owner, "bob")
-    bob = await row_counts(owner, "bob")
+    alice = await seed_user(tasks_owner, "alice")
+    await seed_user(tasks_owner, "bob")
+    bob = await row_counts(tasks_owner, "bob")
     out = tmp_path / "alice.zip"
 
-    done = await users(cli_db, tmp_path, "export", "--sub", "alice", "--out", str(out))
+    done = await users(tasks_db, tmp_path, "export", "--sub", "alice", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert_matches(read_archive(out.read_bytes()), alice)
     assert b"exported user 'alice'" in done.stderr and b"3 threads, 15 items" in done.stderr
     assert not list(tmp_path.glob("*.partial"))
 
-    dry = await users(cli_db, tmp_path, "erase", "--sub", "alice", "--dry-run", "--json")
+    dry = await users(tasks_db, tmp_path, "erase", "--sub", "alice", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     counted = json.loads(dry.stdout)
     assert counted["dry_run"] is True
     assert counted["groups"]["conversations"]["chatkit_items"] == 15
     assert counted["groups"]["plugin tasks"] == {"plugin_tasks": 2}
-    assert (await row_counts(owner, "alice"))["chatkit_items"] == 15  # nothing removed
+    assert (await row_counts(tasks_owner, "alice"))["chatkit_items"] == 15  # nothing removed
 
-    erased = await users(cli_db, tmp_path, "erase", "--sub", "alice")
+    erased = await users(tasks_db, tmp_path, "erase", "--sub", "alice")
     assert erased.returncode == 0, erased.stderr
     lines = erased.stdout.decode().splitlines()
     assert lines[0] == "deleted for user 'alice':"
     assert "  conversations: chatkit_items 15 rows" in lines
     assert "  limits: chatkit_rate_limits 1 rows" in lines
     assert "  plugin tasks: plugin_tasks 2 rows" in lines
-    assert set((await row_counts(owner, "alice")).values()) == {0}
-    assert await row_counts(owner, "bob") == bob
+    assert set((await row_counts(tasks_owner, "alice")).values()) == {0}
+    assert await row_counts(tasks_owner, "bob") == bob
 
     # The rest in this process (each interpreter start costs seconds): the same dispatch.
-    env_database(cli_db)
+    env_database(tasks_db)
     assert await asyncio.to_thread(run_in_process, "erase", "--sub", "alice") == 0
     said = capsys.readouterr()
     assert said.out.strip() == "no data stored for user 'alice': nothing to delete"
@@ -114,10 +94,10 @@ async def test_export_erase_export(
 
 
 async def test_export_to_standard_output(
-    cli_db: str, owner: asyncpg.Connection, tmp_path: Path
+    tasks_db: str, tasks_owner: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    alice = await seed_user(owner, "alice", threads=1)
-    done = await users(cli_db, tmp_path, "export", "--sub", "alice", "--out", "-")
+    alice = await seed_user(tasks_owner, "alice", threads=1)
+    done = await users(tasks_db, tmp_path, "export", "--sub", "alice", "--out", "-")
     assert done.returncode == 0, done.stderr
     assert_matches(read_archive(done.stdout), alice)
 
@@ -164,9 +144,9 @@ def test_bad_arguments_are_one_line_and_status_2(
 
 
 def test_force_replaces_an_existing_file(
-    cli_db: str, env_database: Callable[[str], None], tmp_path: Path
+    tasks_db: str, env_database: Callable[[str], None], tmp_path: Path
 ) -> None:
-    env_database(cli_db)
+    env_database(tasks_db)
     out = tmp_path / "a.zip"
     out.write_bytes(b"old")
     assert run_in_process("export", "--sub", "nobody", "--out", str(out), "--force") == 0
@@ -174,12 +154,12 @@ def test_force_replaces_an_existing_file(
 
 
 def test_a_missing_database_is_one_line(
-    cli_db: str,
+    tasks_db: str,
     env_database: Callable[[str], None],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    env_database(make_url(cli_db).set(database="ckpg_users_none").render_as_string(False))
+    env_database(make_url(tasks_db).set(database="ckpg_users_none").render_as_string(False))
     out = tmp_path / "a.zip"
     assert run_in_process("export", "--sub", "alice", "--out", str(out)) == 1
     err = capsys.readouterr().err

@@ -6,7 +6,6 @@ task plugin's rows included; wrong methods and missing tokens answered as JSON e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -15,12 +14,10 @@ import pytest
 from app.files.store import CHUNK_SIZE
 from tests.conftest import MakeClient
 from tests.harness.chatkit_client import ChatKitClient, token_for
-from tests.harness.pg import PgServer
 from tests.harness.userdata import (
     TASKS_PLUGIN,
     assert_empty,
     assert_matches,
-    migrated_with_tasks,
     read_archive,
     seed_user,
 )
@@ -28,34 +25,16 @@ from tests.harness.userdata import (
 PATH = "/me/export"
 
 
-@pytest.fixture(scope="module")
-async def me_db(pg_server: PgServer) -> AsyncIterator[str]:
-    url = await migrated_with_tasks(pg_server, "ckpg_me_export")
-    yield url
-    await pg_server.drop_database(url)
-
-
-@pytest.fixture
-async def owner(me_db: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(PgServer.dsn(me_db))
-    yield conn
-    await conn.execute(
-        "TRUNCATE chatkit_feedback, chatkit_items, chatkit_attachment_blobs, chatkit_attachments, "
-        "chatkit_threads, chatkit_rate_limits, chatkit_stream_leases, plugin_tasks CASCADE"
-    )
-    await conn.close()
-
-
-async def client_for(make_client: MakeClient, me_db: str, **overrides: Any) -> ChatKitClient:
-    return await make_client(database_url=me_db, chatkit_plugins=[TASKS_PLUGIN], **overrides)
+async def client_for(make_client: MakeClient, tasks_db: str, **overrides: Any) -> ChatKitClient:
+    return await make_client(database_url=tasks_db, chatkit_plugins=[TASKS_PLUGIN], **overrides)
 
 
 async def test_each_user_gets_their_own_archive(
-    make_client: MakeClient, me_db: str, owner: asyncpg.Connection
+    make_client: MakeClient, tasks_db: str, tasks_owner: asyncpg.Connection
 ) -> None:
-    alice = await seed_user(owner, "alice")
-    bob = await seed_user(owner, "bob", threads=1, file_sizes=(3,), tasks=("bob's",))
-    client = await client_for(make_client, me_db)
+    alice = await seed_user(tasks_owner, "alice")
+    bob = await seed_user(tasks_owner, "bob", threads=1, file_sizes=(3,), tasks=("bob's",))
+    client = await client_for(make_client, tasks_db)
     for seeded in (alice, bob):
         response = await client.http.get(PATH, headers=client.auth(seeded.user_id))
         assert response.status_code == 200, response.text
@@ -75,10 +54,10 @@ async def test_each_user_gets_their_own_archive(
     [{}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic YTpi"}],
 )
 async def test_without_a_valid_token_it_is_401_json(
-    make_client: MakeClient, me_db: str, owner: asyncpg.Connection, headers: dict[str, str]
+    make_client: MakeClient, tasks_db: str, tasks_owner: asyncpg.Connection, headers: dict[str, str]
 ) -> None:
-    await seed_user(owner, "alice")
-    client = await client_for(make_client, me_db)
+    await seed_user(tasks_owner, "alice")
+    client = await client_for(make_client, tasks_db)
     response = await client.http.get(PATH, headers=headers)
     assert response.status_code == 401
     assert response.headers["content-type"] == "application/json"
@@ -86,17 +65,17 @@ async def test_without_a_valid_token_it_is_401_json(
     assert b"PK" not in response.content
 
 
-async def test_other_methods_are_405_json(make_client: MakeClient, me_db: str) -> None:
-    client = await client_for(make_client, me_db)
+async def test_other_methods_are_405_json(make_client: MakeClient, tasks_db: str) -> None:
+    client = await client_for(make_client, tasks_db)
     response = await client.http.post(PATH, headers=client.auth("alice"))
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
 
 
 async def test_it_counts_against_the_rate_limit(
-    make_client: MakeClient, me_db: str, owner: asyncpg.Connection
+    make_client: MakeClient, tasks_db: str, tasks_owner: asyncpg.Connection
 ) -> None:
-    client = await client_for(make_client, me_db, rate_limit_per_minute=2)
+    client = await client_for(make_client, tasks_db, rate_limit_per_minute=2)
     statuses = [
         (await client.http.get(PATH, headers=client.auth("alice"))).status_code for _ in range(3)
     ]
@@ -109,14 +88,14 @@ async def test_it_counts_against_the_rate_limit(
 
 
 async def test_streamed_and_one_export_per_user_at_a_time(
-    make_client: MakeClient, me_db: str, owner: asyncpg.Connection
+    make_client: MakeClient, tasks_db: str, tasks_owner: asyncpg.Connection
 ) -> None:
     """The first export is held after its first body piece (its reader is slow): the bytes
     left before the archive was finished, and a second export of the same user is a 429 until
     the first ends; another user's is not held up."""
-    alice = await seed_user(owner, "alice", file_sizes=(4 * CHUNK_SIZE,))
-    await seed_user(owner, "bob", threads=1, file_sizes=())
-    client = await client_for(make_client, me_db)
+    alice = await seed_user(tasks_owner, "alice", file_sizes=(4 * CHUNK_SIZE,))
+    await seed_user(tasks_owner, "bob", threads=1, file_sizes=())
+    client = await client_for(make_client, tasks_db)
     token = token_for("alice", client.settings)
     scope = {
         "type": "http",

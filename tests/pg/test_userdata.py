@@ -20,13 +20,11 @@ from app.pg.store import PostgresStore
 from app.pg.userdata import PAGE_ROWS
 from app.settings import Settings
 from tests.harness.backends import TABLES
-from tests.harness.pg import PgServer
 from tests.harness.userdata import (
     TASKS_PLUGIN,
     USER_TABLES,
     assert_empty,
     assert_matches,
-    migrated_with_tasks,
     read_archive,
     row_counts,
     seed_user,
@@ -34,15 +32,8 @@ from tests.harness.userdata import (
 
 
 @pytest.fixture(scope="module")
-async def udb(pg_server: PgServer) -> AsyncIterator[str]:
-    url = await migrated_with_tasks(pg_server, "ckpg_userdata")
-    yield url
-    await pg_server.drop_database(url)
-
-
-@pytest.fixture(scope="module")
-async def upool(udb: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
-    pool = await open_pool(udb, test_settings)
+async def upool(tasks_db: str, test_settings: Settings) -> AsyncIterator[ConnectionPool]:
+    pool = await open_pool(tasks_db, test_settings)
     yield pool
     await pool.close()
 
@@ -190,7 +181,7 @@ async def test_a_failing_plugin_hook_rolls_back_its_group_only(
 
 
 async def test_erase_works_through_the_apps_role_under_row_level_security(
-    ustore: PostgresStore, plugins: PluginSet, udb: str, test_settings: Settings
+    ustore: PostgresStore, plugins: PluginSet, tasks_db: str, test_settings: Settings
 ) -> None:
     """The operator may run it with the app's role: each transaction acts for the one user."""
     async with ustore.connection() as conn:
@@ -205,7 +196,7 @@ async def test_erase_works_through_the_apps_role_under_row_level_security(
         )
     from sqlalchemy.engine import make_url
 
-    url = make_url(udb).set(username=role, password=None).render_as_string(hide_password=False)
+    url = make_url(tasks_db).set(username=role, password=None).render_as_string(hide_password=False)
     pool = await open_pool(url, test_settings)
     try:
         app_store = PostgresStore(pool)

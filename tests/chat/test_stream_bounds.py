@@ -211,9 +211,13 @@ async def test_a_complete_reply_is_kept_whole_when_its_reader_stalls(
     app_settings: Settings, store: PostgresStore
 ) -> None:
     """The reply is finished and saved; only its delivery waits on a client that reads
-    nothing: the stall deadline frees the slot, and the reply stays as it is (no marker)."""
+    nothing: the stall deadline frees the slot, and the reply stays as it is (no marker).
+
+    The deadline must come after the reply is done (400 scripted deltas, well under 0.5 s on an
+    idle machine): 3 s keeps that true on a loaded CI machine, where 0.5 s once cut the reply
+    before its end (a partial reply with its marker)."""
     settings = app_settings.model_copy(
-        update={"stream_buffer_bytes": 64 * 2**20, "stream_stall_seconds": 0.5}
+        update={"stream_buffer_bytes": 64 * 2**20, "stream_stall_seconds": 3.0}
     )
     model = ScriptedModel(
         [

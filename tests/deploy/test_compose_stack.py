@@ -27,6 +27,7 @@ import pytest
 
 from tests.harness.compose import (
     BACKEND_IMAGE,
+    MCP_TASKS_URL,
     WEB_IMAGE,
     Deployment,
     LockstepModel,
@@ -371,3 +372,64 @@ async def test_a_replica_stopped_mid_stream(stack: Stack) -> None:
                 assert "[d2 first]" in deltas(got)
     stack.model.release.clear()
     d.compose("up", "-d", "--no-build", "--scale", "backend=2")
+
+
+# Run inside a backend container: direct MCP calls to mcp-tasks over the stack's network, one
+# with no identity token and one forged (right kid, issuer, audience; a key of its own).
+REFUSAL_PROBE = """
+import asyncio, json, time, urllib.request, jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from mcp import Client
+URL, ISSUER = {url!r}, {issuer!r}
+jwks = json.load(urllib.request.urlopen("http://127.0.0.1:8000/.well-known/jwks.json"))
+now = int(time.time())
+claims = {{"sub": "mallory", "aud": URL, "iss": ISSUER, "iat": now, "exp": now + 120, "jti": "f1"}}
+forged = jwt.encode(claims, Ed25519PrivateKey.generate(), "EdDSA",
+                    headers={{"kid": jwks["keys"][0]["kid"]}})
+async def main():
+    out = {{}}
+    async with Client(URL) as mcp:
+        for name, meta in (("none", None), ("forged", {{"chatkit-pg/identity": forged}})):
+            got = await mcp.call_tool("add_task", {{"title": "sneaky " + name}}, meta=meta)
+            out[name] = [got.is_error, "".join(getattr(p, "text", "") for p in got.content)]
+    print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+async def tool_turn(stack: Stack, http: httpx.AsyncClient, user: str, text: str) -> str:
+    """One chat turn that calls a task-manager tool; what the tool answered (``[tool] ...``)."""
+    events = await chat_stream(http, stack.token(user), text, None)
+    said = deltas(events)
+    assert said.startswith("[tool] ") and events[-1]["type"] != "error", events[-3:]
+    return said.removeprefix("[tool] ")
+
+
+async def test_mcp_tasks_verifies_identity_inside_the_network(stack: Stack) -> None:
+    """Issue 22: a chat turn's tool call reaches mcp-tasks with the backend's identity token,
+    which mcp-tasks verifies against the backend's JWKS over the stack's network; the task is
+    stored for that user only; a call with no token or a forged one is refused."""
+    async with stack.client() as http:
+        added = await tool_turn(stack, http, "task-alice", "tasks add Buy milk")
+        assert "Buy milk" in added and "Refused" not in added, added
+        mine = await tool_turn(stack, http, "task-alice", "tasks list")
+        theirs = await tool_turn(stack, http, "task-bob", "tasks list")
+    assert "Buy milk" in mine, mine
+    assert "Buy milk" not in theirs and "Refused" not in theirs, theirs
+    assert stack.psql("SELECT user_id, title FROM mcp_tasks.tasks ORDER BY id") == (
+        "task-alice|Buy milk"
+    )
+    script = REFUSAL_PROBE.format(url=MCP_TASKS_URL, issuer=stack.d.env["PUBLIC_BASE_URL"])
+    probe = json.loads(
+        stack.d.compose("exec", "-T", "backend", "python", "-c", script).strip().splitlines()[-1]
+    )
+    # The forged token names the backend's published kid, so mcp-tasks has that key in hand
+    # (fetched from the JWKS inside the network) and refuses the signature itself.
+    refusals = {
+        "none": "Refused: no identity token in the request's _meta",
+        "forged": "Refused: the identity token's signature is invalid",
+    }
+    for name, reason in refusals.items():
+        is_error, text = probe[name]
+        assert is_error and reason in text, (name, text)
+    assert stack.psql("SELECT count(*) FROM mcp_tasks.tasks WHERE title LIKE 'sneaky%'") == "0"

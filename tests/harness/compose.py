@@ -12,7 +12,13 @@ machine, which the backend containers reach through the stack's edge network. A 
 reply completes with every delta ``acked`` only if nothing between the model and the client
 holds events back; ``hold N`` sends N deltas and then waits until the test releases it (a
 stream in flight, for stopping a replica under it). Each streamed request records the peer
-address, which names the backend replica that serves it.
+address, which names the backend replica that serves it. ``tasks add TITLE`` and ``tasks list``
+call the task manager's MCP tool (``add_task``, ``list_tasks``), then reply ``[tool] `` and the
+tool's answer as the backend handed it back.
+
+The deployment wires in the ``mcp-tasks`` profile the way examples/mcp_tasks/README.md tells an
+operator: an Ed25519 identity key in deploy/, mounted into the backend by a
+docker-compose.override.yml, and ``MCP_SERVER_URLS`` + ``IDENTITY_SIGNING_KEY_FILE`` in ``.env``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from typing import Any
 
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +55,7 @@ SERVER_NAME = "chat.deploy.test"
 # What the deployment folder holds besides .env and certs/ (copied from the repository as is).
 LAYOUT = ("docker-compose.yml", "deploy", "nginx", "examples", "frontend/Dockerfile")
 COMMAND_SECONDS = 300
+MCP_TASKS_URL = "http://mcp-tasks:8001/mcp"  # the profile's TASKS_AUDIENCE
 
 
 def require(found: bool, what: str, install: str) -> None:
@@ -124,6 +133,7 @@ class LockstepModel:
     streams: list[Streamed] = field(default_factory=list)
     acks: dict[int, threading.Event] = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
+    tool_outputs: list[str] = field(default_factory=list)
 
     def ack(self, index: int) -> None:
         self.acks.setdefault(index, threading.Event()).set()
@@ -146,28 +156,39 @@ class LockstepModel:
                     "choices": [choice],
                 }
             )
-        prompt = " ".join(
-            str(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user"
-        )
+        messages = body.get("messages", [])
+        prompt = " ".join(str(m.get("content")) for m in messages if m.get("role") == "user")
+        if task := re.search(r"tasks (add|list)(?: ([\w ]+))?", prompt):
+            return StreamingResponse(
+                self._task_turn(task, messages), media_type="text/event-stream"
+            )
         record = Streamed(prompt, request.client.host if request.client else "")
         self.streams.append(record)
         return StreamingResponse(self._chunks(record), media_type="text/event-stream")
+
+    async def _task_turn(self, task: re.Match[str], messages: list[Any]) -> AsyncIterator[bytes]:
+        """``tasks add TITLE`` / ``tasks list``: call the task manager's tool, then reply with
+        what the tool answered (``[tool] ...``), which the test reads from the stream."""
+        if messages and messages[-1].get("role") == "tool":
+            output = str(messages[-1].get("content"))
+            self.tool_outputs.append(output)
+            yield _chunk({"role": "assistant", "content": "[tool] " + output})
+            yield _chunk({}, "stop")
+        else:
+            name, args = (
+                ("add_task", {"title": task[2]}) if task[1] == "add" else ("list_tasks", {})
+            )
+            call = {"name": name, "arguments": json.dumps(args)}
+            tool_call = {"index": 0, "id": f"call_{name}", "type": "function", "function": call}
+            yield _chunk({"role": "assistant", "tool_calls": [tool_call]})
+            yield _chunk({}, "tool_calls")
+        yield b"data: [DONE]\n\n"
 
     async def _wait(self, event: threading.Event) -> bool:
         return await asyncio.to_thread(event.wait, self.wait_seconds)
 
     async def _chunks(self, record: Streamed) -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            payload = {
-                "id": "c",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": "fake",
-                "choices": [choice],
-            }
-            return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
+        chunk = _chunk
         yield chunk({"role": "assistant", "content": ""})
         lockstep = re.search(r"lockstep (\d+)", record.prompt)
         held = re.search(r"hold (\d+)", record.prompt)
@@ -204,6 +225,18 @@ class LockstepModel:
             server.should_exit = True
             thread.join(30)
             sock.close()
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    payload = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "fake",
+        "choices": [choice],
+    }
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 # --- the deployment -------------------------------------------------------------------------------
@@ -270,8 +303,23 @@ class Deployment:
             "THREAD_TITLES": "off",
             # A short drain, so a stopped replica cuts its open streams quickly.
             "GRACEFUL_SHUTDOWN_SECONDS": "3",
+            # The mcp-tasks profile wired in as examples/mcp_tasks/README.md tells an operator.
+            "MCP_SERVER_URLS": MCP_TASKS_URL,
+            "IDENTITY_SIGNING_KEY_FILE": "/run/secrets/identity-key.pem",
         }
         (folder / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        key = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        (folder / "deploy/identity-key.pem").write_bytes(key)
+        # Readable by the image's user (10001) without sudo; a test key in a private tmp folder.
+        (folder / "deploy/identity-key.pem").chmod(0o444)
+        (folder / "docker-compose.override.yml").write_text(
+            "services:\n  backend:\n    volumes:\n"
+            "      - ./deploy/identity-key.pem:/run/secrets/identity-key.pem:ro\n"
+        )
         return cls(folder, project, https_port, subnet, compose_cmd, env)
 
     def compose(self, *args: str, check: bool = True, timeout: float = COMMAND_SECONDS) -> str:

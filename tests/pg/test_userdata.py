@@ -190,13 +190,15 @@ async def test_erase_works_through_the_apps_role_under_row_level_security(
         bob = await row_counts(conn, "bob")
         role = "ckpg_userdata_app"
         await conn.execute(f"DROP ROLE IF EXISTS {role}")
-        await conn.execute(f"CREATE ROLE {role} LOGIN")
+        # A password: the containerised server authenticates by password, not trust.
+        await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'app-role-secret'")
         await conn.execute(
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
         )
     from sqlalchemy.engine import make_url
 
-    url = make_url(tasks_db).set(username=role, password=None).render_as_string(hide_password=False)
+    as_role = make_url(tasks_db).set(username=role, password="app-role-secret")
+    url = as_role.render_as_string(hide_password=False)
     pool = await open_pool(url, test_settings)
     try:
         app_store = PostgresStore(pool)

@@ -340,8 +340,10 @@ async def test_resume_points_past_the_end_and_expired_runs(two: Pair, tmp_path: 
 
 
 async def logged_up_to(dsn: str, user: str, run_id: str, seq: int) -> None:
-    """Until the run's log holds event ``seq`` (the lockstep holds the reply, so it comes)."""
+    """Until the run's log holds event ``seq`` (the lockstep holds the reply, so it comes; the
+    deadline only turns a bug into a failure instead of a hang)."""
     conn = await asyncpg.connect(dsn)
+    deadline = asyncio.get_running_loop().time() + 60.0
     try:
         while True:
             last = await conn.fetchval(
@@ -349,6 +351,9 @@ async def logged_up_to(dsn: str, user: str, run_id: str, seq: int) -> None:
             )
             if last is not None and last >= seq:
                 return
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"run {run_id} never logged event {seq} (last {last})"
+            )
             await asyncio.sleep(0.02)
     finally:
         await conn.close()

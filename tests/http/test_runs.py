@@ -343,7 +343,7 @@ async def logged_up_to(dsn: str, user: str, run_id: str, seq: int) -> None:
     """Until the run's log holds event ``seq`` (the lockstep holds the reply, so it comes; the
     deadline only turns a bug into a failure instead of a hang)."""
     conn = await asyncpg.connect(dsn)
-    deadline = asyncio.get_running_loop().time() + 60.0
+    deadline = asyncio.get_running_loop().time() + DEADLINE
     try:
         while True:
             last = await conn.fetchval(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.pg.search import HEADLINE_OPTIONS, SQL_SEARCH, ThreadSearch, parse_query
+from app.pg.search import HEADLINE_OPTIONS, SQL_QUERY, SQL_SEARCH, ThreadSearch, parse_query
 from app.pg.store import PostgresStore
 from tests.harness import factories as f
 from tests.harness.citus import explain, single_shard
@@ -52,7 +52,8 @@ async def test_a_user_finds_their_own_threads_on_the_shards(store: PostgresStore
 async def test_the_search_statement_is_single_shard(store: PostgresStore) -> None:
     await seed(store)
     terms = parse_query("zebra")
-    args = ("alice", terms.text, terms.prefix, 21, None, None, None, HEADLINE_OPTIONS)
     async with store.connection() as conn:
+        query = await conn.fetchval(SQL_QUERY, terms.text, terms.prefix)
+        args = ("alice", query, 21, None, None, None, HEADLINE_OPTIONS)
         plan = await explain(conn, SQL_SEARCH, args)
     assert single_shard(plan), plan

@@ -1,12 +1,12 @@
 """Full-text search over one user's threads: titles and the text of user and assistant messages.
 
 The vectors are PostgreSQL's own (``tsvector`` columns kept by the triggers of migration 0005,
-GIN-indexed); this module only reads them. A search is one statement, gated for row-level
-security like every store read (app.pg.sql) and filtered by ``user_id = $1`` itself, in each
-branch: threads whose title matches and items whose text matches, ranked by ``ts_rank`` (titles
-are weighted A, messages D, so a title match ranks first), ``ts_headline`` computed only for the
-page's rows. On Citus every table it reads is filtered by the one user, so it routes to the
-user's shard.
+GIN-indexed); this module only reads them. A search is one statement (after the one building
+its query), gated for row-level security like every store read (app.pg.sql) and filtered by
+``user_id = $1`` itself, in each branch: threads whose title matches and items whose text
+matches, ranked by ``ts_rank`` (titles are weighted A, messages D, so a title match ranks
+first), ``ts_headline`` computed only for the page's rows. On Citus every table it reads is
+filtered by the one user, so it routes to the user's shard.
 
 The user's text never becomes query syntax: ``websearch_to_tsquery`` reads it (quotes, ``or``,
 ``-`` work as on a search engine; it never raises on any input), and the word being typed
@@ -15,7 +15,8 @@ digits alone, quoted, go to ``to_tsquery`` with ``:*``. The configuration of eve
 one of every vector, ``chatkit_search_config()`` (``SEARCH_TEXT_CONFIG``, a connection setting).
 
 Ranked are the most recent ``CANDIDATES`` matching titles and messages (all of them for any
-word that is not very common): ranking every match of a common word costs a read of each.
+word that is not common): ranking every match of a common word costs a read of each. The
+query (a ``tsquery``) is built by a first statement and passed to the search as a value.
 Pages are keyset pages: the cursor is the last result's (rank, kind, seq), and the next page
 starts strictly after it in the order (rank descending, titles before items, newest first).
 """
@@ -58,14 +59,25 @@ HEADLINE_OPTIONS = (
 _LAST_WORD = re.compile(r"(\w+)$")
 
 _CFG = "chatkit_search_config()"
-# $2: the text before the word being typed; $3: that word as a quoted prefix term, or NULL.
-_TQ = f"(websearch_to_tsquery({_CFG}, $2) && coalesce(to_tsquery({_CFG}, $3), ''::tsquery))"
+# The query is built by a statement of its own, first: $1 the text before the word being typed,
+# $2 that word as a quoted prefix term, or NULL. Written into the search statement it was built
+# again for every row tested and ranked (chatkit_search_config() is STABLE, so PostgreSQL cannot
+# fold the expression into a constant): about 13 us a row, most of a common word's search. As a
+# value ($2 of the search) it is built once, and the custom plan sees its words.
+SQL_QUERY = (
+    f"SELECT (websearch_to_tsquery({_CFG}, $1) "
+    f"&& coalesce(to_tsquery({_CFG}, $2), ''::tsquery))::text"
+)
+_TQ = "$2::tsquery"
 # Each branch ranks at most CANDIDATES matches, the most recent ones: a word in half of a
 # user's 100,000 messages would otherwise mean reading and ranking 50,000 rows per keystroke.
-# With custom plans (below) PostgreSQL reads a rare word's few rows from the GIN index and a
-# common word's most recent rows backwards along an index, stopping early: threads' (user_id,
+# With custom plans (below) PostgreSQL reads a rare word's few rows from the GIN index (user_id
+# and the vector, revision 0007, where btree_gin is available) and a common word's most recent
+# rows backwards along a btree index, stopping at the CANDIDATES-th match: threads' (user_id,
 # created_at, seq), and for messages (user_id, seq) of the indexed rows (seq follows insertion).
-CANDIDATES = 500
+# 200, not 500: the walk reads CANDIDATES / (the share of the user's messages matching) rows, so
+# two common words together (2% of the messages) meant 25,000 rows (bench/search_bench.py).
+CANDIDATES = 200
 _MATCHES = (
     "(SELECT 0 AS src, id AS thread_id, NULL::text AS item_id, seq, "
     f"ts_rank(search_vector, {_TQ}) AS rank FROM chatkit_threads "
@@ -74,18 +86,18 @@ _MATCHES = (
     f"UNION ALL (SELECT 1, thread_id, id, seq, ts_rank(search_vector, {_TQ}) FROM chatkit_items "
     f"WHERE user_id = $1 AND search_vector @@ {_TQ} ORDER BY seq DESC LIMIT {CANDIDATES})"
 )
-# $4: the limit; $5, $6, $7: the cursor's rank, kind and seq (all NULL for the first page).
+# $3: the limit; $4, $5, $6: the cursor's rank, kind and seq (all NULL for the first page).
 _ORDER = "rank DESC, src, seq DESC"
 _PAGE = (
-    f"SELECT * FROM ({_MATCHES}) m WHERE $5::float4 IS NULL OR m.rank < $5::float4 "
-    "OR (m.rank = $5::float4 AND (m.src > $6::int OR (m.src = $6::int AND m.seq < $7::bigint))) "
-    f"ORDER BY m.{_ORDER.replace(', ', ', m.')} LIMIT $4"
+    f"SELECT * FROM ({_MATCHES}) m WHERE $4::float4 IS NULL OR m.rank < $4::float4 "
+    "OR (m.rank = $4::float4 AND (m.src > $5::int OR (m.src = $5::int AND m.seq < $6::bigint))) "
+    f"ORDER BY m.{_ORDER.replace(', ', ', m.')} LIMIT $3"
 )
-# $8: ts_headline's options. The page's rows get their title and snippet.
+# $7: ts_headline's options. The page's rows get their title and snippet.
 _WITH_SNIPPETS = (
     "SELECT p.src, p.thread_id, p.item_id, p.seq, p.rank, t.title, "
     f"ts_headline({_CFG}, CASE p.src WHEN 0 THEN translate(t.title, E'\\x01\\x02', '') "
-    f"ELSE chatkit_search_text(i.type, i.data) END, {_TQ}, $8) AS snippet "
+    f"ELSE chatkit_search_text(i.type, i.data) END, {_TQ}, $7) AS snippet "
     f"FROM ({_PAGE}) p JOIN chatkit_threads t ON t.user_id = $1 AND t.id = p.thread_id "
     "LEFT JOIN chatkit_items i ON i.user_id = $1 AND i.thread_id = p.thread_id "
     f"AND i.id = p.item_id ORDER BY p.{_ORDER.replace(', ', ', p.')}"
@@ -98,7 +110,7 @@ SQL_SEARCH = gated_select(
 SQL_CHECK_CONFIG = "SELECT $1::text::regconfig::text"
 # The pool plans every statement generically (app.pg.pool); a search needs a plan for its
 # words (how common they are decides between the two paths above), so its transaction asks
-# for a custom plan. One round trip with BEGIN, one for COMMIT.
+# for a custom plan. One round trip with BEGIN, one for the query, one for COMMIT.
 SQL_BEGIN_CUSTOM = "BEGIN; SET LOCAL plan_cache_mode TO force_custom_plan"
 
 
@@ -244,9 +256,6 @@ class ThreadSearch:
         limit = check_limit(limit)
         cursor = Cursor.decode(after) if after is not None else None
         args = (
-            user_id,
-            terms.text,
-            terms.prefix,
             limit + 1,  # one more than asked: whether a next page exists
             cursor.rank if cursor else None,
             cursor.src if cursor else None,
@@ -256,7 +265,8 @@ class ThreadSearch:
         async with Call(self.pool) as conn:
             await conn.execute(SQL_BEGIN_CUSTOM)
             try:
-                rows = await conn.fetch(SQL_SEARCH, *args)
+                query = await conn.fetchval(SQL_QUERY, terms.text, terms.prefix)
+                rows = await conn.fetch(SQL_SEARCH, user_id, query, *args)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await conn.execute("ROLLBACK")

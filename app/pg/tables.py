@@ -49,9 +49,12 @@ def _search_vector() -> Column[str]:
 
 
 def _search_index() -> Index:
-    """GIN on the vector; queries add ``user_id`` (migration 0005 says why not btree_gin)."""
+    """GIN on the user and the vector (``btree_gin``, migration 0007): one user's matching rows.
+    Where the server has no ``btree_gin`` (the embedded development server), migration 0005's
+    index on the vector alone stays instead."""
     return Index(
         None,
+        "user_id",
         "search_vector",
         postgresql_using="gin",
         postgresql_where=text("search_vector IS NOT NULL"),

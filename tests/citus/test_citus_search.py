@@ -5,12 +5,19 @@ threads and never another's on the same shards, and the search statement is rout
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from app.pg.search import HEADLINE_OPTIONS, SQL_SEARCH, ThreadSearch, parse_query
+import pytest
+from sqlalchemy.engine import make_url
+
+from app.cli.distribute import distribute, plain_dsn
+from app.pg.pool import open_pool
+from app.pg.search import HEADLINE_OPTIONS, SQL_QUERY, SQL_SEARCH, ThreadSearch, parse_query
 from app.pg.store import PostgresStore
+from app.settings import Settings
 from tests.harness import factories as f
-from tests.harness.citus import explain, single_shard
+from tests.harness.citus import WORKERS, CitusCluster, explain, single_shard, worker_fetch
+from tests.harness.pg import migrate
 
 pytestmark = pytest.mark.backends("citus")
 
@@ -52,7 +59,43 @@ async def test_a_user_finds_their_own_threads_on_the_shards(store: PostgresStore
 async def test_the_search_statement_is_single_shard(store: PostgresStore) -> None:
     await seed(store)
     terms = parse_query("zebra")
-    args = ("alice", terms.text, terms.prefix, 21, None, None, None, HEADLINE_OPTIONS)
     async with store.connection() as conn:
+        query = await conn.fetchval(SQL_QUERY, terms.text, terms.prefix)
+        args = ("alice", query, 21, None, None, None, HEADLINE_OPTIONS)
         plan = await explain(conn, SQL_SEARCH, args)
     assert single_shard(plan), plan
+
+
+async def test_revision_0007_reaches_the_shards_of_a_distributed_cluster(
+    citus: CitusCluster, test_settings: Settings
+) -> None:
+    """A cluster distributed at revision 0006 and then upgraded: btree_gin and the (user_id,
+    search_vector) GIN indexes reach every shard through the coordinator, 0005's indexes go,
+    and a search finds what it did."""
+    url = await citus.create_database()
+    await asyncio.to_thread(migrate, url, "0006")
+    await distribute(plain_dsn(url))
+    pool = await open_pool(url, test_settings)
+    try:
+        store = PostgresStore(pool)
+        threads = await seed(store)
+        await asyncio.to_thread(migrate, url)
+        database = make_url(url).database
+        assert database is not None
+        for worker in range(WORKERS):
+            names = [
+                r[0]
+                for r in await worker_fetch(
+                    citus,
+                    worker,
+                    database,
+                    "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%search_vector%'",
+                )
+            ]
+            for table in ("items", "threads"):
+                assert any(n.startswith(f"ix_chatkit_{table}_user_id_search_vector") for n in names)
+                assert not any(n.startswith(f"ix_chatkit_{table}_search_vector") for n in names)
+        zebra = await ThreadSearch(pool).search("alice", "zebra ")
+        assert [h.thread_id for h in zebra.hits] == [threads["alice-zebra"]]
+    finally:
+        await pool.close()

@@ -220,6 +220,17 @@ async def stored(dsn: str, user: str) -> list[tuple[str, str]]:
     return [(r["type"], r["data"]) for r in rows]
 
 
+async def run_row(dsn: str, run_id: str) -> tuple[str, int]:
+    """The run's state and last logged seq (as the table's owner: no row-level security)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("SELECT state, last_seq FROM chatkit_runs WHERE id = $1", run_id)
+    finally:
+        await conn.close()
+    assert row is not None
+    return str(row["state"]), int(row["last_seq"])
+
+
 async def test_a_cut_mid_reply_resumes_through_b_every_event_once_in_order(
     browser: Browser, site: Site, tmp_path: Path
 ) -> None:
@@ -245,6 +256,8 @@ async def test_a_cut_mid_reply_resumes_through_b_every_event_once_in_order(
     assert len(events) > before
     run_id = assert_every_event_once_in_order(events)
     assert any(e["type"] == "thread.item.done" for e in events[before:])
+    # Everything the run logged, no more, no less.
+    assert await run_row(site.dsn, run_id) == ("completed", len(events))
     resumes = site.sent("GET", f"/runs/{run_id}/events")
     assert resumes, "the page resumed after the cut"
     assert site.sent("POST", "/cancel") == [], "a dropped connection is not a stop"
@@ -272,7 +285,8 @@ async def test_the_stop_button_cancels_the_run_server_side(
     assert site.sent("POST", f"/runs/{run_id}/cancel"), "the abort became a cancel"
 
     async def cancelled_and_stored() -> bool:
-        return [t for t, _ in await stored(site.dsn, user)][-1:] == ["sdk_hidden_context"]
+        marker = [t for t, _ in await stored(site.dsn, user)][-1:] == ["sdk_hidden_context"]
+        return marker and (await run_row(site.dsn, run_id))[0] == "cancelled"
 
     await until(cancelled_and_stored, "the partial reply stored with the cancel marker")
     items = await stored(site.dsn, user)

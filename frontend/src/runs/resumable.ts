@@ -56,7 +56,7 @@ export function resumableFetch(
 ): typeof fetch {
   return async (input, init) => {
     const method = (init?.method ?? (input instanceof Request ? input.method : "GET")).toUpperCase();
-    const caller = init?.signal ?? null;
+    const caller = init?.signal ?? (input instanceof Request ? input.signal : null);
     if (method !== "POST" || !sameUrl(requestUrl(input), apiUrl) || caller?.aborted) {
       return base(input, init);
     }

@@ -107,9 +107,12 @@ export function resumableFetch(
     }
     const run = runId;
     streamingRuns.add(run);
-    const finish = () => {
-      ended = true;
+    // `ended`: the run is over, nothing to cancel. A body given up on (or cancelled by its
+    // reader) leaves the run going: an abort after that still cancels it.
+    const finish = (runEnded: boolean) => {
       streamingRuns.delete(run);
+      if (!runEnded) return;
+      ended = true;
       caller?.removeEventListener("abort", onAbort);
     };
     const encoder = new TextEncoder();
@@ -126,11 +129,11 @@ export function resumableFetch(
           retry,
         }).then(
           () => {
-            finish();
+            finish(true);
             controller.close();
           },
           (error: unknown) => {
-            finish();
+            finish(false);
             controller.error(error);
           },
         );
@@ -138,7 +141,7 @@ export function resumableFetch(
       cancel(reason) {
         // The reader stopped reading (without aborting the request): stop following; the
         // run itself is not cancelled, as a dropped connection does not cancel it.
-        finish();
+        finish(false);
         inner.abort(reason);
       },
     });

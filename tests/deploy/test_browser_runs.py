@@ -289,18 +289,23 @@ async def test_a_cut_mid_reply_resumes_through_b_every_event_once_in_order(
     await chat.page.context.close()
 
 
+@pytest.mark.parametrize("how", ["abort", "cancel-body"])
 async def test_the_stop_button_cancels_the_run_server_side(
-    browser: Browser, site: Site, tmp_path: Path
+    browser: Browser, site: Site, tmp_path: Path, how: str
 ) -> None:
+    """Whether the component aborts its request or cancels the response's body."""
     user = new_user()
     lockstep = Lockstep(tmp_path / "acks")
     chat = await open_chat(browser, site, user, lockstep)
     chat.held.add(HOLD)
     await chat.send(pace_prompt(DELTAS, 0, lockstep=lockstep))
     await chat.wait_for_delta(HOLD)
-    await chat.page.evaluate("() => document.querySelector('openai-chatkit').stop()")
+    await chat.page.evaluate("(how) => document.querySelector('openai-chatkit').stop(how)", how)
     reply = await chat.wait("() => window.__reply.ended && window.__reply")
-    assert "AbortError" in (reply["error"] or ""), reply
+    if how == "abort":
+        assert "AbortError" in (reply["error"] or ""), reply
+    else:
+        assert reply["error"] is None, reply
     run_id = assert_run_prefix(await chat.events())
     assert site.sent("POST", f"/runs/{run_id}/cancel"), "the abort became a cancel"
 

@@ -6,8 +6,9 @@
 // * the body ChatKit reads is this module's stream: when the network drops mid-reply it
 //   resumes through any backend after the last event it handed on (./follow.ts), so ChatKit
 //   gets every event exactly once, in order, and never sees the cut;
-// * ChatKit aborting its request (its stop button) is not a network drop: the run is cancelled
-//   server-side (`POST .../runs/<id>/cancel`, keepalive) and the stream ends with the abort;
+// * ChatKit aborting its request (its stop button), or cancelling the body, is not a network
+//   drop: the run is cancelled server-side (`POST .../runs/<id>/cancel`, keepalive) and the
+//   stream ends with the abort;
 // * the runs this page streams itself are in `streamingRuns`, so ./thread.ts does not follow
 //   them a second time.
 //
@@ -107,8 +108,8 @@ export function resumableFetch(
     }
     const run = runId;
     streamingRuns.add(run);
-    // `ended`: the run is over, nothing to cancel. A body given up on (or cancelled by its
-    // reader) leaves the run going: an abort after that still cancels it.
+    // `ended`: the run is over (or cancelled), nothing to cancel. A body given up on leaves
+    // the run going: an abort after that still cancels it.
     const finish = (runEnded: boolean) => {
       streamingRuns.delete(run);
       if (!runEnded) return;
@@ -139,9 +140,10 @@ export function resumableFetch(
         );
       },
       cancel(reason) {
-        // The reader stopped reading (without aborting the request): stop following; the
-        // run itself is not cancelled, as a dropped connection does not cancel it.
-        finish(false);
+        // The reader chose to stop reading: a stop, like an abort (without the opt-in,
+        // closing the body closes the connection, which cancels the reply).
+        if (!ended) cancelRun(base, apiUrl, run);
+        finish(true);
         inner.abort(reason);
       },
     });

@@ -47,9 +47,10 @@ class ChatKitConversingStandIn extends HTMLElement {
     return Promise.resolve();
   }
 
-  // The stop button.
-  stop() {
-    this.controller?.abort();
+  // The stop button: aborting the request, or (how = "cancel-body") cancelling its body.
+  stop(how) {
+    if (how === "cancel-body") void this.reader?.cancel();
+    else this.controller?.abort();
   }
 
   async sendUserMessage({ text }) {
@@ -63,7 +64,7 @@ class ChatKitConversingStandIn extends HTMLElement {
     try {
       const response = await this.call(body, this.controller.signal);
       reply.status = response.status;
-      const reader = response.body.getReader();
+      const reader = (this.reader = response.body.getReader());
       const decoder = new TextDecoder();
       let buffer = "";
       for (;;) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CI: the frontend from its lock file (`npm ci`), type-checked against the published
-# @openai/chatkit types and built (`npm run build` -> frontend/dist/, which the browser tests
-# serve through nginx). Needs Node.js ^20.19 or >= 22.12 with its npm.
+# CI: the frontend from its lock file (`npm ci`), its unit tests (`npm test`: vitest), then
+# type-checked against the published @openai/chatkit types and built (`npm run build` ->
+# frontend/dist/, which the browser tests serve through nginx). Needs Node.js ^20.19 or
+# >= 22.12 with its npm.
 set -euo pipefail
 cd "$(dirname "$0")/../frontend"
 if ! command -v npm >/dev/null 2>&1; then
@@ -15,4 +16,5 @@ node -e '
     process.exit(1);
   }'
 npm ci --no-audit --no-fund
+npm test
 npm run build

@@ -3,9 +3,12 @@
 * ``GET  {CHATKIT_PATH}/runs/{run_id}/events``: the run's events after ``Last-Event-ID:
   <run_id>:<seq>`` (or ``?after=<seq>``; from the first without either), then live until the
   run ends, from any process (app.chat.runs);
-* ``POST {CHATKIT_PATH}/runs/{run_id}/cancel``: stop the run wherever it runs (202).
+* ``POST {CHATKIT_PATH}/runs/{run_id}/cancel``: stop the run wherever it runs (202);
+* ``GET  {CHATKIT_PATH}/threads/{thread_id}/run``: the thread's running run, ``{"run_id",
+  "seq"}`` (its last logged event), or 404: what a reloaded page asks to bring a reply that
+  outlived its connection into view when it ends (frontend/src/runs.ts).
 
-Both authenticate like ``POST /chatkit`` and count against the user's request budget. Another
+All three authenticate like ``POST /chatkit`` and count against the user's request budget. Another
 user's run, a run that never existed and one that ended longer ago than
 ``RUN_EVENTS_RETENTION_SECONDS`` all answer the same 404; a malformed resume point is a 400.
 A resumer only reads: it cannot make the log grow, and its stream ends when the run does.
@@ -13,9 +16,10 @@ A resumer only reads: it cannot make the log grow, and its stream ends when the 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from functools import partial
 
 from chatkit.store import NotFoundError
@@ -25,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.background import TaskRegistry
 from app.chat.run_recovery import store_lost_reply
-from app.chat.runs import RunOptions, RunRegistry
+from app.chat.runs import RunOptions, RunRegistry, split_events
 from app.chat.server import ChatKitPgServer
 from app.chat.stream_events import error_chunk
 from app.errors import InvalidInputError
@@ -42,6 +46,8 @@ RESUMABLE_HEADER = "x-chatkit-resumable"
 RUN_HEADER = "X-Chatkit-Run"
 _RUN_ID = re.compile(r"run_[0-9a-f]{32}")
 _SEQ = re.compile(r"[0-9]{1,10}")
+_THREAD_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+THREAD_CREATED = b'"thread.created"'
 MAX_SEQ = 2**31 - 1
 
 
@@ -126,11 +132,61 @@ async def cancel_run(request: Request) -> Response:
     return JSONResponse({"run_id": run_id, "cancel": "requested"}, status_code=202)
 
 
+async def thread_run(request: Request) -> Response:
+    """The thread's running run and its last logged seq (one indexed read), or 404: no run
+    going, no such thread, or another user's thread, alike."""
+    _, runs, user_id = await _user(request)
+    thread_id = str(request.path_params["thread_id"])
+    if not _THREAD_ID.fullmatch(thread_id):
+        raise NotFoundError("no run going")
+    found = await runs.runlog.of_thread(user_id, thread_id)
+    if found is None:
+        raise NotFoundError("no run going")
+    run_id, seq = found
+    return JSONResponse({"run_id": run_id, "seq": seq}, headers={"Cache-Control": "no-store"})
+
+
 def install(app: FastAPI, chatkit_path: str) -> None:
-    """The two routes, as plain Starlette routes (like ``POST /chatkit``)."""
+    """The three routes, as plain Starlette routes (like ``POST /chatkit``)."""
     base = chatkit_path.rstrip("/")
     app.add_route(f"{base}/runs/{{run_id}}/events", run_events, methods=["GET"])
     app.add_route(f"{base}/runs/{{run_id}}/cancel", cancel_run, methods=["POST"])
+    app.add_route(f"{base}/threads/{{thread_id}}/run", thread_run, methods=["GET"])
+
+
+def created_thread(chunk: bytes) -> str | None:
+    """The id in a ``thread.created`` event of this chunk of the SDK's stream, if any."""
+    for block in split_events(chunk):
+        if THREAD_CREATED not in block:
+            continue
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                try:
+                    event = json.loads(line[5:])
+                    if event.get("type") == "thread.created":
+                        return str(event["thread"]["id"])
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    return None
+    return None
+
+
+async def recording_thread(
+    source: AsyncIterable[bytes], runlog: RunLog, user_id: str, run_id: str
+) -> AsyncIterator[bytes]:
+    """``source``, recording in the run's row the thread a ``threads.create`` reply makes
+    (its first event) before that event goes out: a client that has it and reloads finds the
+    run through ``GET .../threads/{id}/run``."""
+    looking = True  # the SDK's first chunk starts with thread.created; later ones never do
+    async for chunk in source:
+        if looking:
+            looking = False
+            thread_id = created_thread(chunk)
+            if thread_id is not None:
+                try:
+                    await runlog.set_thread(user_id, run_id, thread_id)
+                except Exception as exc:  # the reply goes on; only the lookup misses it
+                    log.warning("run's thread not recorded", extra={"reason": type(exc).__name__})
+        yield chunk
 
 
 def resumable_runs(request: Request) -> RunRegistry | None:
@@ -161,6 +217,8 @@ def start_run(
         metrics.stream_seconds.labels(op, state).observe(watch.seconds)
         log.info("run ended", extra={"outcome": state, "duration_ms": watch.ms})
 
+    if op == "threads.create":  # the run's row learns the new thread's id
+        source = recording_thread(source, runs.runlog, user_id, run_id)
     run = runs.launch(run_id, user_id, source, error_chunk, on_end)
     return event_stream(runtime, run_id, run.follow(0))
 

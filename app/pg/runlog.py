@@ -4,7 +4,9 @@ Each call is one round trip: a SQL function of the migration that sets ``app.use
 before it reads a table (row-level security, docs/rls.md), as the stream lease's does. The
 process running a reply calls ``start`` once and ``append`` once per batch of events (and as a
 heartbeat when it has none); resumers in any process call ``read``; ``cancel`` and ``abandon``
-are what ``POST .../cancel`` and a resumer that finds the run's process silent call.
+are what ``POST .../cancel`` and a resumer that finds the run's process silent call;
+``of_thread`` is what a reloaded page asks (migration 0008), ``set_thread`` how a
+``threads.create`` run learns its new thread.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ RUN_APPEND = "SELECT chatkit_run_append($1, $2, $3, $4::text[], $5)"
 RUN_READ = "SELECT state, last_seq, age, seq, data FROM chatkit_run_read($1, $2, $3, $4, $5)"
 RUN_CANCEL = "SELECT chatkit_run_cancel($1, $2, $3)"
 RUN_ABANDON = "SELECT chatkit_run_abandon($1, $2, $3)"
+RUN_OF_THREAD = "SELECT id, last_seq FROM chatkit_run_of_thread($1, $2)"  # migration 0008
+RUN_SET_THREAD = "SELECT chatkit_run_set_thread($1, $2, $3)"
 
 RUNNING = "running"
 COMPLETED = "completed"
@@ -84,3 +88,16 @@ class RunLog:
         call did (False: it was not silent, not running, or someone else did first)."""
         async with Call(self.pool) as conn:
             return bool(await conn.fetchval(RUN_ABANDON, user_id, run_id, dead_after))
+
+    async def of_thread(self, user_id: str, thread_id: str) -> tuple[str, int] | None:
+        """The running run of the user's thread and its last logged seq; None when there is
+        none (or the thread is another user's)."""
+        async with Call(self.pool) as conn:
+            row = await conn.fetchrow(RUN_OF_THREAD, user_id, thread_id)
+        return None if row is None else (str(row["id"]), int(row["last_seq"]))
+
+    async def set_thread(self, user_id: str, run_id: str, thread_id: str) -> None:
+        """Record the thread a ``threads.create`` run has just made (a run that has one keeps
+        it)."""
+        async with Call(self.pool) as conn:
+            await conn.execute(RUN_SET_THREAD, user_id, run_id, thread_id)

@@ -211,7 +211,11 @@ class RunRow(SQLModel, table=True):
     batch of events, so UNLOGGED like the limiter's rows (migration 0006 says why)."""
 
     __tablename__ = "chatkit_runs"
-    __table_args__ = {"prefixes": ["UNLOGGED"]}
+    __table_args__ = (
+        # The running runs of a thread (migration 0008): what a reloaded page asks for.
+        Index(None, "user_id", "thread_id", postgresql_where=text("state = 'running'")),
+        {"prefixes": ["UNLOGGED"]},
+    )
 
     user_id: str = Field(sa_column=Column(Text, primary_key=True))
     id: str = Field(sa_column=Column(Text, primary_key=True))

@@ -1,5 +1,5 @@
 import { ChatKit, useChatKit } from "@openai/chatkit-react";
-import { useEffect, useState } from "react";
+import { useEffect, useMemo, useState } from "react";
 
 import { authFetch } from "./auth";
 import {
@@ -9,9 +9,30 @@ import {
   MAX_UPLOAD_BYTES,
   STARTER_PROMPTS,
 } from "./config";
+import { resumableFetch } from "./runs/resumable";
+import { bringRunIntoView } from "./runs/thread";
 import { ThreadSearch } from "./Search";
 
 const CDN_WAIT_MS = 20_000;
+// The open thread, kept across reloads of this tab (not shared with other tabs).
+const THREAD_KEY = "chatkit-pg:thread";
+
+function storedThread(): string | null {
+  try {
+    return sessionStorage.getItem(THREAD_KEY);
+  } catch {
+    return null; // storage disabled: every load starts a new thread, as before
+  }
+}
+
+function storeThread(threadId: string | null): void {
+  try {
+    if (threadId) sessionStorage.setItem(THREAD_KEY, threadId);
+    else sessionStorage.removeItem(THREAD_KEY);
+  } catch {
+    // storage disabled
+  }
+}
 
 /** Follows the operating system's light/dark setting. */
 function useColorScheme(): "light" | "dark" {
@@ -52,17 +73,22 @@ export function App() {
   const colorScheme = useColorScheme();
   const componentMissing = useComponentMissing();
   const [error, setError] = useState<string | null>(null);
+  const [initialThread] = useState(storedThread);
+  const [threadId, setThreadId] = useState(initialThread);
+  // Replies survive dropped connections and reloads; the stop button cancels (docs/runs.md).
+  const apiFetch = useMemo(() => resumableFetch(authFetch, CHATKIT_API_URL), []);
 
   const chatkit = useChatKit({
     api: {
       url: CHATKIT_API_URL,
       domainKey: CHATKIT_DOMAIN_KEY,
-      fetch: authFetch,
+      fetch: apiFetch,
       // chatkit-pg answers attachments.create with a signed upload URL (two-phase upload).
       uploadStrategy: { type: "two_phase" },
     },
     theme: { colorScheme, radius: "round" },
     history: { enabled: true },
+    initialThread,
     startScreen: { greeting: GREETING, prompts: STARTER_PROMPTS },
     composer: {
       placeholder: "Message the assistant",
@@ -70,7 +96,29 @@ export function App() {
     },
     onError: ({ error }) => setError(error.message || "Something went wrong."),
     onResponseStart: () => setError(null),
+    onThreadChange: ({ threadId }) => {
+      storeThread(threadId);
+      setThreadId(threadId);
+    },
   });
+
+  // A reply still running in the open thread (after a reload, or another tab's): show it
+  // whole once it ends.
+  const { fetchUpdates } = chatkit;
+  useEffect(() => {
+    if (!threadId) return;
+    const controller = new AbortController();
+    bringRunIntoView({
+      fetch: authFetch,
+      apiUrl: CHATKIT_API_URL,
+      threadId,
+      fetchUpdates: () => fetchUpdates(),
+      signal: controller.signal,
+    }).catch((reason: unknown) => {
+      if (!controller.signal.aborted) console.warn("chatkit-pg: run not followed", reason);
+    });
+    return () => controller.abort();
+  }, [threadId, fetchUpdates]);
 
   return (
     <div className="app">

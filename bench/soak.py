@@ -2,6 +2,7 @@
 event by event. A load run, not a timed test.
 
     python -m bench.soak [--streams 500] [--seconds 60] [--deltas 60] [--interval-ms 250]
+                         [--modes plain,resumable | --resumable]
 
 One uvicorn worker (uvloop, httptools) serves ``bench.soak_app``: the real app with a scripted
 model streaming numbered deltas (``<tag>:tok-0001 ``, ``<tag>:tok-0002 ``, ... every
@@ -11,6 +12,14 @@ HTTP/1.1 connection (raw asyncio sockets) and opening the next as soon as one en
 ``--streams`` streams are always open: workers start over ``--ramp`` seconds, run for
 ``--seconds``, then finish the stream they are in (no stream is cut). A worker creates a thread
 and adds ``--followups`` more messages to it before starting a new one.
+
+Modes (``--modes``, default both, one after the other in the same run, each on a fresh server
+process and database): *plain* streams as every client does, *resumable* sends
+``X-Chatkit-Resumable: true`` (docs/runs.md), so every reply runs detached and is logged in
+PostgreSQL; its streams are checked for the ``X-Chatkit-Run`` header and an ``id:
+<run_id>:<seq>`` on every event, ``seq`` from 1 without gaps. ``--resumable`` runs that mode
+alone. The comparison (integrity, first-event latency, pool and connection figures, CPU per
+delta) is printed and written under ``"comparison"``.
 
 Every stream is checked: HTTP 200, the ChatKit events in the expected order, every delta of the
 reply exactly once, in order and carrying the stream's own tag (lost / duplicated /
@@ -31,7 +40,8 @@ stream, a malformed stream, a reply stored wrongly); failures the server reports
 
 Database: ``TEST_DATABASE_URL``, else ``DATABASE_URL`` (a server to create a fresh database
 on), else what ``tests.harness.pg`` picks (a container, or the embedded PostgreSQL). Results:
-``bench/results/soak.json``, the server's log in ``bench/results/soak-server.log``.
+``bench/results/soak.json`` (one report per mode), the server's log in
+``bench/results/soak-server-<mode>.log``.
 """
 
 from __future__ import annotations
@@ -72,6 +82,8 @@ SECRET = "soak-secret-" + "s" * 40
 SAMPLE_SECONDS = 0.5
 LAG_INTERVAL = 0.010
 DELTA = re.compile(r"(\S+):tok-(\d{4,}) ")
+RESUMABLE = b"X-Chatkit-Resumable: true"
+MODES = ("plain", "resumable")
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -164,6 +176,22 @@ class StreamCheck:
     events = 0
     heartbeats = 0
     delta_times: list[float] = field(default_factory=list)
+    run_id: str | None = None  # resumable mode: every event must carry ``id: <run_id>:<seq>``
+    last_seq = 0
+
+    def event_id(self, value: bytes | None) -> None:
+        """Resumable mode: the event's ``id:`` is this run's and the next ``seq``."""
+        if self.run_id is None:
+            return
+        run, _, seq = (value or b"").decode(errors="replace").rpartition(":")
+        if value is None:
+            self.errors["event_without_id"] += 1
+        elif run != self.run_id or not seq.isdigit():
+            self.errors["event_id_of_another_run"] += 1
+        elif int(seq) != self.last_seq + 1:
+            self.errors["event_id_not_next_seq"] += 1
+        else:
+            self.last_seq = int(seq)
 
     def event(self, ev: dict[str, Any], now: float) -> None:
         self.events += 1
@@ -319,7 +347,8 @@ def sse_events(buffer: bytearray, check: StreamCheck, first: list[float], now: f
         if block.startswith(b":"):
             check.heartbeats += 1
             continue
-        data = [ln[6:] for ln in block.split(b"\n") if ln.startswith(b"data: ")]
+        lines = block.split(b"\n")
+        data = [ln[6:] for ln in lines if ln.startswith(b"data: ")]
         if not data:
             check.errors["event_without_data"] += 1
             continue
@@ -330,6 +359,7 @@ def sse_events(buffer: bytearray, check: StreamCheck, first: list[float], now: f
             continue
         if not first:
             first.append(now)
+        check.event_id(next((ln[4:] for ln in lines if ln.startswith(b"id: ")), None))
         check.event(event, now)
 
 
@@ -415,6 +445,9 @@ class Load:
         if thread is not None:
             params["thread_id"] = thread
         request = chatkit(op, params, tok)
+        resumable = getattr(args, "mode", "plain") == "resumable"
+        if resumable:
+            request = request.replace(b"\r\n\r\n", b"\r\n" + RESUMABLE + b"\r\n\r\n", 1)
         check = StreamCheck(op, tag, args.deltas)
         first: list[float] = []
         kind: str | None = None
@@ -443,6 +476,11 @@ class Load:
                     raise StreamBroken(f"http_{status}")
                 if not headers.get(b"content-type", b"").startswith(b"text/event-stream"):
                     raise StreamBroken("not_event_stream")
+                if resumable:
+                    run_id = headers.get(b"x-chatkit-run")
+                    if not run_id:
+                        raise StreamBroken("resumable_stream_without_run_header")
+                    check.run_id = run_id.decode()
                 if b"chunked" not in headers.get(b"transfer-encoding", b"") and (
                     b"content-length" not in headers
                 ):
@@ -880,7 +918,8 @@ async def soak(url: str, pg: PgServer, args: argparse.Namespace) -> dict[str, An
     probe = LagProbe()
     probe_task = asyncio.create_task(probe.run())
     try:
-        with server_process(url, args, server_cpu) as server:
+        log_name = f"soak-server-{getattr(args, 'mode', 'plain')}.log"
+        with server_process(url, args, server_cpu, log_name=log_name) as server:
             t0 = time.monotonic()
             warm = await warm_up(server.port, args)
             await asyncio.sleep(2)
@@ -1094,6 +1133,7 @@ def build_report(
             "server_exit_code": exit_code,
             "git": git_state(),
             "params": {
+                "mode": getattr(args, "mode", "plain"),
                 "streams": args.streams,
                 "seconds": args.seconds,
                 "ramp_seconds": args.ramp,
@@ -1352,9 +1392,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="switch the per-user limits (stream leases) off, to measure what they cost",
     )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated, run one after the other: plain, resumable (X-Chatkit-Resumable)",
+    )
+    parser.add_argument(
+        "--resumable", action="store_true", help="the resumable mode alone (--modes resumable)"
+    )
     parser.add_argument("--pin", action="store_true", help="server on CPU 0, client on CPU 1")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.modes = ["resumable"] if args.resumable else [m for m in args.modes.split(",") if m]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        parser.error(f"--modes: a comma-separated list of {', '.join(MODES)}")
+    return args
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -1363,25 +1415,94 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     limit = raise_fd_limit()
     if limit < args.streams + 100:
         raise SystemExit(f"file descriptor limit {limit} is too low for {args.streams} streams")
-    began = time.perf_counter()
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    reports: dict[str, dict[str, Any]] = {}
     with database_server() as pg:
-        url = asyncio.run(pg.create_database("ckpg_soak"))
-        try:
-            migrate(url)
-            report = asyncio.run(soak(url, pg, args))
-        finally:
-            if args.keep_db:
-                print(f"database kept: {url}")
-            else:
-                asyncio.run(pg.drop_database(url))
-    report["meta"]["loadavg_at_start"] = load_at_start
-    report["meta"]["total_s"] = round(time.perf_counter() - began, 1)
-    print_report(report)
+        for mode in args.modes:
+            began = time.perf_counter()
+            load_at_start = [round(x, 2) for x in os.getloadavg()]
+            url = asyncio.run(pg.create_database(f"ckpg_soak_{mode}"))
+            try:
+                migrate(url)
+                report = asyncio.run(soak(url, pg, argparse.Namespace(**vars(args), mode=mode)))
+            finally:
+                if args.keep_db:
+                    print(f"database kept: {url}")
+                else:
+                    asyncio.run(pg.drop_database(url))
+            report["meta"]["loadavg_at_start"] = load_at_start
+            report["meta"]["total_s"] = round(time.perf_counter() - began, 1)
+            print(f"\n===== mode: {mode} =====")
+            print_report(report)
+            reports[mode] = report
+    result: dict[str, Any] = {
+        "modes": reports,
+        "comparison": compare(reports),
+        "integrity_held": all(r["integrity_held"] for r in reports.values()),
+    }
+    print_comparison(result["comparison"])
     path = RESULTS_DIR / "soak.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"soak: {report['meta']['total_s']} s in all; figures in {path}")
-    return report
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    total = sum(r["meta"]["total_s"] for r in reports.values())
+    print(f"soak: {total:.1f} s in all; figures in {path}")
+    return result
+
+
+COMPARED = {
+    "streams": ("streams", "total"),
+    "streams failed by the server": ("errors_reported_by_server",),
+    "deltas checked": ("events", "deltas_checked"),
+    "lost": ("events", "lost"),
+    "duplicated": ("events", "duplicated"),
+    "out of order": ("events", "out_of_order"),
+    "foreign": ("events", "foreign"),
+    "protocol / transport violations": ("protocol_or_transport_violations",),
+    "database ok": ("database_verification", "ok"),
+    "first event p50 ms (steady)": ("latency_ms", "first_event_steady", "p50"),
+    "first event p99 ms (steady)": ("latency_ms", "first_event_steady", "p99"),
+    "gap between deltas p99 ms": ("latency_ms", "delta_gap", "p99"),
+    "server loop lag p99 ms (load)": ("server_loop_lag_ms", "load", "p99"),
+    "pool checked out peak": ("database", "pool_checked_out_peak"),
+    "pool checked out median (sampled)": ("database", "pool_checked_out_median_sampled"),
+    "pool connection held p50 ms (load)": ("database", "pool_hold_ms", "load", "p50"),
+    "pool connection held p99 ms (load)": ("database", "pool_hold_ms", "load", "p99"),
+    "pool new connections during load": ("database", "pool_new_connections_during_load"),
+    "pg connections peak": ("database", "pg_connections_peak"),
+    "pg in use median": ("database", "pg_in_use_median"),
+    "KB per open stream": ("memory", "kb_per_open_stream"),
+    "server CPU % of a core": ("cpu", "server_utilisation_pct"),
+    "server CPU us per delta all in": ("cpu", "server_us_per_delta"),
+    "load average at end (1 min)": ("meta", "loadavg_at_end", 0),
+}
+
+
+def compare(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The figures issue 21 asks for, mode by mode (and resumable / plain where both ran)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, path in COMPARED.items():
+        row: dict[str, Any] = {}
+        for mode, report in reports.items():
+            value: Any = report
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else value[key]
+            row[mode] = sum(value.values()) if isinstance(value, dict) else value
+        plain, resumable = row.get("plain"), row.get("resumable")
+        numbers = all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in (plain, resumable)
+        )
+        if numbers and plain:
+            row["resumable_over_plain"] = round(resumable / plain, 3)
+        out[name] = row
+    return out
+
+
+def print_comparison(rows: dict[str, dict[str, Any]]) -> None:
+    modes = [m for m in MODES if any(m in row for row in rows.values())]
+    print("\n===== soak: the modes side by side =====")
+    print(f"  {'':38}" + "".join(f"{m:>14}" for m in modes) + f"{'ratio':>10}")
+    for name, row in rows.items():
+        ratio = row.get("resumable_over_plain")
+        cells = "".join(f"{row.get(m)!s:>14}" for m in modes)
+        print(f"  {name:38}{cells}{'' if ratio is None else f'{ratio:>10}'}")
 
 
 if __name__ == "__main__":

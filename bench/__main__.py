@@ -1,7 +1,7 @@
 """``make bench``: every benchmark, each against a baseline measured in the same run.
 
 ``python -m bench`` runs them all; ``python -m bench store server`` (any subset of
-store, server, runs, attachments, memory, deploy, plugins, citus,
+store, server, runs, turns, attachments, memory, deploy, plugins, citus,
 stall, userdata, search) runs those. Results land in ``bench/results/*.json``.
 """
 
@@ -14,6 +14,7 @@ BENCHES = {
     "store": "bench.store_bench",
     "server": "bench.server_bench",
     "runs": "bench.runs_bench",
+    "turns": "bench.turn_bench",
     "attachments": "bench.attachments_bench",
     "memory": "bench.memory_bench",
     "deploy": "bench.deploy_bench",

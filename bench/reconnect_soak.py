@@ -41,12 +41,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
+
 from bench import RESULTS_DIR
 from bench.httpload import Connection, chatkit, http_request, user_input
 from bench.soak import (
+    ITEMS_SQL,
     RESUMABLE,
     Server,
-    Stream,
     StreamBroken,
     StreamCheck,
     close,
@@ -57,8 +59,8 @@ from bench.soak import (
     scan_log,
     server_process,
     token,
-    verify_database,
 )
+from bench.soak_app import delta_text
 from tests.harness.pg import PgServer, describe, migrate
 
 
@@ -82,6 +84,7 @@ class Reply:
     failure: str | None = None
     started: float = 0.0
     ended: float = 0.0
+    unnumbered: list[str] = field(default_factory=list)  # types of events without an ``id:``
 
     @property
     def user(self) -> str:
@@ -128,8 +131,12 @@ async def read_until(conn: Connection, reply: Reply, cut: int | None, first: lis
             if not first:
                 first.append(time.monotonic())
             before = check.last_seq
-            check.event_id(next((ln[4:] for ln in lines if ln.startswith(b"id: ")), None))
-            check.event(json.loads(b"\n".join(data)), time.monotonic())
+            event_id = next((ln[4:] for ln in lines if ln.startswith(b"id: ")), None)
+            check.event_id(event_id)
+            event = json.loads(b"\n".join(data))
+            if event_id is None:
+                reply.unnumbered.append(str(event.get("type")))
+            check.event(event, time.monotonic())
             if cut is not None and check.last_seq == cut and before != cut:
                 return True
 
@@ -216,19 +223,58 @@ async def soak(url: str, args: argparse.Namespace, replies: list[Reply]) -> dict
         elapsed = time.monotonic() - started
         cpu = [s.ps.cpu_times() for s in servers]
     logs = {name: scan_log(s.log) for name, s in zip("ab", servers, strict=True)}
-    streams = [
-        Stream(
-            r.index, r.user, "threads.create", r.started, r.ended, None, None, r.check, r.failure
-        )
-        for r in replies
-    ]
-    verification = await verify_database(PgServer.dsn(url), streams)
+    verification = await verify_replies(PgServer.dsn(url), replies, args.deltas)
     return {
         "elapsed_s": round(elapsed, 1),
         "server_cpu_s": [round(c.user + c.system, 1) for c in cpu],
         "server_logs": logs,
         "database_verification": verification,
     }
+
+
+async def verify_replies(dsn: str, replies: list[Reply], deltas: int) -> dict[str, Any]:
+    """PostgreSQL holds each reply once: a reply the client saw complete, with its full text; a
+    reply that ended with an ``error`` event (a run declared lost, docs/runs.md), at most one
+    partial assistant message whose text begins the reply's, and the SDK's cancel marker; and
+    nothing in any thread the client did not create."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(ITEMS_SQL)
+    finally:
+        await conn.close()
+    by_thread: dict[tuple[str, str], list[Any]] = {}
+    for row in rows:
+        by_thread.setdefault((row["user_id"], row["thread_id"]), []).append(row)
+    out: Counter[str] = Counter()
+    known = set()
+    for r in replies:
+        check = r.check
+        if check.thread_id is None:
+            continue
+        known.add((r.user, check.thread_id))
+        items = by_thread.get((r.user, check.thread_id), [])
+        assistant = [x for x in items if x["type"] == "assistant_message"]
+        users = [x for x in items if x["type"] == "user_message"]
+        expected = "".join(delta_text(check.tag, n) for n in range(1, deltas + 1))
+        out["user_message_not_once"] += len(users) != 1
+        if check.server_error is None and r.failure is None:
+            out["complete_replies"] += 1
+            out["complete_reply_not_stored_once"] += len(assistant) != 1
+            out["complete_reply_text_wrong"] += bool(assistant) and assistant[0]["text"] != expected
+            out["complete_reply_with_other_items"] += len(items) != 2
+        else:
+            out["failed_replies"] += 1
+            out["failed_reply_partial_stored"] += len(assistant) == 1
+            out["failed_reply_stored_twice"] += len(assistant) > 1
+            out["failed_reply_text_not_a_prefix"] += any(
+                not expected.startswith(x["text"] or "") for x in assistant
+            )
+    out["rows_in_unknown_threads"] = sum(len(v) for k, v in by_thread.items() if k not in known)
+    result: dict[str, Any] = dict(out)
+    result["item_rows_by_type"] = dict(Counter(r["type"] for r in rows))
+    counted = ("complete_replies", "failed_replies", "failed_reply_partial_stored")
+    result["ok"] = not any(n for k, n in out.items() if k not in counted)
+    return result
 
 
 def report(
@@ -258,8 +304,10 @@ def report(
             [x.latency for x in resumes if x.latency is not None and x.target == "other"], 1000
         ),
     }
+    served = ("http_", "error_event", "start_http_", "resume_http_")
+    violations = {k: n for k, n in errors.items() if not k.startswith(served)}
     integrity = (
-        not errors
+        not violations
         and not any(v for k, v in events.items() if k not in ("checked", "deltas_checked"))
         and bool(run["database_verification"]["ok"])
     )
@@ -296,11 +344,34 @@ def report(
         },
         "events": events,
         "errors_by_kind": dict(errors.most_common()),
+        "protocol_or_transport_violations": violations,
+        "error_examples": examples(replies),
+        "events_without_id_by_type": dict(Counter(t for r in replies for t in r.unnumbered)),
         "resume_latency_ms": latency,
         "database_verification": run["database_verification"],
         "server_logs": run["server_logs"],
         "integrity_held": integrity,
     }
+
+
+def examples(replies: list[Reply]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in replies:
+        for kind in ([r.failure] if r.failure else []) + list(r.check.errors):
+            if len(out.setdefault(kind, [])) < 3:
+                out[kind].append(
+                    {
+                        "reply": r.index,
+                        "origin": "AB"[r.origin],
+                        "cuts": r.cuts,
+                        "resumes": [(x.target, x.failure) for x in r.resumes],
+                        "last_seq": r.check.last_seq,
+                        "events": r.check.collapsed()[-6:],
+                        "unnumbered": r.unnumbered,
+                        "server_error": r.check.server_error,
+                    }
+                )
+    return out
 
 
 def print_report(r: dict[str, Any]) -> None:
@@ -329,14 +400,12 @@ def print_report(r: dict[str, Any]) -> None:
         f"{ev['foreign']}, seq not the next {ev['seq_not_next']}"
     )
     print(f"  errors: {r['errors_by_kind'] or 'none'}")
+    print(f"  protocol / transport violations: {r['protocol_or_transport_violations'] or 'none'}")
     print(f"  resume latency (reconnect -> first missed event): {ms(lat['all'])}")
     print(f"    through the run's process: {ms(lat['same_process'])}")
     print(f"    through the other process: {ms(lat['other_process'])}")
-    v = r["database_verification"]
-    print(
-        f"  database: {v['replies_checked']} replies checked, missing {v['replies_missing']}, "
-        f"text mismatch {v['replies_text_mismatch']}, extra rows {v['extra_assistant_rows']}"
-    )
+    print(f"  events without an id, by type: {r['events_without_id_by_type'] or 'none'}")
+    print(f"  database: {r['database_verification']}")
     for name, log in r["server_logs"].items():
         print(f"  server {name.upper()} log: {log['lines_by_level']}; problems {log['problems']}")
     print(f"  RESULT: integrity {'held' if r['integrity_held'] else 'BROKEN'}")

@@ -256,7 +256,10 @@ async def verify_replies(dsn: str, replies: list[Reply], deltas: int) -> dict[st
         assistant = [x for x in items if x["type"] == "assistant_message"]
         users = [x for x in items if x["type"] == "user_message"]
         expected = "".join(delta_text(check.tag, n) for n in range(1, deltas + 1))
-        out["user_message_not_once"] += len(users) != 1
+        out["user_message_stored_twice"] += len(users) > 1
+        # A reply that failed before the user's message was saved (its ``user_message.done``
+        # never came) may leave the thread without it, as an un-opted stream does.
+        out["user_message_seen_not_stored"] += check.user_item_id is not None and not users
         if check.server_error is None and r.failure is None:
             out["complete_replies"] += 1
             out["complete_reply_not_stored_once"] += len(assistant) != 1

@@ -28,7 +28,7 @@ from tests.harness.pg import PgServer, migrate, postgres_server
 
 SHORT, LONG = 200, 2000
 STREAMS = {SHORT: 10, LONG: 3}
-ROUNDS = 5
+ROUNDS = 7
 TARGET_RATIO = 1.15
 MODES = ("memory", "plain", "resumable")  # side -> the server it runs on, and the opt-in
 SERVER_OF = {"memory": "memory", "plain": "postgres", "resumable": "postgres"}

@@ -1,7 +1,7 @@
 """``make soak-reconnect``: resumable replies (docs/runs.md) cut and resumed, through two
 processes, every event checked. A load run, not a timed test (issue 21).
 
-    python -m bench.reconnect_soak [--streams 200] [--deltas 100] [--interval-ms 50] [--seed N]
+    python -m bench.reconnect_soak [--streams 200] [--deltas 60] [--interval-ms 250] [--seed N]
 
 Two uvicorn workers (A and B, uvloop, httptools) serve ``bench.soak_app`` (the real app, the
 scripted model streaming numbered deltas) on the same PostgreSQL database. ``--streams`` users
@@ -419,8 +419,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.reconnect_soak", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--streams", type=int, default=200, help="resumable replies at once")
-    parser.add_argument("--deltas", type=int, default=100, help="text deltas per reply")
-    parser.add_argument("--interval-ms", type=float, default=50, help="pause between deltas")
+    parser.add_argument("--deltas", type=int, default=60, help="text deltas per reply")
+    parser.add_argument(
+        "--interval-ms", type=float, default=250, help="pause between deltas (the soak's)"
+    )
     parser.add_argument("--ramp", type=float, default=2, help="seconds to start every reply")
     parser.add_argument("--seed", type=int, default=None, help="the cut points' RNG seed")
     parser.add_argument("--stream-timeout", type=float, default=180, help="per reply, seconds")

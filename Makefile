@@ -7,7 +7,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run migrate test lint fmt bench soak clean example-mcp
+.PHONY: install run migrate test lint fmt bench soak soak-reconnect clean example-mcp
 
 # One line saying what to install when the interpreter cannot bootstrap the tools.
 define CHECK_PYTHON
@@ -52,8 +52,11 @@ fmt: install
 bench: install  ## benchmarks against baselines measured in the same run
 	$(VENV)/bin/python -m bench
 
-soak: install  ## 500 concurrent SSE streams for 60 s through one worker, every event checked
+soak: install  ## 500 concurrent SSE streams for 60 s through one worker, every event checked; plain, then resumable
 	$(VENV)/bin/python -m bench.soak
+
+soak-reconnect: install  ## 200 resumable replies cut 1-3 times and resumed through two processes, every event checked
+	$(VENV)/bin/python -m bench.reconnect_soak
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

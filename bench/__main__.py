@@ -1,8 +1,8 @@
 """``make bench``: every benchmark, each against a baseline measured in the same run.
 
 ``python -m bench`` runs them all; ``python -m bench store server`` (any subset of
-store, server, attachments, memory, deploy, plugins, citus, stall,
-userdata, search) runs those. Results land in ``bench/results/*.json``.
+store, server, runs, turns, attachments, memory, deploy, plugins, citus,
+stall, userdata, search) runs those. Results land in ``bench/results/*.json``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 BENCHES = {
     "store": "bench.store_bench",
     "server": "bench.server_bench",
+    "runs": "bench.runs_bench",
+    "turns": "bench.turn_bench",
     "attachments": "bench.attachments_bench",
     "memory": "bench.memory_bench",
     "deploy": "bench.deploy_bench",

@@ -1,13 +1,17 @@
-"""CPU per streamed delta with the run log (docs/runs.md) against the same server without it.
+"""CPU per streamed delta with the run log (docs/runs.md) against the in-memory store and
+against the same server without the log (issue 21: log on <= 1.15x the in-memory store).
 
-One chatkit-pg process (``bench.server_app`` over PostgreSQL, uvicorn, uvloop, httptools) streams
-``threads.create`` replies of 200 and 2000 one-word deltas from the scripted model, alternately
-with ``X-Chatkit-Resumable: true`` (the reply detached into a run, logged in batches) and
-without (today's stream). The server's CPU per reply (``psutil``) and the slope between the two
-lengths, i.e. the cost of one more delta; the CPU of its PostgreSQL backends alongside. The
-figures are medians over rounds; the ratio pairs the two modes round by round.
+Two chatkit-pg processes (``bench.server_app``, uvicorn, uvloop, httptools): one over the
+PostgreSQL store, one over ``bench.memory_store`` (``BENCH_STORE=memory``). They stream
+``threads.create`` replies of 200 and 2000 one-word deltas from the scripted model, three sides
+interleaved with their order alternating: *resumable* (the PostgreSQL server, with
+``X-Chatkit-Resumable: true``: the reply detached into a run, logged in batches), *plain* (the
+same server without the opt-in) and *memory* (the in-memory server, without it). The server's
+CPU per reply (``psutil``) and the slope between the two lengths, i.e. the cost of one more
+delta; the CPU of the PostgreSQL backends alongside. The figures are medians over rounds; the
+ratios pair the sides round by round.
 
-    .venv/bin/python -m bench.runs_bench
+    .venv/bin/python -m bench.runs_bench       (or: python -m bench runs)
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from tests.harness.pg import PgServer, migrate, postgres_server
 
 SHORT, LONG = 200, 2000
 STREAMS = {SHORT: 10, LONG: 3}
-ROUNDS = 5
+ROUNDS = 7
 TARGET_RATIO = 1.15
-MODES = ("plain", "resumable")
+MODES = ("memory", "plain", "resumable")  # side -> the server it runs on, and the opt-in
+SERVER_OF = {"memory": "memory", "plain": "postgres", "resumable": "postgres"}
 
 
 def request(deltas: int, token: str, mode: str) -> bytes:
@@ -56,13 +61,14 @@ async def batch(
     return (cpu1 - cpu0) / count, (db1 - db0) / count
 
 
-async def measure(server: load.Server, token: str, dsn: str) -> dict[str, Any]:
+async def measure(servers: dict[str, load.Server], token: str, dsn: str) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     for r in range(ROUNDS):
         order = MODES if r % 2 == 0 else tuple(reversed(MODES))
         got: dict[str, dict[int, tuple[float, float]]] = {m: {} for m in MODES}
         for deltas in (SHORT, LONG) if r % 2 == 0 else (LONG, SHORT):
             for mode in order:
+                server = servers[SERVER_OF[mode]]
                 got[mode][deltas] = await batch(server, token, deltas, mode, dsn)
         for mode in MODES:
             (short, short_db), (long, long_db) = got[mode][SHORT], got[mode][LONG]
@@ -78,15 +84,21 @@ async def measure(server: load.Server, token: str, dsn: str) -> dict[str, Any]:
         mode: {k + "_median": round(statistics.median(x[k] for x in rows), 2) for k in rows[0]}
         for mode, rows in rounds.items()
     }
-    pairs = list(zip(rounds["resumable"], rounds["plain"], strict=True))
-    out["ratio_slope"] = round(
-        statistics.median(a["slope_us_per_delta"] / b["slope_us_per_delta"] for a, b in pairs), 3
-    )
-    out["ratio_per_reply_200"] = round(
-        statistics.median(a["cpu_ms_per_reply_200"] / b["cpu_ms_per_reply_200"] for a, b in pairs),
-        3,
-    )
+    for a_name, b_name in (("resumable", "memory"), ("plain", "memory"), ("resumable", "plain")):
+        pairs = list(zip(rounds[a_name], rounds[b_name], strict=True))
+        out[f"ratio_slope_{a_name}_over_{b_name}"] = round(
+            statistics.median(a["slope_us_per_delta"] / b["slope_us_per_delta"] for a, b in pairs),
+            3,
+        )
+        out[f"ratio_per_reply_200_{a_name}_over_{b_name}"] = round(
+            statistics.median(
+                a["cpu_ms_per_reply_200"] / b["cpu_ms_per_reply_200"] for a, b in pairs
+            ),
+            3,
+        )
     out["target_ratio_max"] = TARGET_RATIO
+    out["target_met"] = out["ratio_slope_resumable_over_memory"] <= TARGET_RATIO
+    out["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
@@ -96,17 +108,24 @@ async def main() -> dict[str, Any]:
         url = await pg.create_database("ckpg_durable_runs_bench")
         try:
             await asyncio.to_thread(migrate, url)
-            env = load.app_env(url, "postgres")
-            with load.server_process(
-                "runs", "bench.server_app:create_bench_app", env, None
-            ) as server:
-                result = await measure(server, load.bearer_token(), PgServer.dsn(url))
+            app = "bench.server_app:create_bench_app"
+            with (
+                load.server_process("runs", app, load.app_env(url, "postgres"), None) as pg_side,
+                load.server_process("runs-memory", app, load.app_env(url, "memory"), None) as mem,
+            ):
+                servers = {"postgres": pg_side, "memory": mem}
+                result = await measure(servers, load.bearer_token(), PgServer.dsn(url))
         finally:
             await pg.drop_database(url)
     return result
 
 
-if __name__ == "__main__":
+def run() -> dict[str, Any]:
     result = asyncio.run(main())
     print(json.dumps(result, indent=2))
     (RESULTS_DIR / "runs.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    run()

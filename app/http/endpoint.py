@@ -184,6 +184,8 @@ async def _serve(
     )
     server = runtime.server
     streaming = is_streaming_req(chatkit_request)
+    if streaming and runtime.drain is not None:
+        runtime.drain.check()  # its body came in after SIGTERM: no new reply starts here
     cap = settings.max_streams_per_process
     if streaming and cap and runtime.open_streams >= cap:
         raise ServiceUnavailableError("This server is busy.", retry_after=2)

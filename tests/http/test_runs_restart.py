@@ -24,10 +24,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.deploy import Backend, Lockstep, pace_prompt, threads_create_body
 from tests.harness.pg import PgServer
-from tests.harness.runs import RESUMABLE, Reader, auth, delta_indexes, reply_text, seqs, thread_of
+from tests.harness.runs import (
+    RESUMABLE,
+    Reader,
+    auth,
+    delta_indexes,
+    read_events,
+    reply_text,
+    seqs,
+    thread_of,
+)
 from tests.http.test_runs import (
     DEADLINE,
     DELTAS,
@@ -36,6 +46,7 @@ from tests.http.test_runs import (
     new_user,
     resume_headers,
     start_all,
+    start_reply,
     stored_types,
 )
 
@@ -239,3 +250,108 @@ async def test_when_the_grace_expires_replies_end_with_an_error_and_are_stored(
         assert [t for t, _ in stored] == ["user_message", "assistant_message", "sdk_hidden_context"]
         assert f"[d{held}@" in stored[1][1] and f"[d{held + 1}@" not in stored[1][1]
         assert "cancelled" in stored[2][1]
+
+
+# --- what an operator sees and bounds: metrics, the cap on resumers ---------------------------
+
+
+async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
+    """B's metrics: ``name{labels}`` → value."""
+    text = (await client.get("/metrics")).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+async def until_metric(client: httpx.AsyncClient, name: str, value: float) -> dict[str, float]:
+    """Until B's metric ``name`` reads ``value`` (a client's leaving is noticed by the server
+    a moment after it leaves); the deadline only turns a bug into a failure."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while (seen := await scrape(client)).get(name) != value:
+        assert asyncio.get_running_loop().time() < deadline, (name, seen.get(name))
+        await asyncio.sleep(0.05)
+    return seen
+
+
+async def test_metrics_of_runs(survivor: Backend, tmp_path: Path) -> None:
+    user = new_user()
+    lockstep = Lockstep(tmp_path / "ls")
+    async with httpx.AsyncClient(base_url=survivor.url, timeout=30) as client:
+        before = await scrape(client)
+        async with asyncio.timeout(DEADLINE):
+            run_id, first = await start_reply(client, user, lockstep, stop_at=2)
+            # Its client has gone: it runs on, detached.
+            await until_metric(client, "chatkit_runs_detached", 1.0)
+            seen = await scrape(client)
+            assert seen["chatkit_runs_running"] == 1.0
+            assert seen["chatkit_draining"] == 0.0
+            last = first[-1].seq
+            assert last is not None
+            async with client.stream(
+                "GET", f"/chatkit/runs/{run_id}/events", headers=resume_headers(user, run_id, last)
+            ) as response:
+                assert response.status_code == 200
+                await until_metric(client, "chatkit_runs_detached", 0.0)
+                lockstep.ack(2)
+                await Reader(response).read(lockstep)
+            await until_metric(client, "chatkit_runs_running", 0.0)
+            # Ended and logged to its end: a replay reads the log.
+            replay = await client.get(f"/chatkit/runs/{run_id}/events", headers=auth(user))
+            assert replay.status_code == 200
+        after = await scrape(client)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew('chatkit_run_resumes_total{source="local"}') == 1
+    assert grew('chatkit_run_resumes_total{source="log"}') == 1
+    assert grew('chatkit_runs_ended_total{state="completed"}') == 1
+    # Every event was written (in batches, and heartbeats while the reply was held).
+    assert grew("chatkit_run_log_batch_events_count") >= 1
+    assert grew("chatkit_run_log_batch_events_sum") >= len(first)
+
+
+async def test_resumers_are_bounded_per_user(survivor: Backend, tmp_path: Path) -> None:
+    """A resumer holds a stream lease like a reply: with MAX_STREAMS_PER_USER 2, a held run
+    and one resumer are all a user may have; the next resumer gets a 429, on any replica,
+    until one ends."""
+    user = new_user()
+    lockstep = Lockstep(tmp_path / "ls")
+    async with httpx.AsyncClient(base_url=survivor.url, timeout=30) as client:
+        async with asyncio.timeout(DEADLINE):
+            run_id, _ = await start_reply(client, user, lockstep, stop_at=0)
+            path = f"/chatkit/runs/{run_id}/events"
+            async with client.stream("GET", path, headers=auth(user)) as first:
+                assert first.status_code == 200
+                over = await client.get(path, headers=auth(user))
+                assert over.status_code == 429, over.text
+                assert over.json()["error"]["code"] == "rate_limited"
+                assert int(over.headers["retry-after"]) >= 1
+                # Another user is not affected.
+                assert (await client.get(path, headers=auth(new_user()))).status_code == 404
+            # Once it has left, a resumer gets in again (its lease goes as its stream ends).
+            second = await admitted(client, path, user)
+            try:
+                cancel = await client.post(f"/chatkit/runs/{run_id}/cancel", headers=auth(user))
+                assert cancel.status_code == 202
+                events = await read_events(second, None)  # it ends with the run
+            finally:
+                await second.aclose()
+    assert seqs(events) == list(range(1, len(events) + 1))
+
+
+async def admitted(client: httpx.AsyncClient, path: str, user: str) -> httpx.Response:
+    """A resume stream, once the user's lease count lets it in (429s until then)."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while True:
+        request = client.build_request("GET", path, headers=auth(user))
+        response = await client.send(request, stream=True)
+        if response.status_code != 429:
+            assert response.status_code == 200
+            return response
+        await response.aclose()
+        assert asyncio.get_running_loop().time() < deadline, "the first resumer's lease stayed"
+        await asyncio.sleep(0.05)

@@ -72,6 +72,12 @@ class Drain:
         self._done: asyncio.Task[None] | None = None
         self._restore: Callable[[], None] | None = None
 
+    def follow(self, pump: EventPump) -> None:
+        """A client following a resumable reply: cut at SIGTERM (at once if that has come)."""
+        self.followers.add(pump)
+        if self.draining:
+            pump.cut.set()
+
     def check(self) -> None:
         """Refuse new work once draining (a 503 JSON with ``Retry-After``)."""
         if self.draining:
@@ -83,7 +89,7 @@ class Drain:
         self.draining = True
         self._metrics.draining.set(1)
         runs = self._runs.runs() if self._runs is not None else []
-        log.warning(
+        log.info(
             "shutting down: refusing new work, finishing replies in progress",
             extra={"count": len(self.streams) + len(runs), "duration_ms": self.grace_seconds * 1e3},
         )

@@ -123,7 +123,7 @@ def event_stream(runtime: Runtime, run_id: str, source: AsyncIterable[bytes]) ->
     )
     drain = runtime.drain
     if drain is not None:
-        drain.followers.add(pump)  # cut at SIGTERM: its client resumes elsewhere
+        drain.follow(pump)  # cut at SIGTERM: its client resumes elsewhere
 
     def on_close(outcome: str) -> None:
         if drain is not None:

@@ -69,6 +69,7 @@ class Drain:
         self.streams: set[EventPump] = set()  # replies streamed without the opt-in
         self.followers: set[EventPump] = set()  # clients following resumable replies
         self.draining = False
+        self._deadline = 0.0  # the grace's end (the event loop's clock)
         self._done: asyncio.Task[None] | None = None
         self._restore: Callable[[], None] | None = None
 
@@ -87,6 +88,7 @@ class Drain:
         if self.draining:
             return
         self.draining = True
+        self._deadline = asyncio.get_running_loop().time() + self.grace_seconds
         self._metrics.draining.set(1)
         runs = self._runs.runs() if self._runs is not None else []
         log.info(
@@ -99,8 +101,7 @@ class Drain:
 
     async def _finish(self) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.grace_seconds
-        while (left := deadline - loop.time()) > 0:
+        while (left := self._deadline - loop.time()) > 0:
             going = self._going()
             if not going:
                 return
@@ -124,14 +125,16 @@ class Drain:
         return {t for t in tasks if not t.done()}
 
     async def finish(self) -> None:
-        """Begin (if SIGTERM has not) and wait for the grace's end, then for every background
-        task (saves, the run logs' last writes) up to ``SAVE_SECONDS``."""
+        """Begin (if SIGTERM has not) and wait for the replies (to their end or the grace's),
+        then for every other background task (saves, the run logs' last writes) until the
+        grace's end and ``SAVE_SECONDS`` more; what is left then is cancelled."""
         self.begin()
         if self._restore is not None:
             self._restore()
         if self._done is not None:
             await asyncio.wait({self._done})
-        await self._tasks.drain(SAVE_SECONDS)
+        left = max(0.0, self._deadline - asyncio.get_running_loop().time())
+        await self._tasks.drain(left + SAVE_SECONDS)
 
     def install(self) -> None:
         """Begin at SIGTERM, then hand the signal on to the server's own handler (uvicorn's:

@@ -1,5 +1,5 @@
-"""A rolling restart's way out (docs/operations.md#rolling-restarts, docs/runs.md): what this
-process does between SIGTERM and its exit.
+"""A rolling restart's way out (docs/runs.md#rolling-restarts): what this process does between
+SIGTERM and its exit.
 
 At SIGTERM uvicorn stops accepting connections (a proxy retries a refused connection on
 another replica, a POST included, since nothing was sent) and closes idle keep-alive ones.
@@ -55,6 +55,8 @@ class ShuttingDownError(ServiceUnavailableError):
 
 
 class Drain:
+    """This process's shutdown: the streams and run followers it must end, and when."""
+
     def __init__(
         self,
         grace_seconds: float,

@@ -67,8 +67,9 @@ WORKDIR /app
 # FORWARDED_ALLOW_IPS: read by uvicorn itself; only these peers may set X-Forwarded-For/-Proto.
 #   The default trusts nobody but loopback: set it to the reverse proxy's address (compose
 #   does). Never "*" when the port is reachable by anything but the proxy.
-# GRACEFUL_SHUTDOWN_SECONDS: after SIGTERM, open SSE streams get this long to finish (the app
-#   then takes up to SHUTDOWN_GRACE_SECONDS to save cut-off replies; stop timeouts cover both).
+# GRACEFUL_SHUTDOWN_SECONDS: after SIGTERM, uvicorn waits this long for open connections: a
+#   backstop longer than the app's SHUTDOWN_GRACE_SECONDS + 5, by which the app has ended every
+#   stream itself (with an error event, the partial reply stored; docs/runs.md).
 # KEEPALIVE_SECONDS: idle keep-alive of upstream connections; longer than nginx's upstream
 #   keepalive_timeout (60 s), so nginx, not uvicorn, closes idle pooled connections.
 ENV PATH="/app/.venv/bin:${PATH}" \

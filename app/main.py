@@ -50,6 +50,7 @@ from app.files.store import PgAttachmentStore
 from app.http import devpage
 from app.http import runs as run_routes
 from app.http.auth import TokenVerifier, check_auth_settings
+from app.http.drain import Drain
 from app.http.endpoint import chatkit_endpoint
 from app.http.health import alembic_heads
 from app.http.health import router as ops_router
@@ -235,8 +236,12 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
             attachments=attachments,
             identity=identity,
             # Resumable replies (docs/runs.md).
-            runs=run_routes.build_registry(pool, tasks, settings, server),
+            runs=run_routes.build_registry(pool, tasks, settings, server, metrics),
         )
+        runtime = app.state.runtime
+        # SIGTERM: refuse new work, let replies finish within the grace (app.http.drain).
+        runtime.drain = Drain(settings.shutdown_grace_seconds, tasks, runtime.runs, metrics)
+        runtime.drain.install()
         log.info(
             "chatkit-pg ready",
             extra={"model": f"{model.provider}:{model.name}", "kind": verifier.mode},
@@ -244,8 +249,9 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            # Saves of cancelled replies must finish before the pool goes away.
-            await tasks.drain(settings.shutdown_grace_seconds)
+            # Replies finish (or are cut at the grace's end) and their saves and the run logs'
+            # last writes are done before the pool goes away.
+            await runtime.drain.finish()
 
 
 def _converter_factory(

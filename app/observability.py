@@ -154,6 +154,43 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
 
+        # Resumable replies (app.chat.runs, docs/runs.md).
+        self.runs_running = Gauge(
+            "chatkit_runs_running",
+            "Resumable replies running in this process.",
+            registry=self.registry,
+        )
+        self.runs_detached = Gauge(
+            "chatkit_runs_detached",
+            "Resumable replies running in this process that no client of this process follows.",
+            registry=self.registry,
+        )
+        self.run_resumes = Counter(
+            "chatkit_run_resumes_total",
+            "Resumes served, by where the events came from (local: this process runs the reply; "
+            "log: read from PostgreSQL).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.runs_ended = Counter(
+            "chatkit_runs_ended_total",
+            "Resumable replies ended, by state (completed, cancelled, failed; lost: counted "
+            "by the process that declared it lost).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.run_log_batch_events = Histogram(
+            "chatkit_run_log_batch_events",
+            "Events per write of the run log (0: a heartbeat).",
+            registry=self.registry,
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128),
+        )
+        self.draining = Gauge(
+            "chatkit_draining",
+            "1 once this process has received SIGTERM and refuses new work.",
+            registry=self.registry,
+        )
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

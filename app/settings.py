@@ -157,7 +157,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Python log level of the JSON logs.")
     shutdown_grace_seconds: float = Field(
-        default=10.0, ge=0, description="Seconds shutdown waits for saves of cancelled streams."
+        default=10.0,
+        ge=0,
+        description="After SIGTERM, how long replies in progress (streams, resumable runs) "
+        "may go on while the process refuses new work; then each ends with an error event "
+        "and its partial reply is stored (docs/runs.md#rolling-restarts).",
     )
     ready_timeout_seconds: float = Field(
         default=3.0,

@@ -33,6 +33,7 @@ from chatkit.types import ErrorEvent
 
 from app.background import TaskRegistry
 from app.ids import new_id
+from app.observability import Metrics
 from app.pg.runlog import CANCELLED, COMPLETED, FAILED, LOST, RUNNING, RunLog, RunPage
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,12 @@ class Run:
         self._driver: asyncio.Task[None] | None = None
         self.cancel_requested = False
         self.lost = False  # declared lost by a resumer while this process was silent
+        self._closing: bytes | None = None  # the event ending a run stopped at shutdown
+        self.followers = 0  # clients of this process reading it now (the metrics' "detached")
+
+    @property
+    def driver(self) -> asyncio.Task[None] | None:
+        return self._driver
 
     def start(self, tasks: TaskRegistry) -> None:
         self._driver = tasks.spawn(self._drive(), name="chatkit-run")
@@ -114,6 +121,12 @@ class Run:
         self.cancel_requested = True
         if self._driver is not None and not self._driver.done():
             self._driver.cancel()
+
+    def stop(self, closing_chunk: bytes) -> None:
+        """Cancel the reply as ``cancel`` does and end it with ``closing_chunk`` (an error
+        event), logged after the last event: a run cut by the end of the shutdown grace."""
+        self._closing = closing_chunk
+        self.cancel()
 
     def _add(self, block: bytes) -> None:
         self.events.append(block)
@@ -130,6 +143,8 @@ class Run:
             self.state = COMPLETED
         except asyncio.CancelledError:
             self.state = CANCELLED
+            for block in split_events(self._closing or b""):
+                self._add(block)
         except TimeoutError:  # RUN_MAX_SECONDS: the reply was cut as a disconnect cuts it
             log.warning("resumable reply stopped at its time limit")
             self.state = CANCELLED
@@ -142,6 +157,7 @@ class Run:
             self.driven = True
             self._changed.set()
             self._waiting.set()
+            self.registry.ended(self.state)
             if self._on_end is not None:
                 self._on_end(self.state)
 
@@ -177,6 +193,7 @@ class Run:
                     await asyncio.sleep(options.flush_seconds)
                     continue
                 failing_since = None
+                self.registry.logged(len(batch))
                 self.logged += len(batch)
                 if answer is None:
                     log.warning("resumable reply declared lost elsewhere; stopping it")
@@ -193,17 +210,21 @@ class Run:
     async def follow(self, after: int) -> AsyncIterator[bytes]:
         """The events after seq ``after``, then each as it comes, until the reply ends."""
         seq = after
-        while True:
-            while seq < len(self.events):  # checked again after each yield (an await)
-                waiting = self.events[seq:]
-                yield frames(self.id, seq + 1, waiting)
-                seq += len(waiting)
-            if self.driven:
-                if self.lost:  # as followers elsewhere end it (``follow_log``)
-                    yield frame(self.id, seq + 1, LOST_EVENT)
-                return
-            self._changed.clear()
-            await self._changed.wait()
+        self.followers += 1
+        try:
+            while True:
+                while seq < len(self.events):  # checked again after each yield (an await)
+                    waiting = self.events[seq:]
+                    yield frames(self.id, seq + 1, waiting)
+                    seq += len(waiting)
+                if self.driven:
+                    if self.lost:  # as followers elsewhere end it (``follow_log``)
+                        yield frame(self.id, seq + 1, LOST_EVENT)
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self.followers -= 1
 
 
 class RunRegistry:
@@ -215,6 +236,7 @@ class RunRegistry:
         tasks: TaskRegistry,
         options: RunOptions,
         on_lost: Callable[[str, Sequence[str]], Awaitable[None]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.runlog = runlog
         self.tasks = tasks
@@ -222,9 +244,29 @@ class RunRegistry:
         # Stores what a lost run had streamed (app.chat.run_recovery): the user and the events.
         self.on_lost = on_lost
         self._runs: dict[str, Run] = {}
+        self.metrics = metrics or Metrics()
+        self.metrics.runs_running.set_function(self.running)
+        self.metrics.runs_detached.set_function(self.detached)
 
     def __len__(self) -> int:
         return len(self._runs)
+
+    def running(self) -> int:
+        """Runs of this process whose reply is still going (not those only logging the end)."""
+        return sum(1 for run in self._runs.values() if not run.driven)
+
+    def detached(self) -> int:
+        """Running ones that no client of this process follows (one elsewhere may)."""
+        return sum(1 for run in self._runs.values() if not run.driven and not run.followers)
+
+    def runs(self) -> list[Run]:
+        return list(self._runs.values())
+
+    def ended(self, state: str) -> None:
+        self.metrics.runs_ended.labels(state).inc()
+
+    def logged(self, events: int) -> None:
+        self.metrics.run_log_batch_events.observe(events)
 
     async def create(self, user_id: str, thread_id: str | None) -> str:
         """A new run's id, its row written (so it can be resumed or cancelled at once)."""
@@ -266,10 +308,12 @@ class RunRegistry:
         (or ended longer ago than the retention). Decided before any response starts."""
         run = self.local(user_id, run_id)
         if run is not None:
+            self.metrics.run_resumes.labels("local").inc()
             return run.follow(after)
         page = await self.runlog.read(user_id, run_id, after, READ_PAGE)
         if page is None:
             return None
+        self.metrics.run_resumes.labels("log").inc()
         return self.follow_log(user_id, run_id, after, page)
 
     async def follow_log(
@@ -291,6 +335,7 @@ class RunRegistry:
             if not page.ended and caught_up and page.silent_seconds > options.dead_after_seconds:
                 if await self.runlog.abandon(user_id, run_id, options.dead_after_seconds):
                     log.warning("resumable reply declared lost: its process went silent")
+                    self.ended(LOST)
                     await self._recover(user_id, run_id)
             elif caught_up:
                 await asyncio.sleep(options.poll_seconds)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 
 import uvicorn
 
 from app.http.auth import auth_mode, mint_token
+from app.http.drain import SAVE_SECONDS
 from app.settings import Settings
 
 DEV_USER = "dev"
@@ -67,5 +69,7 @@ def run_uvicorn(settings: Settings) -> None:
         log_config=None,
         access_log=False,
         proxy_headers=True,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+        # A backstop: the app ends its streams within SHUTDOWN_GRACE_SECONDS and the saves
+        # that follow (app.http.drain); uvicorn's own cut would end them without an error event.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds + SAVE_SECONDS) + 5,
     )

@@ -128,6 +128,8 @@ async def chatkit_endpoint(request: Request) -> Response:
     with the 429. Every other request is admitted as soon as its type is known, before any of
     its work."""
     runtime: Runtime = request.app.state.runtime
+    if runtime.drain is not None:
+        runtime.drain.check()  # shutting down: a 503 the client retries elsewhere
     user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
     user_id_var.set(user_id)
     limits = runtime.limits
@@ -182,6 +184,8 @@ async def _serve(
     )
     server = runtime.server
     streaming = is_streaming_req(chatkit_request)
+    if streaming and runtime.drain is not None:
+        runtime.drain.check()  # its body came in after SIGTERM: no new reply starts here
     cap = settings.max_streams_per_process
     if streaming and cap and runtime.open_streams >= cap:
         raise ServiceUnavailableError("This server is busy.", retry_after=2)
@@ -233,6 +237,8 @@ async def _serve(
     metrics.active_streams.inc()
 
     def on_close(outcome: str) -> None:
+        if drain is not None:
+            drain.streams.discard(pump)
         metrics.active_streams.dec()
         runtime.open_streams -= 1
         metrics.stream_seconds.labels(op, outcome).observe(watch.seconds)
@@ -245,4 +251,7 @@ async def _serve(
         error_chunk=error_chunk,
         max_buffered_bytes=settings.stream_buffer_bytes,
     )
+    drain = runtime.drain
+    if drain is not None:
+        drain.streams.add(pump)  # cut with an error event if it outlasts a shutdown's grace
     return SSEResponse(pump, stall_seconds=settings.stream_stall_seconds, on_close=on_close)

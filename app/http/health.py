@@ -36,13 +36,17 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Whether this process can serve: its database answers and its schema is at the head.
+    """Whether this process can serve: it is not shutting down, its database answers and its
+    schema is at the head.
 
     Answers within ``READY_TIMEOUT_SECONDS`` whatever the database does: the deadline covers
     the borrow (a new connection included) and the queries, and a connection cut off by it
     is terminated rather than waited for (app.pg.pool), so a frozen PostgreSQL is a prompt 503
     and not a probe that times out on the orchestrator's side."""
     runtime: Runtime = request.app.state.runtime
+    if runtime.drain is not None and runtime.drain.draining:
+        # SIGTERM: take no more traffic (app.http.drain); the replies in progress go on.
+        return JSONResponse({"status": "draining"}, 503)
     try:
         async with asyncio.timeout(runtime.settings.ready_timeout_seconds):
             async with runtime.pool.acquire() as conn:

@@ -35,7 +35,7 @@ from app.chat.stream_events import error_chunk
 from app.errors import InvalidInputError
 from app.http.runtime import Runtime
 from app.http.sse import EventPump, SSEResponse
-from app.observability import Stopwatch, user_id_var
+from app.observability import Metrics, Stopwatch, user_id_var
 from app.pg.pool import ConnectionPool
 from app.pg.runlog import RunLog
 from app.settings import Settings
@@ -99,12 +99,20 @@ def _run_id(request: Request) -> str:
 
 
 async def run_events(request: Request) -> Response:
+    runtime: Runtime = request.app.state.runtime
+    if runtime.drain is not None:
+        runtime.drain.check()  # shutting down: the client resumes through another replica
     runtime, runs, user_id = await _user(request)
     run_id = _run_id(request)
     after = resume_point(request, run_id)
     source = await runs.open(user_id, run_id, after)
     if source is None:
         raise NotFoundError("no such run")
+    if runtime.limits is not None:
+        # A resumer holds a stream lease like a reply: MAX_STREAMS_PER_USER bounds them,
+        # across every replica (a 429 beyond it).
+        lease = await runtime.limits.lease(user_id, None)
+        source = lease.hold(source)
     return event_stream(runtime, run_id, source)
 
 
@@ -119,8 +127,19 @@ def event_stream(runtime: Runtime, run_id: str, source: AsyncIterable[bytes]) ->
         error_chunk=error_chunk,
         max_buffered_bytes=settings.stream_buffer_bytes,
     )
+    drain = runtime.drain
+    if drain is not None:
+        drain.follow(pump)  # cut at SIGTERM: its client resumes elsewhere
+
+    def on_close(outcome: str) -> None:
+        if drain is not None:
+            drain.followers.discard(pump)
+
     return SSEResponse(
-        pump, stall_seconds=settings.stream_stall_seconds, headers={RUN_HEADER: run_id}
+        pump,
+        stall_seconds=settings.stream_stall_seconds,
+        on_close=on_close,
+        headers={RUN_HEADER: run_id},
     )
 
 
@@ -224,7 +243,11 @@ def start_run(
 
 
 def build_registry(
-    pool: ConnectionPool, tasks: TaskRegistry, settings: Settings, server: ChatKitPgServer
+    pool: ConnectionPool,
+    tasks: TaskRegistry,
+    settings: Settings,
+    server: ChatKitPgServer,
+    metrics: Metrics | None = None,
 ) -> RunRegistry:
     """This process's registry of resumable replies, from the settings; ``server`` stores the
     partial reply of a run whose process died (app.chat.run_recovery)."""
@@ -237,4 +260,4 @@ def build_registry(
         max_seconds=settings.run_max_seconds,
     )
     runlog = RunLog(pool, retention_seconds=settings.run_events_retention_seconds)
-    return RunRegistry(runlog, tasks, options, partial(store_lost_reply, server))
+    return RunRegistry(runlog, tasks, options, partial(store_lost_reply, server), metrics)

@@ -12,6 +12,7 @@ from app.chat.runs import RunRegistry
 from app.chat.server import ChatKitPgServer
 from app.files.store import PgAttachmentStore
 from app.http.auth import TokenVerifier
+from app.http.drain import Drain
 from app.observability import Metrics
 from app.pg.limits import Limits
 from app.pg.metered import MeteredStore
@@ -37,6 +38,8 @@ class Runtime:
     identity: IdentitySigner | None = None
     # Resumable replies (app.chat.runs, docs/runs.md).
     runs: RunRegistry | None = None
+    # SIGTERM's way out (app.http.drain): refuses new work, lets replies finish.
+    drain: Drain | None = None
     # Whether PostgreSQL applies row-level security to our role; learnt by the first /readyz.
     row_security: bool | None = None
     # Replies this process is streaming now (for MAX_STREAMS_PER_PROCESS).

@@ -74,6 +74,18 @@ class EventPump:
         self._task: asyncio.Task[None] | None = None
         self.failed = False
         self.chunks_sent = 0
+        self._closing: bytes | None = None  # sent after a cancelled producer (``end_with``)
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    def end_with(self, closing_chunk: bytes) -> None:
+        """Cancel the producer (the SDK stores the partial reply with its cancel marker) and
+        end the stream with ``closing_chunk`` (an error event) once it has: shutdown's cut."""
+        self._closing = closing_chunk
+        if not self.stop():
+            self._closing = None
 
     def start(self) -> None:
         if self._task is None:
@@ -119,6 +131,10 @@ class EventPump:
             else:
                 log.exception("stream failed after the response started")
             self._push(self._error_chunk(exc))
+        except asyncio.CancelledError:
+            if self._closing is not None:
+                self._push(self._closing)
+            raise
         finally:
             self._ended = True
             self._ready.set()

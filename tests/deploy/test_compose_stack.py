@@ -15,6 +15,7 @@ import asyncio
 import json
 import re
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from tests.harness.compose import (
     run,
 )
 from tests.harness.deploy import threads_create_body
+from tests.harness.runs import RESUMABLE, Event, parse_block, seqs
 
 READY_SECONDS = 180.0
 PNG = (
@@ -318,34 +320,83 @@ def test_graceful_stop_within_the_grace(stack: Stack, tmp_path: Path) -> None:
     asyncio.run(_until_ready(stack))
 
 
+async def read_run(
+    http: httpx.AsyncClient, method: str, path: str, headers: dict[str, str], got: list[Event]
+) -> str | None:
+    """A resumable reply's events (with their ids) into ``got`` until the stream ends; the
+    run's id from ``X-Chatkit-Run``. A cut raises (a transport error), ``got`` keeping what
+    arrived."""
+    body = threads_create_body("hold 3 until resumable") if method == "POST" else None
+    async with http.stream(method, path, json=body, headers=headers) as response:
+        assert response.status_code == 200, await response.aread()
+        run_id = response.headers.get("x-chatkit-run")
+        buffer = ""
+        async for text in response.aiter_text():
+            buffer += text.replace("\r\n", "\n")
+            while "\n\n" in buffer:
+                block, buffer = buffer.split("\n\n", 1)
+                if (event := parse_block(block)) is not None:
+                    got.append(event)
+    return run_id
+
+
 async def test_a_replica_stopped_mid_stream(stack: Stack) -> None:
-    """Streams on both replicas, one replica stopped (SIGTERM): after its drain
-    (GRACEFUL_SHUTDOWN_SECONDS) its streams are cut, nginx passes the cut on, and their partial
-    replies are stored; the other replica's streams finish; new requests keep succeeding."""
+    """Streams on both replicas, one replica stopped (SIGTERM; app.http.drain):
+
+    * its resumable reply's client is cut at once, resumes through nginx (so through the
+      survivor: the stopped replica takes no connection) and gets every event exactly once
+      while the reply runs to its end on the stopped replica;
+    * its other streams go on for SHUTDOWN_GRACE_SECONDS, then end with one ChatKit ``error``
+      event (retry allowed) and their partial replies are stored;
+    * the other replica's streams finish; new requests keep succeeding."""
     d = stack.d
     before = len(stack.model.streams)
-    events: list[list[dict[str, Any]]] = [[] for _ in range(6)]
+    users = [f"u{i}" for i in range(6)]
+    events: list[list[dict[str, Any]]] = [[] for _ in users]
+    first: list[Event] = []
     async with stack.client() as http:
+        # The resumable reply first: its replica is the one stopped.
+        run_user = stack.token("resumer")
+        run_task = asyncio.create_task(
+            read_run(http, "POST", "/chatkit", {**run_user, **RESUMABLE}, first)
+        )
+        await until_sent(stack, before, 3)
+        victim_ip = stack.model.streams[before].peer
         tasks: list[asyncio.Task[Any]] = []
-        peers: set[str] = set()
-        for i in range(6):
+        peers: set[str] = {victim_ip}
+        for i, user in enumerate(users):
             tasks.append(
-                asyncio.create_task(
-                    chat_stream(http, stack.token(f"u{i}"), "hold 3", None, events[i])
-                )
+                asyncio.create_task(chat_stream(http, stack.token(user), "hold 3", None, events[i]))
             )
-            deadline = time.monotonic() + READY_SECONDS
-            while len(stack.model.streams) < before + i + 1 or stack.model.streams[-1].sent < 3:
-                assert time.monotonic() < deadline, "a stream never reached the model"
-                await asyncio.sleep(0.05)
+            await until_sent(stack, before + i + 1, 3)
             peers.add(stack.model.streams[-1].peer)
-            if len(peers) == 2 and i >= 1:
+            if len(peers) == 2 and {s.peer for s in stack.model.streams[before + 1 :]} == peers:
                 break
         assert len(peers) == 2, "nginx sent every stream to one replica"
-        opened = stack.model.streams[before : before + len(tasks)]
-        victim_ip = opened[0].peer
+        opened = stack.model.streams[before + 1 : before + 1 + len(tasks)]
         (victim,) = [c for c in d.containers("backend") if d.edge_address(c) == victim_ip]
-        await asyncio.to_thread(run, "docker", "stop", "--time", "40", victim)
+        stopping = asyncio.create_task(
+            asyncio.to_thread(run, "docker", "stop", "--time", "40", victim)
+        )
+        # Cut at SIGTERM, not ended: its client knows to resume.
+        with pytest.raises(httpx.TransportError):
+            await run_task
+        run_id = first[0].run_id
+        assert run_id is not None and seqs(first) == list(range(1, len(first) + 1))
+        stack.model.releases.setdefault("resumable", threading.Event()).set()
+        rest: list[Event] = []
+        headers = {**run_user, "Last-Event-ID": f"{run_id}:{len(first)}"}
+        await read_run(http, "GET", f"/chatkit/runs/{run_id}/events", headers, rest)
+        everything = first + rest
+        assert seqs(everything) == list(range(1, len(everything) + 1))
+        assert everything[-1].type != "error"
+        done = [e for e in everything if e.type == "thread.item.done"]
+        assert "[d2 first]" in json.dumps(done[-1].data["item"])
+
+        # The stopped replica exits (0) once its other streams have ended at the grace.
+        await stopping
+        state = d.inspect(victim)["State"]
+        assert state["ExitCode"] == 0, d.logs(victim)[-3000:]
         # New requests succeed through the survivor while the victim is gone.
         for _ in range(4):
             assert (await http.get("/readyz")).status_code == 200
@@ -353,25 +404,32 @@ async def test_a_replica_stopped_mid_stream(stack: Stack) -> None:
         assert "[d1 acked]" in deltas(fresh)
         stack.model.release.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        for stream, result, got in zip(opened, results, events, strict=False):
-            ending = got[-1]["type"] if got else None
-            print(f"stream on {stream.peer}: last event {ending}, outcome {type(result).__name__}")
+        for stream, result, got, user in zip(opened, results, events, users, strict=False):
+            ending = got[-1] if got else {}
+            print(f"stream on {stream.peer}: last event {ending.get('type')}, {result!r:.80}")
+            assert not isinstance(result, Exception), result
             if stream.peer == victim_ip:
-                # Cut short: the connection is cut (today; an `error` event would do too),
-                # never an ending that looks like a complete reply.
-                assert isinstance(result, httpx.RemoteProtocolError) or ending == "error", ending
+                # Ended by the grace: one error the client may retry, never a complete reply.
+                assert ending["type"] == "error" and ending["allow_retry"] is True, ending
                 items = await http.post(
                     "/chatkit",
-                    headers=stack.token(f"u{opened.index(stream)}"),
+                    headers=stack.token(user),
                     json={"type": "items.list", "params": {"thread_id": thread_id(got)}},
                 )
                 stored = json.dumps(items.json())
                 assert "[d0 first]" in stored and "[d2 first]" in stored
             else:
-                assert not isinstance(result, Exception), result
                 assert "[d2 first]" in deltas(got)
     stack.model.release.clear()
     d.compose("up", "-d", "--no-build", "--scale", "backend=2")
+
+
+async def until_sent(stack: Stack, count: int, sent: int) -> None:
+    """Until the model has ``count`` streams, the last of them ``sent`` deltas in."""
+    deadline = time.monotonic() + READY_SECONDS
+    while len(stack.model.streams) < count + 1 or stack.model.streams[count].sent < sent:
+        assert time.monotonic() < deadline, "a stream never reached the model"
+        await asyncio.sleep(0.05)
 
 
 # Run inside a backend container: direct MCP calls to mcp-tasks over the stack's network, one

@@ -20,6 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
+from app.http.drain import SAVE_SECONDS
 from app.settings import Settings
 from tests.harness.deploy import (
     GZIP_EVERYTHING,
@@ -651,6 +652,9 @@ def test_limits_and_timeouts_agree_between_nginx_and_the_app() -> None:
     grace = float(backend["environment"]["GRACEFUL_SHUTDOWN_SECONDS"])
     stop = float(backend["stop_grace_period"].rstrip("s"))
     assert stop > grace + settings.shutdown_grace_seconds
+    # uvicorn's wait for connections is the backstop of the app's own grace (app.http.drain):
+    # longer, so replies cut by the grace end with their error event, not a dropped connection.
+    assert grace > settings.shutdown_grace_seconds + SAVE_SECONDS
 
 
 def test_compose_passes_every_app_setting() -> None:

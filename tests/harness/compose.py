@@ -133,6 +133,8 @@ class LockstepModel:
     streams: list[Streamed] = field(default_factory=list)
     acks: dict[int, threading.Event] = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
+    # "hold N until NAME": held until ``releases[NAME]`` is set instead of ``release``.
+    releases: dict[str, threading.Event] = field(default_factory=dict)
     tool_outputs: list[str] = field(default_factory=list)
 
     def ack(self, index: int) -> None:
@@ -202,7 +204,9 @@ class LockstepModel:
             yield chunk({"content": f"[d{i} {mark}] "})
             record.sent = i + 1
         if held:
-            await self._wait(self.release)
+            until = re.search(r"hold \d+ until (\w+)", record.prompt)
+            named = self.releases.setdefault(until[1], threading.Event()) if until else None
+            await self._wait(named or self.release)
         yield chunk({}, "stop")
         yield b"data: [DONE]\n\n"
 
@@ -301,8 +305,12 @@ class Deployment:
             "OPENAI_BASE_URL": f"http://{subnet[1]}:{model_port}/v1",
             "MODEL_NAME": "fake",
             "THREAD_TITLES": "off",
-            # A short drain, so a stopped replica cuts its open streams quickly.
-            "GRACEFUL_SHUTDOWN_SECONDS": "3",
+            # A stopped replica's replies get SHUTDOWN_GRACE_SECONDS (app.http.drain): long
+            # enough for the test to resume and finish a resumable one through the survivor,
+            # short enough to wait for the others' error events; uvicorn's own wait for
+            # connections is only the backstop, longer (as compose's defaults are).
+            "SHUTDOWN_GRACE_SECONDS": "20",
+            "GRACEFUL_SHUTDOWN_SECONDS": "30",
             # The mcp-tasks profile wired in as examples/mcp_tasks/README.md tells an operator.
             "MCP_SERVER_URLS": MCP_TASKS_URL,
             "IDENTITY_SIGNING_KEY_FILE": "/run/secrets/identity-key.pem",

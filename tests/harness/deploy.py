@@ -368,6 +368,8 @@ class Backend:
     # Importing the app costs ~10 s of CPU; on a shared two-core machine under load that has
     # taken over 60 s of wall time. Only a deadline: a healthy start returns at once.
     startup_seconds: float = 180
+    # uvicorn's --timeout-graceful-shutdown: how long it waits for connections after SIGTERM.
+    graceful_shutdown_seconds: int = 5
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -421,7 +423,7 @@ class Backend:
             "--timeout-keep-alive",
             "75",
             "--timeout-graceful-shutdown",
-            "5",
+            str(self.graceful_shutdown_seconds),
             "--no-access-log",
         ]
         log = log_path.open("wb")

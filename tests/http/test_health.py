@@ -27,6 +27,22 @@ async def test_health_and_readiness(make_client: MakeClient) -> None:
     assert ready.json() == {"status": "ready", "database": "ok", "schema": "ok"}
 
 
+async def test_a_draining_process_is_not_ready_and_refuses_new_work(
+    make_client: MakeClient,
+) -> None:
+    """What SIGTERM starts (app.http.drain; across real processes: tests/http/
+    test_runs_restart.py): readiness fails at once and a ChatKit request is a 503 to retry."""
+    client = await make_client()
+    client.app.state.runtime.drain.begin()
+    ready = await client.http.get("/readyz")
+    assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+    refused = await client.post({"type": "threads.list", "params": {}})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "unavailable"
+    assert "chatkit_draining 1.0" in (await client.http.get("/metrics")).text
+    assert (await client.http.get("/healthz")).status_code == 200  # alive: not to be killed
+
+
 @pytest.fixture
 async def scratch_url(pg_server: PgServer) -> AsyncIterator[str]:
     url = await pg_server.create_database("ckpg_ready")

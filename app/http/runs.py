@@ -118,13 +118,15 @@ async def run_events(request: Request) -> Response:
 
 def event_stream(runtime: Runtime, run_id: str, source: AsyncIterable[bytes]) -> Response:
     """A run's events as SSE (heartbeats, cuts of readers that stop reading: app.http.sse);
-    a reader going away stops only its own reading."""
+    a reader going away stops only its own reading. A failure reading the log (the database
+    unavailable) drops the connection rather than ending it with an error event: the run is not
+    over, and its client resumes from the last event it has (docs/runs.md)."""
     settings = runtime.settings
     pump = EventPump(
         source,
         tasks=runtime.tasks,
         heartbeat_seconds=settings.sse_heartbeat_seconds,
-        error_chunk=error_chunk,
+        error_chunk=None,
         max_buffered_bytes=settings.stream_buffer_bytes,
     )
     drain = runtime.drain

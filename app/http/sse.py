@@ -44,13 +44,22 @@ PING = b": ping\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class StreamCut(Exception):
+    """The pump gave up on its reader (``EventPump.cut``): the response must be dropped, never
+    ended, whichever of the pump's end and the response's watcher comes first."""
+
+
 class EventPump:
     """Moves chunks from ``source`` (run in its own task) to the response, adding heartbeats.
 
     Chunks wait in a buffer of at most ``max_buffered_bytes`` (a single chunk larger than that
     still goes when nothing else waits); one more, and the pump gives up on the reader: the
     buffer is dropped and ``cut`` is set, for the response to end the stream as on a
-    disconnect."""
+    disconnect.
+
+    When the source fails, ``error_chunk`` makes the stream's last event; with ``None`` the
+    stream is cut instead (the connection dropped, not ended): for a follower of a resumable
+    reply, whose clean end means "the reply is over" and whose client resumes after a drop."""
 
     def __init__(
         self,
@@ -58,7 +67,7 @@ class EventPump:
         *,
         tasks: TaskRegistry,
         heartbeat_seconds: float,
-        error_chunk: Callable[[BaseException], bytes],
+        error_chunk: Callable[[BaseException], bytes] | None,
         max_buffered_bytes: int,
     ) -> None:
         self._source = source
@@ -130,7 +139,12 @@ class EventPump:
                 )
             else:
                 log.exception("stream failed after the response started")
-            self._push(self._error_chunk(exc))
+            if self._error_chunk is None:
+                self._buffer.clear()
+                self.buffered_bytes = 0
+                self.cut.set()
+            else:
+                self._push(self._error_chunk(exc))
         except asyncio.CancelledError:
             if self._closing is not None:
                 self._push(self._closing)
@@ -141,6 +155,8 @@ class EventPump:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
+            if self.cut.is_set():
+                raise StreamCut
             if not self._buffer and not self._ended:
                 self._ready.clear()
                 try:
@@ -158,6 +174,8 @@ class EventPump:
                 self.buffered_bytes = 0
                 yield batch
             elif self._ended:
+                if self.cut.is_set():
+                    raise StreamCut
                 return
 
 
@@ -222,6 +240,8 @@ class SSEResponse(StreamingResponse):
                 await self.stream_response(send_or_cut)
                 completed = not cut
                 tg.cancel_scope.cancel()
+        except StreamCut:
+            cut = True
         except OSError:
             pass  # the client went away while we were writing
         finally:

@@ -23,7 +23,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from app.http.runtime import Runtime
 from app.main import create_app
@@ -63,30 +62,10 @@ PROXIED_APP = "chatkit-pg-proxied"
 
 
 @pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    """List it before ``make_client``: the proxy then outlives the apps, which stop first.
-    Tests that stall it resume it themselves (in ``finally``), before their app stops."""
-    url = make_url(database_url)
-    # The embedded server listens on a Unix socket only: its URL names the socket directory.
-    socket_dir = url.query.get("host")
-    host = socket_dir if isinstance(socket_dir, str) else url.host or "127.0.0.1"
-    async with TcpProxy(host, url.port or 5432) as tcp:
-        yield tcp
-
-
-@pytest.fixture
 def app_settings(app_settings: Settings) -> Settings:
     """conftest's, with an application_name of its own: the proxied apps' backends are told
     apart from every other connection by it (a Unix-socket server reports no client ports)."""
     return app_settings.model_copy(update={"db_application_name": PROXIED_APP})
-
-
-@pytest.fixture
-def via_proxy(database_url: str, proxy: TcpProxy) -> str:
-    """The test database's URL, through the proxy."""
-    url = make_url(database_url).difference_update_query(["host"])
-    url = url.set(host="127.0.0.1", port=proxy.port)
-    return url.render_as_string(hide_password=False)
 
 
 @pytest.fixture

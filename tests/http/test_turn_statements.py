@@ -18,18 +18,21 @@ since how many there are depends on how long the reply takes), and before the fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from app.main import create_app
+from app.pg.limits import TURN_BEGIN
 from app.settings import Settings
-from tests.harness.chatkit_client import token_for, user_input
+from tests.harness.chatkit_client import error_text, parse_sse, token_for, user_input
 from tests.harness.loopback import serve
 from tests.harness.pginstance import PgInstance, private_postgres
 from tests.harness.pglog import executions_since, log_offset, logged_database
@@ -81,10 +84,7 @@ async def turn(
     resumable: bool,
 ) -> Turn:
     await idle(app)
-    body = {
-        "type": "threads.add_user_message",
-        "params": {"thread_id": thread_id, "input": user_input("How many round trips?")},
-    }
+    body = message(thread_id)
     headers = {
         "Authorization": f"Bearer {token_for('alice', settings)}",
         "Content-Type": "application/json",
@@ -110,33 +110,51 @@ async def turn(
     return Turn(statements, statements[: stored[0] + 1], events)
 
 
+def message(thread_id: str) -> dict[str, Any]:
+    return {
+        "type": "threads.add_user_message",
+        "params": {"thread_id": thread_id, "input": user_input("How many round trips?")},
+    }
+
+
 def show(turn: Turn) -> str:
     return "\n".join(s[:160] for s in turn.statements)
 
 
-async def test_a_turn_takes_few_round_trips(logging_pg: PgInstance, app_settings: Settings) -> None:
-    url = await logged_database(logging_pg, DATABASE)
-    settings = app_settings.model_copy(
-        update={
-            "database_url": url,
-            "rate_limit_per_minute": 1000,
-            "max_streams_per_user": 3,
-            # No renewal inside a turn: the lease outlives any reply here.
-            "stream_lease_seconds": 600.0,
-            "db_pool_size": 1,
-            "db_max_overflow": 0,
-        }
-    )
+@contextlib.asynccontextmanager
+async def served(
+    pg: PgInstance, app_settings: Settings, **overrides: Any
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient, Settings]]:
+    """The app over the logged database, behind uvicorn, with one connection (a second one's
+    first statements would be counted too) and ``overrides``."""
+    url = await logged_database(pg, DATABASE)
+    update = {"database_url": url, "db_pool_size": 1, "db_max_overflow": 0, **overrides}
+    settings = app_settings.model_copy(update=update)
     app = create_app(settings)
     async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
-        created = await http.post(
-            settings.chatkit_path,
-            json={"type": "threads.create", "params": {"input": user_input("Hello")}},
-            headers={"Authorization": f"Bearer {token_for('alice', settings)}"},
-        )
-        thread_id = next(
-            json.loads(line[6:]) for line in created.text.split("\n") if line.startswith("data: ")
-        )["thread"]["id"]
+        yield app, http, settings
+
+
+async def create_thread(http: httpx.AsyncClient, settings: Settings, user: str) -> str:
+    created = await http.post(
+        settings.chatkit_path,
+        json={"type": "threads.create", "params": {"input": user_input("Hello")}},
+        headers={"Authorization": f"Bearer {token_for(user, settings)}"},
+    )
+    assert created.status_code == 200, created.text
+    return str(parse_sse(created.text)[0]["thread"]["id"])
+
+
+async def test_a_turn_takes_few_round_trips(logging_pg: PgInstance, app_settings: Settings) -> None:
+    async with served(
+        logging_pg,
+        app_settings,
+        rate_limit_per_minute=1000,
+        max_streams_per_user=3,
+        # No renewal inside a turn: the lease outlives any reply here.
+        stream_lease_seconds=600.0,
+    ) as (app, http, settings):
+        thread_id = await create_thread(http, settings, "alice")
         # Once each first: a connection's first use of a statement or a type may ask more.
         await turn(logging_pg, app, http, settings, thread_id, resumable=False)
         await turn(logging_pg, app, http, settings, thread_id, resumable=True)
@@ -149,7 +167,6 @@ async def test_a_turn_takes_few_round_trips(logging_pg: PgInstance, app_settings
         f"with the opt-in ({len(opted.statements)}, {len(opted.appends)} batches):\n{show(opted)}"
     )
     print(f"before its first event: {len(opted.before_first_event)}")
-    assert plain.events[0]["type"] == "thread.item.done"
     assert [e["type"] for e in plain.events] == [e["type"] for e in opted.events]
     assert not plain.appends and opted.appends
     assert len(plain.statements) <= 6, show(plain)
@@ -157,3 +174,45 @@ async def test_a_turn_takes_few_round_trips(logging_pg: PgInstance, app_settings
     assert len(opted.others) + 1 <= 7, show(opted)
     assert len(plain.before_first_event) <= 3, show(plain)
     assert len(opted.before_first_event) <= 3, show(opted)
+
+
+async def test_a_turn_refused_or_not_the_users_is_one_statement(
+    logging_pg: PgInstance, app_settings: Settings
+) -> None:
+    """The opening statement counts the request, and a turn it stops there takes nothing: a
+    thread of another user's answers exactly as a missing one, a spent budget is a 429 whose
+    Retry-After came with the refusal."""
+    async with served(logging_pg, app_settings, rate_limit_per_minute=4) as (app, http, settings):
+        mine = await create_thread(http, settings, "alice")  # alice: 1
+        theirs = await create_thread(http, settings, "bob")
+        await turn(logging_pg, app, http, settings, mine, resumable=False)  # 2 (and a warm-up)
+        answers = []
+        for thread_id in (theirs, "thr_" + "0" * 32):  # 3, 4
+            start = log_offset(logging_pg)
+            response = await http.post(
+                settings.chatkit_path,
+                json=message(thread_id),
+                headers={"Authorization": f"Bearer {token_for('alice', settings)}", **RESUMABLE},
+            )
+            assert response.status_code == 404, response.text
+            answers.append(error_text(response))
+            logged = executions_since(logging_pg, start)
+            assert [sql for sql, _ in logged] == [TURN_BEGIN], logged
+        assert answers[0] == answers[1]
+        start = log_offset(logging_pg)
+        refused = await http.post(
+            settings.chatkit_path,
+            json=message(mine),
+            headers={"Authorization": f"Bearer {token_for('alice', settings)}"},
+        )
+        assert refused.status_code == 429, refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 15
+        assert [sql for sql, _ in executions_since(logging_pg, start)] == [TURN_BEGIN]
+        await idle(app)
+        conn = await asyncpg.connect(logging_pg.dsn(DATABASE))
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM chatkit_stream_leases") == 0
+            # Only the warm-up turn's: the 404s started no run.
+            assert await conn.fetchval("SELECT count(*) FROM chatkit_runs") == 0
+        finally:
+            await conn.close()

@@ -1,4 +1,6 @@
-"""A turn's opening in one statement: ``chatkit_turn_begin`` (docs/runs.md, "Round trips").
+"""Round trips of a turn, and the run log on a Citus cluster (docs/runs.md, docs/citus.md).
+
+**A turn's opening in one statement**: ``chatkit_turn_begin``.
 
 A streaming ``threads.add_user_message`` used to open with four round trips before its first
 event could be written: the rate limiter's upsert, the thread's load, the stream lease and (for
@@ -13,12 +15,22 @@ hold as they did.
 On a Citus cluster the limiter's tables live on the coordinator and the thread on its user's
 shard, so the app keeps the separate statements there (app.pg.limits).
 
+**The run log's functions, as a cluster can run them.** ``python -m app distribute`` distributes
+``chatkit_runs`` and ``chatkit_run_events`` by ``user_id`` and delegates each run log function
+to its user's worker, where Citus plans the function's statements as distributed ones: it refuses
+a non-IMMUTABLE function inside CASE (revision 0006's ``ended_at = CASE ... now() END``) and
+evaluates ``now()`` of a write on the node that plans it. The functions are replaced by
+equivalents that take the time once into a variable (a constant for the planner); on one node
+nothing changes but that.
+
 Revision ID: 0009
 Revises: 0006
 Create Date: 2026-12-07
 """
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 from alembic import op
 
@@ -74,9 +86,83 @@ SIGNATURE = (
 )
 
 
+RUN_APPEND = """
+CREATE OR REPLACE FUNCTION chatkit_run_append(
+    p_user text, p_run text, p_first_seq integer, p_events text[], p_state text
+) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    cancel boolean;
+    t timestamptz := now();
+    ended timestamptz := CASE WHEN p_state = 'running' THEN NULL ELSE now() END;
+BEGIN
+    PERFORM set_config('app.user_id', p_user, true);
+    UPDATE chatkit_runs
+        SET last_seq = p_first_seq + coalesce(cardinality(p_events), 0) - 1,
+            heartbeat_at = t,
+            state = p_state,
+            ended_at = ended
+        WHERE user_id = p_user AND id = p_run AND state = 'running'
+            AND last_seq = p_first_seq - 1
+        RETURNING cancel_requested INTO cancel;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF cardinality(p_events) > 0 THEN
+        INSERT INTO chatkit_run_events (user_id, run_id, seq, data)
+            SELECT p_user, p_run, p_first_seq + e.n - 1, e.data
+            FROM unnest(p_events) WITH ORDINALITY AS e(data, n);
+    END IF;
+    RETURN cancel;
+END
+$$
+"""
+
+RUN_CANCEL = """
+CREATE OR REPLACE FUNCTION chatkit_run_cancel(p_user text, p_run text, p_retention double precision)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    found_state text;
+    since timestamptz := now() - make_interval(secs => p_retention);
+BEGIN
+    PERFORM set_config('app.user_id', p_user, true);
+    UPDATE chatkit_runs SET cancel_requested = cancel_requested OR state = 'running'
+        WHERE user_id = p_user AND id = p_run AND (ended_at IS NULL OR ended_at > since)
+        RETURNING state INTO found_state;
+    RETURN found_state;
+END
+$$
+"""
+
+RUN_ABANDON = """
+CREATE OR REPLACE FUNCTION chatkit_run_abandon(
+    p_user text, p_run text, p_dead_after double precision
+) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    t timestamptz := now();
+BEGIN
+    PERFORM set_config('app.user_id', p_user, true);
+    UPDATE chatkit_runs SET state = 'lost', ended_at = t
+        WHERE user_id = p_user AND id = p_run AND state = 'running'
+            AND heartbeat_at < t - make_interval(secs => p_dead_after);
+    RETURN FOUND;
+END
+$$
+"""
+
+
 def upgrade() -> None:
     op.execute(TURN_BEGIN)
+    for function in (RUN_APPEND, RUN_CANCEL, RUN_ABANDON):
+        op.execute(function)
 
 
 def downgrade() -> None:
     op.execute(f"DROP FUNCTION IF EXISTS {SIGNATURE}")
+    # Revision 0006's own forms back.
+    path = Path(__file__).with_name("20261206_0006_run_log.py")
+    spec = importlib.util.spec_from_file_location("run_log_0006", path)
+    assert spec is not None and spec.loader is not None
+    run_log = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_log)
+    for function in (run_log.RUN_APPEND, run_log.RUN_CANCEL, run_log.RUN_ABANDON):
+        op.execute(function.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))

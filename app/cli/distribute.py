@@ -11,7 +11,8 @@ The resumable replies' log (``chatkit_runs``, ``chatkit_run_events``, migration 
 distributed the same way, and its functions (``chatkit_run_append`` and the others, each taking
 the user as its first argument) are *distributed functions* co-located with it: Citus delegates
 a call to the worker holding that user's shard, which runs the whole function there, its
-``set_config`` and row-level security included, in one round trip from the coordinator.
+``set_config`` and row-level security included, in one round trip from the coordinator. So is
+``chatkit_add_item`` (migration 0009), the store's item insert of every turn.
 
 The limiter's tables (``chatkit_rate_limits``, ``chatkit_stream_leases``) stay ordinary tables
 on the coordinator, on purpose: every request checks them through the coordinator it is served
@@ -48,10 +49,12 @@ DISTRIBUTED = (
     "chatkit_runs",
     "chatkit_run_events",
 )
-# The run log's functions (app.pg.runlog), delegated to the worker of their first argument's
-# shard: ``p_user``.
+# The run log's functions (app.pg.runlog) and the store's add_thread_item on a cluster
+# (app.pg.sql.CITUS_CALLS), delegated to the worker of their first argument's shard: ``p_user``.
 DISTRIBUTED_FUNCTIONS = (
+    "chatkit_add_item(text, text, text, timestamp with time zone, text, jsonb)",
     "chatkit_run_start(text, text, text)",
+    "chatkit_run_open(text, text, text)",
     "chatkit_run_append(text, text, integer, text[], text)",
     "chatkit_run_read(text, text, integer, integer, double precision)",
     "chatkit_run_cancel(text, text, double precision)",

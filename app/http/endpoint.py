@@ -13,6 +13,7 @@ import re
 from dataclasses import replace
 
 from chatkit.server import StreamingResult
+from chatkit.store import NotFoundError
 from chatkit.types import (
     ChatKitReq,
     ItemsListReq,
@@ -25,6 +26,7 @@ from pydantic_core import from_json
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.chat.runs import RunRegistry
 from app.chat.server import CHATKIT_REQUEST
 from app.chat.stream_events import error_chunk
 from app.context import ReadCache, RequestContext
@@ -163,21 +165,26 @@ async def _begin_turn(
     admission: PendingAdmission | None,
     context: RequestContext,
     thread_id: str,
-    with_run: bool,
-) -> tuple[StreamLease | None, str | None, bool]:
+    runs: RunRegistry | None,
+) -> tuple[StreamLease | None, str | None]:
     """A message to a thread opened in one statement (``Limits.begin_turn``): counted, its
     thread read (into the request's ``reads``, for the checks and the SDK), its lease taken
-    and, with ``with_run``, its run's row written. Returns the lease (None: the thread is
-    busy, wait for it), the run's id and whether its row is written. On a Citus cluster
-    only the admission is done here, the usual way."""
-    run_id = new_id("run") if with_run else None
+    and, with ``runs``, its run's row written. Returns the lease (None: the thread is busy,
+    wait for it) and the run's id when its row is written. On a Citus cluster the thread is
+    read by the run's start (one delegated call, ``RunLog.open``) or by the checks after."""
+    run_id = new_id("run") if runs is not None else None
     started = await limits.begin_turn(admission, context.user_id, thread_id, run_id)
-    if started is None:
-        await limits.settle(admission)
-        return None, None, False
-    if context.reads is not None:
-        context.reads.threads[thread_id] = started.thread
-    return started.lease, run_id if started.run_started else None, started.run_started
+    thread, lease = started.thread, started.lease
+    started_run = run_id if started.run_started else None
+    if thread is None and lease is not None and runs is not None and run_id is not None:
+        thread = await runs.runlog.open(context.user_id, run_id, thread_id)
+        if thread is None:
+            await lease.release()
+            raise NotFoundError(f"Thread {thread_id} not found")
+        started_run = run_id
+    if context.reads is not None and thread is not None:
+        context.reads.threads[thread_id] = thread
+    return lease, started_run
 
 
 async def _serve(
@@ -233,9 +240,14 @@ async def _serve(
             # A message with attachments has them checked after this: its run's row is
             # written afterwards, so that a refused attachment leaves no run behind.
             with_run = runs is not None and not chatkit_request.params.input.attachments
-            lease, run_id, run_started = await _begin_turn(
-                limits, admission, context, chatkit_request.params.thread_id, with_run
+            lease, run_id = await _begin_turn(
+                limits,
+                admission,
+                context,
+                chatkit_request.params.thread_id,
+                runs if with_run else None,
             )
+            run_started = run_id is not None
         try:
             checked = await server.precheck(chatkit_request, context)
         except BaseException:

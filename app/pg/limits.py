@@ -61,7 +61,8 @@ TAKE_LEASE = "SELECT chatkit_take_stream_lease($1, $2, $3, $4, $5)"
 # resumable reply) its run's row, in one call (``Limits.begin_turn``). Like TAKE_LEASE, it sets
 # app.user_id itself before it reads a table.
 TURN_BEGIN = (
-    "SELECT admitted, wait, thread, lease FROM chatkit_turn_begin($1, $2, $3, $4, $5, $6, $7, $8)"
+    "SELECT admitted, wait, thread, lease "
+    "FROM chatkit_turn_begin($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 )
 SQL_LEASE_RENEW = gated(
     "UPDATE chatkit_stream_leases SET expires_at = now() + make_interval(secs => $3::float8) "
@@ -79,10 +80,11 @@ BUSY_POLL_SECONDS = 0.25
 
 @dataclass(frozen=True)
 class TurnStart:
-    """What ``Limits.begin_turn`` did: the thread's data (the user's), the lease (None: the
-    thread is busy, wait for it with ``Limits.lease``) and whether the run's row was written."""
+    """What ``Limits.begin_turn`` did: the thread's data (the user's; None on a Citus cluster,
+    where it was not read), the lease (None: the thread is busy, wait for it with
+    ``Limits.lease``) and whether the run's row was written."""
 
-    thread: str
+    thread: str | None
     lease: StreamLease | None
     run_started: bool
 
@@ -155,21 +157,22 @@ class Limits:
         user_id: str,
         thread_id: str,
         run_id: str | None,
-    ) -> TurnStart | None:
+    ) -> TurnStart:
         """A reply to ``thread_id`` opened in one statement (migration 0009): ``admission``
         counted (unless None or counted already), the thread loaded, the lease taken without
         waiting and, with ``run_id``, the run's row written once the lease is. Raises the 429
         of a refusal, the 404 of a thread that is not the user's, the 429 of a full lease.
-        None on a Citus cluster, where the limiter's tables are the coordinator's and the
-        thread is on a worker: nothing was done, the caller takes the usual steps."""
+        On a Citus cluster the limiter's tables are the coordinator's and the thread and the
+        run log are on the user's worker: only the admission and the lease are done (for the
+        thread as named: the caller checks it is the user's, and releases the lease if not),
+        and the run is not started."""
         pending = admission if admission is not None and not admission.consumed else None
         interval = pending.interval if pending is not None else None
         burst = pending.burst if pending is not None else None
         limit = self.settings.max_streams_per_user
         lease_id = new_id("lease")
         async with call(self.pool) as conn:
-            if await on_citus(self.pool, conn):
-                return None
+            local = not await on_citus(self.pool, conn)
             row = await conn.fetchrow(
                 TURN_BEGIN,
                 user_id,
@@ -179,19 +182,20 @@ class Limits:
                 lease_id,
                 limit,
                 self.settings.stream_lease_seconds,
-                run_id,
+                run_id if local else None,
+                local,
             )
         if pending is not None:
             pending.consumed = True
         if not row["admitted"]:
             raise refused(row["wait"])
-        if row["thread"] is None:
+        if local and row["thread"] is None:
             raise NotFoundError(f"Thread {thread_id} not found")
         if row["lease"] == "full":
             raise _full(limit)
         taken = row["lease"] == "taken"
         lease = StreamLease(self, user_id, lease_id, thread_id) if taken else None
-        return TurnStart(row["thread"], lease, taken and run_id is not None)
+        return TurnStart(row["thread"], lease, taken and local and run_id is not None)
 
 
 class StreamLease:

@@ -42,6 +42,7 @@ from app.pg.sql import (
     _ITEM_PAGES,
     _THREAD_PAGES,
     AS_USER,
+    CITUS_CALLS,
     _PageSQL,
     gated,
     gated_select,
@@ -124,6 +125,8 @@ SQL_ADD_ITEM = scoped_insert(
     f"{_ITEM_UPDATE} WHERE chatkit_items.data = EXCLUDED.data "
     "OR (chatkit_items.type = 'workflow' AND EXCLUDED.type = 'workflow') RETURNING 1",
 )
+# On a cluster, the same as migration 0009's function, which Citus runs on the user's worker.
+CITUS_CALLS[SQL_ADD_ITEM] = "SELECT chatkit_add_item($1, $2, $3, $4, $5, $6::jsonb)"
 SQL_LOAD_ITEM = gated_select(
     "q.data",
     "SELECT data::text AS data FROM chatkit_items "

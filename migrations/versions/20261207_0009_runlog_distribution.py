@@ -40,13 +40,14 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # p_interval NULL: not counted here (the rate limit is off, or the request was counted before).
-# p_run NULL: no run to start. Returns one row: whether the request was admitted, and then
+# p_read false (on a Citus cluster): the thread is not read here (it is on a worker) and the lease
+# is taken for it as named; its data comes back NULL. p_run NULL: no run to start. Returns one row: whether the request was admitted, and then
 # either the seconds until it would fit (refused), or the thread's data (NULL: not this user's
 # thread) and the lease's outcome ('taken', 'busy', 'full'; NULL when no thread).
 TURN_BEGIN = """
 CREATE FUNCTION chatkit_turn_begin(
     p_user text, p_interval double precision, p_burst double precision, p_thread text,
-    p_lease text, p_limit integer, p_ttl double precision, p_run text
+    p_lease text, p_limit integer, p_ttl double precision, p_run text, p_read boolean
 ) RETURNS TABLE (admitted boolean, wait double precision, thread text, lease text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -66,6 +67,11 @@ BEGIN
             RETURN;
         END IF;
     END IF;
+    IF NOT p_read THEN
+        RETURN QUERY SELECT true, NULL::float8, NULL::text,
+            chatkit_take_stream_lease(p_user, p_lease, p_thread, p_limit, p_ttl);
+        RETURN;
+    END IF;
     SELECT t.data::text INTO thread_data FROM chatkit_threads t
         WHERE t.user_id = p_user AND t.id = p_thread;
     IF thread_data IS NULL THEN
@@ -82,8 +88,53 @@ $$
 """
 SIGNATURE = (
     "chatkit_turn_begin(text, double precision, double precision, text, text, integer, "
-    "double precision, text)"
+    "double precision, text, boolean)"
 )
+
+# The store's add_thread_item (app.pg.store.SQL_ADD_ITEM, the same upsert) as a function, for a
+# Citus cluster: delegated to the user's worker (``python -m app distribute``), it is one round
+# trip where the statement itself needs three there (the user set for the worker's transaction,
+# the statement, the commit: app.pg.citus). One node keeps the plain statement.
+ADD_ITEM = """
+CREATE FUNCTION chatkit_add_item(
+    p_user text, p_thread text, p_id text, p_created timestamptz, p_type text, p_data jsonb
+) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    written integer;
+BEGIN
+    PERFORM set_config('app.user_id', p_user, true);
+    INSERT INTO chatkit_items (user_id, thread_id, id, created_at, type, data)
+        VALUES (p_user, p_thread, p_id, p_created, p_type, p_data)
+        ON CONFLICT (user_id, thread_id, id) DO UPDATE SET created_at = EXCLUDED.created_at,
+            type = EXCLUDED.type, data = EXCLUDED.data
+        WHERE chatkit_items.data = EXCLUDED.data
+            OR (chatkit_items.type = 'workflow' AND EXCLUDED.type = 'workflow')
+        RETURNING 1 INTO written;
+    RETURN written;
+END
+$$
+"""
+# A resumable turn's run started with its thread read, on a Citus cluster (where
+# ``chatkit_turn_begin`` reads neither: they are on the user's worker, this function is delegated
+# there): the run's row only if the thread is the user's; returns the thread's data, or NULL.
+RUN_OPEN = """
+CREATE FUNCTION chatkit_run_open(p_user text, p_run text, p_thread text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    thread_data text;
+BEGIN
+    PERFORM set_config('app.user_id', p_user, true);
+    SELECT t.data::text INTO thread_data FROM chatkit_threads t
+        WHERE t.user_id = p_user AND t.id = p_thread;
+    IF thread_data IS NOT NULL THEN
+        INSERT INTO chatkit_runs (user_id, id, thread_id) VALUES (p_user, p_run, p_thread);
+    END IF;
+    RETURN thread_data;
+END
+$$
+"""
+RUN_OPEN_SIGNATURE = "chatkit_run_open(text, text, text)"
+ADD_ITEM_SIGNATURE = "chatkit_add_item(text, text, text, timestamp with time zone, text, jsonb)"
 
 
 RUN_APPEND = """
@@ -152,12 +203,16 @@ $$
 
 def upgrade() -> None:
     op.execute(TURN_BEGIN)
+    op.execute(ADD_ITEM)
+    op.execute(RUN_OPEN)
     for function in (RUN_APPEND, RUN_CANCEL, RUN_ABANDON):
         op.execute(function)
 
 
 def downgrade() -> None:
     op.execute(f"DROP FUNCTION IF EXISTS {SIGNATURE}")
+    op.execute(f"DROP FUNCTION IF EXISTS {ADD_ITEM_SIGNATURE}")
+    op.execute(f"DROP FUNCTION IF EXISTS {RUN_OPEN_SIGNATURE}")
     # Revision 0006's own forms back.
     path = Path(__file__).with_name("20261206_0006_run_log.py")
     spec = importlib.util.spec_from_file_location("run_log_0006", path)

@@ -138,7 +138,7 @@ async def test_distribute_command_refuses_distributes_and_is_idempotent(
     assert first.returncode == 0, first
     assert first.stdout.splitlines() == [
         *(f"distributed by user_id: {t}" for t in DISTRIBUTED),
-        f"run log functions delegated by p_user: {len(DISTRIBUTED_FUNCTIONS)}",
+        f"functions delegated by p_user: {len(DISTRIBUTED_FUNCTIONS)}",
         f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}",
     ]
     conn = await _owner(url)
@@ -153,7 +153,7 @@ async def test_distribute_command_refuses_distributes_and_is_idempotent(
     assert second.returncode == 0, second
     assert second.stdout.splitlines() == [
         *(f"already distributed by user_id: {t}" for t in DISTRIBUTED),
-        f"run log functions delegated by p_user: {len(DISTRIBUTED_FUNCTIONS)}",
+        f"functions delegated by p_user: {len(DISTRIBUTED_FUNCTIONS)}",
         f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}",
         "nothing to do: every table was already distributed",
     ]

@@ -18,8 +18,10 @@ from tests.harness.pg import migrate
 from tests.harness.pginstance import PgInstance
 
 LOGGED = re.compile(r"LOG:  (?:execute [^:]*|statement): (.*)")
+# With the backend's pid (the default log_line_prefix, '%m [%p] ') and the parameters.
 WITH_PARAMETERS = re.compile(
-    r"LOG:  (?:execute [^:]*|statement): (.*)(?:\n[^\n]*DETAIL:  [Pp]arameters: (.*))?"
+    r"\[(\d+)\] LOG:  (?:execute [^:]*|statement): (.*)"
+    r"(?:\n[^\n]*DETAIL:  [Pp]arameters: (.*))?"
 )
 
 
@@ -54,7 +56,10 @@ def statements_since(pg: PgInstance, offset: int) -> list[str]:
     return [m.group(1) for m in LOGGED.finditer(_since(pg, offset))]
 
 
-def executions_since(pg: PgInstance, offset: int) -> list[tuple[str, str]]:
-    """The statements logged since ``offset``, each with its parameters as logged ("" for
-    none): ``$1 = 'alice', $2 = ...``."""
-    return [(m.group(1), m.group(2) or "") for m in WITH_PARAMETERS.finditer(_since(pg, offset))]
+def executions_since(pg: PgInstance, offset: int) -> list[tuple[int, str, str]]:
+    """The statements logged since ``offset``, each as (the backend's pid, the statement, its
+    parameters as logged, "" for none: ``$1 = 'alice', $2 = ...``)."""
+    return [
+        (int(m.group(1)), m.group(2), m.group(3) or "")
+        for m in WITH_PARAMETERS.finditer(_since(pg, offset))
+    ]

@@ -28,11 +28,13 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from app.main import create_app
 from app.pg.limits import TURN_BEGIN
 from app.settings import Settings
 from tests.harness.chatkit_client import error_text, parse_sse, token_for, user_input
+from tests.harness.citus import CitusCluster, distributed_database
 from tests.harness.loopback import serve
 from tests.harness.pginstance import PgInstance, private_postgres
 from tests.harness.pglog import executions_since, log_offset, logged_database
@@ -100,13 +102,17 @@ async def turn(
     first = events[0]
     assert first["type"] == "thread.item.done" and first["item"]["type"] == "user_message"
     logged = executions_since(pg, start)
+    # The app's one connection (a coordinator also logs what other sessions send it).
+    app_pid = next(pid for pid, sql, _ in logged if sql == TURN_BEGIN)
+    mine = [(sql, parameters) for pid, sql, parameters in logged if pid == app_pid]
     stored = [
         n
-        for n, (sql, parameters) in enumerate(logged)
-        if sql.startswith("INSERT INTO chatkit_items") and f"'{first['item']['id']}'" in parameters
+        for n, (sql, parameters) in enumerate(mine)
+        if sql.startswith(("INSERT INTO chatkit_items", "SELECT chatkit_add_item("))
+        and f"'{first['item']['id']}'" in parameters
     ]
-    assert len(stored) == 1, logged
-    statements = [sql for sql, _ in logged]
+    assert len(stored) == 1, mine
+    statements = [sql for sql, _ in mine]
     return Turn(statements, statements[: stored[0] + 1], events)
 
 
@@ -123,11 +129,10 @@ def show(turn: Turn) -> str:
 
 @contextlib.asynccontextmanager
 async def served(
-    pg: PgInstance, app_settings: Settings, **overrides: Any
+    url: str, app_settings: Settings, **overrides: Any
 ) -> AsyncIterator[tuple[Any, httpx.AsyncClient, Settings]]:
-    """The app over the logged database, behind uvicorn, with one connection (a second one's
-    first statements would be counted too) and ``overrides``."""
-    url = await logged_database(pg, DATABASE)
+    """The app over the logged database ``url``, behind uvicorn, with one connection (a second
+    one's first statements would be counted too) and ``overrides``."""
     update = {"database_url": url, "db_pool_size": 1, "db_max_overflow": 0, **overrides}
     settings = app_settings.model_copy(update=update)
     app = create_app(settings)
@@ -145,9 +150,10 @@ async def create_thread(http: httpx.AsyncClient, settings: Settings, user: str) 
     return str(parse_sse(created.text)[0]["thread"]["id"])
 
 
-async def test_a_turn_takes_few_round_trips(logging_pg: PgInstance, app_settings: Settings) -> None:
+async def turns(pg: PgInstance, url: str, app_settings: Settings) -> tuple[Turn, Turn]:
+    """A turn without the opt-in and one with it, on the logged database ``url`` of ``pg``."""
     async with served(
-        logging_pg,
+        url,
         app_settings,
         rate_limit_per_minute=1000,
         max_streams_per_user=3,
@@ -156,17 +162,28 @@ async def test_a_turn_takes_few_round_trips(logging_pg: PgInstance, app_settings
     ) as (app, http, settings):
         thread_id = await create_thread(http, settings, "alice")
         # Once each first: a connection's first use of a statement or a type may ask more.
-        await turn(logging_pg, app, http, settings, thread_id, resumable=False)
-        await turn(logging_pg, app, http, settings, thread_id, resumable=True)
+        await turn(pg, app, http, settings, thread_id, resumable=False)
+        await turn(pg, app, http, settings, thread_id, resumable=True)
 
-        plain = await turn(logging_pg, app, http, settings, thread_id, resumable=False)
-        opted = await turn(logging_pg, app, http, settings, thread_id, resumable=True)
+        plain = await turn(pg, app, http, settings, thread_id, resumable=False)
+        opted = await turn(pg, app, http, settings, thread_id, resumable=True)
+    report(plain, opted)
+    return plain, opted
+
+
+def report(plain: Turn, opted: Turn) -> None:
+    """Shown with ``-s``: the figures docs/runs.md quotes."""
     print(f"without the opt-in ({len(plain.statements)}):\n{show(plain)}")
     print(f"before its first event: {len(plain.before_first_event)}")
     print(
         f"with the opt-in ({len(opted.statements)}, {len(opted.appends)} batches):\n{show(opted)}"
     )
     print(f"before its first event: {len(opted.before_first_event)}")
+
+
+async def test_a_turn_takes_few_round_trips(logging_pg: PgInstance, app_settings: Settings) -> None:
+    url = await logged_database(logging_pg, DATABASE)
+    plain, opted = await turns(logging_pg, url, app_settings)
     assert [e["type"] for e in plain.events] == [e["type"] for e in opted.events]
     assert not plain.appends and opted.appends
     assert len(plain.statements) <= 6, show(plain)
@@ -182,7 +199,8 @@ async def test_a_turn_refused_or_not_the_users_is_one_statement(
     """The opening statement counts the request, and a turn it stops there takes nothing: a
     thread of another user's answers exactly as a missing one, a spent budget is a 429 whose
     Retry-After came with the refusal."""
-    async with served(logging_pg, app_settings, rate_limit_per_minute=4) as (app, http, settings):
+    url = await logged_database(logging_pg, DATABASE)
+    async with served(url, app_settings, rate_limit_per_minute=4) as (app, http, settings):
         mine = await create_thread(http, settings, "alice")  # alice: 1
         theirs = await create_thread(http, settings, "bob")
         await turn(logging_pg, app, http, settings, mine, resumable=False)  # 2 (and a warm-up)
@@ -197,7 +215,7 @@ async def test_a_turn_refused_or_not_the_users_is_one_statement(
             assert response.status_code == 404, response.text
             answers.append(error_text(response))
             logged = executions_since(logging_pg, start)
-            assert [sql for sql, _ in logged] == [TURN_BEGIN], logged
+            assert [sql for _, sql, _ in logged] == [TURN_BEGIN], logged
         assert answers[0] == answers[1]
         start = log_offset(logging_pg)
         refused = await http.post(
@@ -207,7 +225,7 @@ async def test_a_turn_refused_or_not_the_users_is_one_statement(
         )
         assert refused.status_code == 429, refused.text
         assert 1 <= int(refused.headers["retry-after"]) <= 15
-        assert [sql for sql, _ in executions_since(logging_pg, start)] == [TURN_BEGIN]
+        assert [sql for _, sql, _ in executions_since(logging_pg, start)] == [TURN_BEGIN]
         await idle(app)
         conn = await asyncpg.connect(logging_pg.dsn(DATABASE))
         try:
@@ -216,3 +234,24 @@ async def test_a_turn_refused_or_not_the_users_is_one_statement(
             assert await conn.fetchval("SELECT count(*) FROM chatkit_runs") == 0
         finally:
             await conn.close()
+
+
+async def test_a_turn_on_citus_takes_few_round_trips(
+    citus: CitusCluster, app_settings: Settings
+) -> None:
+    """The same turns on a cluster, counted in the coordinator's log: the statements the app
+    sends it (a write run as one there is BEGIN with the user's SETs, the write and COMMIT,
+    app.pg.citus; a delegated function's call is one)."""
+    url = await distributed_database(citus)
+    admin = await asyncpg.connect(CitusCluster.tcp_dsn(citus.coordinator))
+    try:
+        name = str(make_url(url).database)
+        await admin.execute(f"ALTER DATABASE \"{name}\" SET log_statement = 'all'")
+    finally:
+        await admin.close()
+    plain, opted = await turns(citus.coordinator, url, app_settings)
+    assert [e["type"] for e in plain.events] == [e["type"] for e in opted.events]
+    assert len(plain.statements) <= 6, show(plain)
+    assert len(opted.others) + 1 <= 7, show(opted)
+    assert len(plain.before_first_event) <= 3, show(plain)
+    assert len(opted.before_first_event) <= 3, show(opted)

@@ -88,9 +88,7 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.distributed]
         out += [f"already distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.already]
-        out.append(
-            f"run log functions delegated by {FUNCTION_ARGUMENT}: {len(DISTRIBUTED_FUNCTIONS)}"
-        )
+        out.append(f"functions delegated by {FUNCTION_ARGUMENT}: {len(DISTRIBUTED_FUNCTIONS)}")
         out.append(f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}")
         if not self.distributed:
             out.append("nothing to do: every table was already distributed")

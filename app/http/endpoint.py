@@ -133,8 +133,10 @@ async def chatkit_endpoint(request: Request) -> Response:
     the request's context, ``RequestContext.page_fold``): one round trip
     instead of two. Whatever did not count it by the end (another store, a Citus cluster, an
     error before the store ran) counts it then, and a refusal replaces the answer or the error
-    with the 429. Every other request is admitted as soon as its type is known, before any of
-    its work."""
+    with the 429. A message to a thread (``threads.add_user_message``) is admitted by the
+    statement that opens its turn (``Limits.begin_turn``: the admission, the thread, the lease
+    and the run's row in one call). Every other request is admitted as soon as its type is
+    known, before any of its work."""
     runtime: Runtime = request.app.state.runtime
     user_id = await runtime.verifier.authenticate(request.headers.get("authorization"))
     user_id_var.set(user_id)

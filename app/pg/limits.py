@@ -13,6 +13,9 @@
   request is admitted up front, as soon as its type is known; a list request that nothing
   counted (an error before its page, another store, a Citus cluster, whose limiter table is
   the coordinator's own) is admitted after its handler, and a refusal then replaces its answer.
+  A message to a thread (``threads.add_user_message``) is admitted by the statement that opens
+  its turn, with its thread's load, its stream lease and its run's row (``Limits.begin_turn``,
+  migration 0009; docs/runs.md "Round trips of a turn").
 * Streams: a reply holds a lease (``chatkit_stream_leases``) while it streams. Leases count
   toward ``MAX_STREAMS_PER_USER`` and claim their thread, so a second message to a thread that
   is still answering (two tabs, a double submit) waits its turn instead of interleaving its

@@ -32,8 +32,10 @@ from sqlalchemy.engine import make_url
 
 from app.main import create_app
 from app.pg.limits import TURN_BEGIN
+from app.pg.store import PostgresStore
 from app.settings import Settings
-from tests.harness.chatkit_client import error_text, parse_sse, token_for, user_input
+from tests.harness import factories as f
+from tests.harness.chatkit_client import MakeClient, error_text, parse_sse, token_for, user_input
 from tests.harness.citus import CitusCluster, distributed_database
 from tests.harness.loopback import serve
 from tests.harness.pginstance import PgInstance, private_postgres
@@ -255,3 +257,30 @@ async def test_a_turn_on_citus_takes_few_round_trips(
     assert len(opted.others) + 1 <= 7, show(opted)
     assert len(plain.before_first_event) <= 3, show(plain)
     assert len(opted.before_first_event) <= 3, show(opted)
+
+
+async def test_a_turn_refused_after_it_opened_gives_its_lease_back(
+    make_client: MakeClient, store: PostgresStore
+) -> None:
+    """A message whose attachment is another thread's is refused (409) after the statement that
+    opened its turn took the lease: the lease goes back, and with the opt-in no run was
+    started (its row is written only after the attachments' check). The thread then takes the
+    next message at once."""
+    client = await make_client(max_streams_per_user=1, thread_busy_wait_seconds=0)
+    ctx = {"user_id": "alice"}
+    mine, elsewhere = f.thread(), f.thread()
+    for thread in (mine, elsewhere):
+        await store.save_thread(thread, ctx)
+    attachment = f.file_attachment(elsewhere.id)
+    await store.save_attachment(attachment, ctx)
+    refused = await client.request(
+        "threads.add_user_message",
+        {"thread_id": mine.id, "input": user_input("this", attachments=[attachment.id])},
+        headers=RESUMABLE,
+    )
+    assert refused.status_code == 409, refused.text
+    async with store.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM chatkit_stream_leases") == 0
+        assert await conn.fetchval("SELECT count(*) FROM chatkit_runs") == 0
+    events = await client.send(mine.id, "and this")
+    assert [e["type"] for e in events if e["type"] == "error"] == []

@@ -5,7 +5,8 @@ per-request parts that code below the endpoint needs travel on it, explicitly, r
 context variables: the admission a list request folds into its page's statement
 (``page_fold``), the stream lease a reply claims its new thread with (``lease``) and the state
 of a stream's steps (``stream``: its writes are settled, app.chat.settle, and whether its reply
-is complete, app.chat.stream_outcome).
+is complete, app.chat.stream_outcome), and the rows a streaming request has read already
+(``reads``), so that each is read once.
 They are typed by what their reader does with them (the protocols below), so that the store
 knows nothing of the limiter that makes them (app.pg.limits, app.pg.admission).
 """
@@ -56,6 +57,29 @@ class StreamState:
     reply_complete: bool = False
 
 
+@dataclass(slots=True)
+class ReadCache:
+    """Rows a streaming request has already read, served again to the store calls of the same
+    request instead of a second round trip (app.pg.store): a turn's thread is read by the
+    statement that opens the turn (app.pg.limits.Limits.begin_turn), then asked for by the
+    endpoint's checks and by the SDK; its history is asked for by the reply (the last
+    ``HISTORY_ITEMS``) and again by the SDK's agent runner (the last two). Raw rows, decoded
+    afresh (threads) or copied (items) for every caller: callers may change what they get. The store forgets a thread's
+    items when it writes one of them, and the thread when it saves or deletes it."""
+
+    threads: dict[str, str] = field(default_factory=dict)
+    # (thread id, order) -> the items of the first page read, and whether more followed.
+    items: dict[tuple[str, str], tuple[list[Any], bool]] = field(default_factory=dict)
+
+    def forget_items(self, thread_id: str) -> None:
+        for key in [k for k in self.items if k[0] == thread_id]:
+            del self.items[key]
+
+    def forget_thread(self, thread_id: str) -> None:
+        self.threads.pop(thread_id, None)
+        self.forget_items(thread_id)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """Built by the endpoint from the verified token; the store scopes every row by ``user_id``.
@@ -67,3 +91,4 @@ class RequestContext:
     page_fold: PageFold | None = field(default=None, compare=False, repr=False)
     lease: ThreadClaim | None = field(default=None, compare=False, repr=False)
     stream: StreamState | None = field(default=None, compare=False, repr=False)
+    reads: ReadCache | None = field(default=None, compare=False, repr=False)

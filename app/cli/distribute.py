@@ -7,6 +7,13 @@ feedback share a shard, so each store statement (always filtered by one user) ro
 worker, and the foreign keys and ON DELETE CASCADE hold inside that shard. Parents come before
 the tables that reference them, as Citus requires.
 
+The resumable replies' log (``chatkit_runs``, ``chatkit_run_events``, migration 0006) is
+distributed the same way, and its functions (``chatkit_run_append`` and the others, each taking
+the user as its first argument) are *distributed functions* co-located with it: Citus delegates
+a call to the worker holding that user's shard, which runs the whole function there, its
+``set_config`` and row-level security included, in one round trip from the coordinator. So is
+``chatkit_add_item`` (migration 0009), the store's item insert of every turn.
+
 The limiter's tables (``chatkit_rate_limits``, ``chatkit_stream_leases``) stay ordinary tables
 on the coordinator, on purpose: every request checks them through the coordinator it is served
 by anyway; the coordinator's row lock and advisory lock keep the exact budget and the one lease
@@ -39,14 +46,25 @@ DISTRIBUTED = (
     "chatkit_attachments",
     "chatkit_attachment_blobs",
     "chatkit_feedback",
+    "chatkit_runs",
+    "chatkit_run_events",
 )
-# Kept on the coordinator: the limiter's rows, and (until they are distributed with the content
-# they belong to) the resumable replies' logs (app.pg.runlog).
+# The run log's functions (app.pg.runlog) and the store's add_thread_item on a cluster
+# (app.pg.sql.CITUS_CALLS), delegated to the worker of their first argument's shard: ``p_user``.
+DISTRIBUTED_FUNCTIONS = (
+    "chatkit_add_item(text, text, text, timestamp with time zone, text, jsonb)",
+    "chatkit_run_start(text, text, text)",
+    "chatkit_run_open(text, text, text)",
+    "chatkit_run_append(text, text, integer, text[], text)",
+    "chatkit_run_read(text, text, integer, integer, double precision)",
+    "chatkit_run_cancel(text, text, double precision)",
+    "chatkit_run_abandon(text, text, double precision)",
+)
+FUNCTION_ARGUMENT = "p_user"
+# Kept on the coordinator: the limiter's rows.
 COORDINATOR_LOCAL = (
     "chatkit_rate_limits",
     "chatkit_stream_leases",
-    "chatkit_runs",
-    "chatkit_run_events",
 )
 
 SQL_HAS_CITUS = "SELECT extversion FROM pg_extension WHERE extname = 'citus'"
@@ -70,7 +88,8 @@ class Report:
     def lines(self) -> list[str]:
         out = [f"distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.distributed]
         out += [f"already distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.already]
-        out.append(f"kept on the coordinator (limits, run logs): {', '.join(COORDINATOR_LOCAL)}")
+        out.append(f"functions delegated by {FUNCTION_ARGUMENT}: {len(DISTRIBUTED_FUNCTIONS)}")
+        out.append(f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}")
         if not self.distributed:
             out.append("nothing to do: every table was already distributed")
         return out
@@ -115,6 +134,14 @@ async def distribute(dsn: str) -> Report:
                 colocate,
             )
             report.distributed.append(table)
+        for function in DISTRIBUTED_FUNCTIONS:
+            # Idempotent: distributing a distributed function again only restates it.
+            await conn.execute(
+                "SELECT create_distributed_function($1, $2, colocate_with => $3)",
+                function,
+                FUNCTION_ARGUMENT,
+                DISTRIBUTED[0],
+            )
         return report
     finally:
         await conn.close()

@@ -13,15 +13,23 @@ import re
 from dataclasses import replace
 
 from chatkit.server import StreamingResult
-from chatkit.types import ChatKitReq, ItemsListReq, ThreadsListReq, is_streaming_req
+from chatkit.store import NotFoundError
+from chatkit.types import (
+    ChatKitReq,
+    ItemsListReq,
+    ThreadsAddUserMessageReq,
+    ThreadsListReq,
+    is_streaming_req,
+)
 from pydantic import ValidationError
 from pydantic_core import from_json
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.chat.runs import RunRegistry
 from app.chat.server import CHATKIT_REQUEST
 from app.chat.stream_events import error_chunk
-from app.context import RequestContext
+from app.context import ReadCache, RequestContext
 from app.errors import (
     InvalidInputError,
     PayloadTooLargeError,
@@ -34,10 +42,10 @@ from app.http.middleware import RequestInfo, request_info
 from app.http.runs import resumable_runs, start_run
 from app.http.runtime import Runtime
 from app.http.sse import SSE_HEADERS, EventPump, SSEResponse
-from app.ids import check_ids
+from app.ids import check_ids, new_id
 from app.observability import Stopwatch, op_var, thread_id_var, user_id_var
 from app.pg.admission import PendingAdmission
-from app.pg.limits import StreamLease
+from app.pg.limits import Limits, StreamLease
 from app.pg.store import MAX_PAGE_SIZE
 from app.sanitize import body_has_unstorable_text
 
@@ -125,8 +133,10 @@ async def chatkit_endpoint(request: Request) -> Response:
     the request's context, ``RequestContext.page_fold``): one round trip
     instead of two. Whatever did not count it by the end (another store, a Citus cluster, an
     error before the store ran) counts it then, and a refusal replaces the answer or the error
-    with the 429. Every other request is admitted as soon as its type is known, before any of
-    its work."""
+    with the 429. A message to a thread (``threads.add_user_message``) is admitted by the
+    statement that opens its turn (``Limits.begin_turn``: the admission, the thread, the lease
+    and the run's row in one call). Every other request is admitted as soon as its type is
+    known, before any of its work."""
     runtime: Runtime = request.app.state.runtime
     if runtime.drain is not None:
         runtime.drain.check()  # shutting down: a 503 the client retries elsewhere
@@ -154,6 +164,33 @@ async def chatkit_endpoint(request: Request) -> Response:
     return response
 
 
+async def _begin_turn(
+    limits: Limits,
+    admission: PendingAdmission | None,
+    context: RequestContext,
+    thread_id: str,
+    runs: RunRegistry | None,
+) -> tuple[StreamLease | None, str | None]:
+    """A message to a thread opened in one statement (``Limits.begin_turn``): counted, its
+    thread read (into the request's ``reads``, for the checks and the SDK), its lease taken
+    and, with ``runs``, its run's row written. Returns the lease (None: the thread is busy,
+    wait for it) and the run's id when its row is written. On a Citus cluster the thread is
+    read by the run's start (one delegated call, ``RunLog.open``) or by the checks after."""
+    run_id = new_id("run") if runs is not None else None
+    started = await limits.begin_turn(admission, context.user_id, thread_id, run_id)
+    thread, lease = started.thread, started.lease
+    started_run = run_id if started.run_started else None
+    if thread is None and lease is not None and runs is not None and run_id is not None:
+        thread = await runs.runlog.open(context.user_id, run_id, thread_id)
+        if thread is None:
+            await lease.release()
+            raise NotFoundError(f"Thread {thread_id} not found")
+        started_run = run_id
+    if context.reads is not None and thread is not None:
+        context.reads.threads[thread_id] = thread
+    return lease, started_run
+
+
 async def _serve(
     request: Request, runtime: Runtime, user_id: str, admission: PendingAdmission | None
 ) -> Response:
@@ -163,7 +200,9 @@ async def _serve(
     body = await read_body(request, settings.max_body_bytes)
     chatkit_request = parse_request(body)
     listing = isinstance(chatkit_request, ThreadsListReq | ItemsListReq)
-    if limits is not None and not listing:
+    # A turn (a message to a thread, streamed) is counted by the statement that opens it.
+    turn = isinstance(chatkit_request, ThreadsAddUserMessageReq) and limits is not None
+    if limits is not None and not listing and not turn:
         # Only list requests, which change nothing, defer it (to the store, on their context);
         # the rest are counted before any of their work. A body that does not parse is counted
         # by the caller's error path.
@@ -181,6 +220,8 @@ async def _serve(
         locale=locale_from(request.headers.get("accept-language")),
         request_id=info.request_id,
         page_fold=admission if listing else None,
+        # What a stream's steps read once is not read again (app.pg.store).
+        reads=ReadCache() if is_streaming_req(chatkit_request) else None,
     )
     server = runtime.server
     streaming = is_streaming_req(chatkit_request)
@@ -188,6 +229,8 @@ async def _serve(
         runtime.drain.check()  # its body came in after SIGTERM: no new reply starts here
     cap = settings.max_streams_per_process
     if streaming and cap and runtime.open_streams >= cap:
+        if turn and limits is not None:
+            await limits.settle(admission)  # counted, as every refused request is
         raise ServiceUnavailableError("This server is busy.", retry_after=2)
     # The slot is taken now, not once the response exists: requests arriving together would
     # otherwise all pass the check above while the first is still awaiting the database.
@@ -198,20 +241,39 @@ async def _serve(
     runs = resumable_runs(request) if streaming else None  # opted in (app.http.runs)
     run_id: str | None = None
     try:
-        checked = await server.precheck(chatkit_request, context)
-        if limits is not None and streaming:
+        run_started = False
+        if turn and limits is not None and isinstance(chatkit_request, ThreadsAddUserMessageReq):
+            # A message with attachments has them checked after this: its run's row is
+            # written afterwards, so that a refused attachment leaves no run behind.
+            with_run = runs is not None and not chatkit_request.params.input.attachments
+            lease, run_id = await _begin_turn(
+                limits,
+                admission,
+                context,
+                chatkit_request.params.thread_id,
+                runs if with_run else None,
+            )
+            run_started = run_id is not None
+        try:
+            checked = await server.precheck(chatkit_request, context)
+        except BaseException:
+            if lease is not None:
+                await lease.release()
+            raise
+        if limits is not None and streaming and lease is None:
             try:
                 lease = await limits.lease(
                     user_id, thread_id if isinstance(thread_id, str) else None
                 )
-                context = replace(context, lease=lease)  # the reply claims its new thread
             except ThreadBusyError as exc:
                 # Inside the protocol, so ChatKit shows the message in the conversation.
                 return Response(
                     error_chunk(exc), media_type="text/event-stream", headers=SSE_HEADERS
                 )
+        if lease is not None:
+            context = replace(context, lease=lease)  # the reply claims its new thread
         try:
-            if runs is not None:
+            if runs is not None and not run_started:
                 run_id = await runs.create(
                     user_id, thread_id if isinstance(thread_id, str) else None
                 )

@@ -8,8 +8,9 @@ lifespan; none borrows through another. What they share is here:
   restarting, no connection free in time) is ``ServiceUnavailableError`` (503), text
   PostgreSQL cannot store is ``InvalidInputError``;
 * ``modify(pool, conn, sql, ...)``: a write built by ``gated`` or ``scoped_insert`` (app.pg.sql,
-  $1 the user) as one statement on one node; on a Citus cluster its Citus form, run through
-  app.pg.citus. Whether the database is a cluster is asked once per pool (``on_citus``).
+  $1 the user) as one statement on one node; on a Citus cluster a delegated function's call
+  where there is one (app.pg.sql.CITUS_CALLS), else its Citus form, run through app.pg.citus.
+  Whether the database is a cluster is asked once per pool (``on_citus``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from app.errors import InvalidInputError, ServiceUnavailableError
 from app.pg.citus import CITUS_INSTALLED, Fetch, write_as
 from app.pg.engine import is_unavailable
 from app.pg.pool import ConnectionPool
-from app.pg.sql import CITUS_FORMS
+from app.pg.sql import CITUS_CALLS, CITUS_FORMS
 
 _UNSTORABLE = (
     asyncpg.UntranslatableCharacterError,
@@ -75,4 +76,7 @@ async def modify(
     node; on a Citus cluster, its Citus form through app.pg.citus."""
     if not await on_citus(pool, conn):
         return await getattr(conn, fetch)(sql, *args)
+    delegated = CITUS_CALLS.get(sql)
+    if delegated is not None:  # the function sets the user on the worker it runs on
+        return await getattr(conn, fetch)(delegated, *args)
     return await write_as(conn, args[0], CITUS_FORMS[sql], args, fetch=fetch)

@@ -13,6 +13,9 @@
   request is admitted up front, as soon as its type is known; a list request that nothing
   counted (an error before its page, another store, a Citus cluster, whose limiter table is
   the coordinator's own) is admitted after its handler, and a refusal then replaces its answer.
+  A message to a thread (``threads.add_user_message``) is admitted by the statement that opens
+  its turn, with its thread's load, its stream lease and its run's row (``Limits.begin_turn``,
+  migration 0009; docs/runs.md "Round trips of a turn").
 * Streams: a reply holds a lease (``chatkit_stream_leases``) while it streams. Leases count
   toward ``MAX_STREAMS_PER_USER`` and claim their thread, so a second message to a thread that
   is still answering (two tabs, a double submit) waits its turn instead of interleaving its
@@ -30,14 +33,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 
 import asyncpg
+from chatkit.store import NotFoundError
 
 from app.background import TaskRegistry
 from app.errors import ThreadBusyError, TooManyRequestsError
 from app.ids import new_id
 from app.pg.admission import PendingAdmission, refused
-from app.pg.calls import call
+from app.pg.calls import call, on_citus
 from app.pg.pool import ConnectionPool
 from app.pg.sql import RATE_WAIT, gated, rate_admit_sql
 from app.settings import Settings
@@ -55,6 +60,13 @@ SQL_RATE_WAIT = RATE_WAIT
 # tests/pg/test_rls.py: the function sets app.user_id itself before it reads a table (that test
 # file also takes leases through a role subject to row-level security).
 TAKE_LEASE = "SELECT chatkit_take_stream_lease($1, $2, $3, $4, $5)"
+# Migration 0009's function: the turn's admission, its thread's load, its lease and (for a
+# resumable reply) its run's row, in one call (``Limits.begin_turn``). Like TAKE_LEASE, it sets
+# app.user_id itself before it reads a table.
+TURN_BEGIN = (
+    "SELECT admitted, wait, thread, lease "
+    "FROM chatkit_turn_begin($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+)
 SQL_LEASE_RENEW = gated(
     "UPDATE chatkit_stream_leases SET expires_at = now() + make_interval(secs => $3::float8) "
     "WHERE user_id = $1 AND id = $2"
@@ -67,6 +79,23 @@ SQL_LEASE_RELEASE = gated("DELETE FROM chatkit_stream_leases WHERE user_id = $1 
 
 STREAM_RETRY_AFTER_SECONDS = 5
 BUSY_POLL_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """What ``Limits.begin_turn`` did: the thread's data (the user's; None on a Citus cluster,
+    where it was not read), the lease (None: the thread is busy, wait for it with
+    ``Limits.lease``) and whether the run's row was written."""
+
+    thread: str | None
+    lease: StreamLease | None
+    run_started: bool
+
+
+def _full(limit: int) -> TooManyRequestsError:
+    return TooManyRequestsError(
+        f"At most {limit} replies may stream at once.", retry_after=STREAM_RETRY_AFTER_SECONDS
+    )
 
 
 class Limits:
@@ -122,11 +151,54 @@ class Limits:
         if outcome == "busy":
             return None
         if outcome == "full":
-            raise TooManyRequestsError(
-                f"At most {limit} replies may stream at once.",
-                retry_after=STREAM_RETRY_AFTER_SECONDS,
-            )
+            raise _full(limit)
         return StreamLease(self, user_id, lease_id, thread_id)
+
+    async def begin_turn(
+        self,
+        admission: PendingAdmission | None,
+        user_id: str,
+        thread_id: str,
+        run_id: str | None,
+    ) -> TurnStart:
+        """A reply to ``thread_id`` opened in one statement (migration 0009): ``admission``
+        counted (unless None or counted already), the thread loaded, the lease taken without
+        waiting and, with ``run_id``, the run's row written once the lease is. Raises the 429
+        of a refusal, the 404 of a thread that is not the user's, the 429 of a full lease.
+        On a Citus cluster the limiter's tables are the coordinator's and the thread and the
+        run log are on the user's worker: only the admission and the lease are done (for the
+        thread as named: the caller checks it is the user's, and releases the lease if not),
+        and the run is not started."""
+        pending = admission if admission is not None and not admission.consumed else None
+        interval = pending.interval if pending is not None else None
+        burst = pending.burst if pending is not None else None
+        limit = self.settings.max_streams_per_user
+        lease_id = new_id("lease")
+        async with call(self.pool) as conn:
+            local = not await on_citus(self.pool, conn)
+            row = await conn.fetchrow(
+                TURN_BEGIN,
+                user_id,
+                interval,
+                burst,
+                thread_id,
+                lease_id,
+                limit,
+                self.settings.stream_lease_seconds,
+                run_id if local else None,
+                local,
+            )
+        if pending is not None:
+            pending.consumed = True
+        if not row["admitted"]:
+            raise refused(row["wait"])
+        if local and row["thread"] is None:
+            raise NotFoundError(f"Thread {thread_id} not found")
+        if row["lease"] == "full":
+            raise _full(limit)
+        taken = row["lease"] == "taken"
+        lease = StreamLease(self, user_id, lease_id, thread_id) if taken else None
+        return TurnStart(row["thread"], lease, taken and local and run_id is not None)
 
 
 class StreamLease:

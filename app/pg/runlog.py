@@ -18,6 +18,7 @@ from app.pg.calls import Call
 from app.pg.pool import ConnectionPool
 
 RUN_START = "SELECT chatkit_run_start($1, $2, $3)"
+RUN_OPEN = "SELECT chatkit_run_open($1, $2, $3)"
 RUN_APPEND = "SELECT chatkit_run_append($1, $2, $3, $4::text[], $5)"
 RUN_READ = "SELECT state, last_seq, age, seq, data FROM chatkit_run_read($1, $2, $3, $4, $5)"
 RUN_CANCEL = "SELECT chatkit_run_cancel($1, $2, $3)"
@@ -57,6 +58,14 @@ class RunLog:
     async def start(self, user_id: str, run_id: str, thread_id: str | None) -> None:
         async with Call(self.pool) as conn:
             await conn.execute(RUN_START, user_id, run_id, thread_id)
+
+    async def open(self, user_id: str, run_id: str, thread_id: str) -> str | None:
+        """``start`` for a message to ``thread_id``, the thread read in the same call (migration
+        0009; on a Citus cluster, where the turn's first statement cannot read it): its data,
+        or None, and no run, when it is not the user's."""
+        async with Call(self.pool) as conn:
+            data = await conn.fetchval(RUN_OPEN, user_id, run_id, thread_id)
+        return None if data is None else str(data)
 
     async def append(
         self, user_id: str, run_id: str, first_seq: int, events: Sequence[str], state: str

@@ -66,6 +66,10 @@ class _PageSQL:
 
 CITUS_FORMS: dict[str, str] = {}
 """One-node statement -> its Citus form, for every write built by the helpers below."""
+CITUS_CALLS: dict[str, str] = {}
+"""One-node statement -> a call of a function that does the same on a cluster, delegated to the
+user's worker (``python -m app distribute``): one round trip instead of the Citus form's three.
+For the writes every turn makes (app.pg.store)."""
 
 GATE = "(SELECT set_config('app.user_id', $1, true)) IS NOT NULL"
 """Sets ``app.user_id`` for the statement's transaction before it reads a table."""

@@ -27,7 +27,7 @@ from chatkit.types import (
 )
 from pydantic import BaseModel, TypeAdapter
 
-from app.context import PageFold
+from app.context import PageFold, ReadCache
 from app.errors import (
     AttachmentInUseError,
     InvalidInputError,
@@ -42,6 +42,7 @@ from app.pg.sql import (
     _ITEM_PAGES,
     _THREAD_PAGES,
     AS_USER,
+    CITUS_CALLS,
     _PageSQL,
     gated,
     gated_select,
@@ -76,6 +77,12 @@ def _ts(value: datetime) -> datetime:
 
 def _dump(model: BaseModel, *, exclude: set[str] | None = None) -> str:
     return model.model_dump_json(by_alias=True, exclude=exclude)
+
+
+def _reads(context: Any) -> ReadCache | None:
+    """The request's cache of rows already read (app.context.ReadCache), if it has one."""
+    reads = getattr(context, "reads", None)
+    return reads if isinstance(reads, ReadCache) else None
 
 
 def _order(order: str) -> Literal["asc", "desc"]:
@@ -118,6 +125,8 @@ SQL_ADD_ITEM = scoped_insert(
     f"{_ITEM_UPDATE} WHERE chatkit_items.data = EXCLUDED.data "
     "OR (chatkit_items.type = 'workflow' AND EXCLUDED.type = 'workflow') RETURNING 1",
 )
+# On a cluster, the same as migration 0009's function, which Citus runs on the user's worker.
+CITUS_CALLS[SQL_ADD_ITEM] = "SELECT chatkit_add_item($1, $2, $3, $4, $5, $6::jsonb)"
 SQL_LOAD_ITEM = gated_select(
     "q.data",
     "SELECT data::text AS data FROM chatkit_items "
@@ -277,12 +286,19 @@ class PostgresStore(Store[Any]):
     # --- threads ------------------------------------------------------------------------
 
     async def load_thread(self, thread_id: str, context: Any) -> ThreadMetadata:
-        data = await self._fetchval(SQL_LOAD_THREAD, user_id_of(context), thread_id)
+        reads = _reads(context)
+        data = reads.threads.get(thread_id) if reads is not None else None
         if data is None:
-            raise NotFoundError(f"Thread {thread_id} not found")
+            data = await self._fetchval(SQL_LOAD_THREAD, user_id_of(context), thread_id)
+            if data is None:
+                raise NotFoundError(f"Thread {thread_id} not found")
+            if reads is not None:
+                reads.threads[thread_id] = data
         return ThreadMetadata.model_validate_json(data)
 
     async def save_thread(self, thread: ThreadMetadata, context: Any) -> None:
+        if (reads := _reads(context)) is not None:
+            reads.forget_thread(thread.id)
         exclude = {"items"} if isinstance(thread, Thread) else None
         await self._execute(
             SQL_SAVE_THREAD,
@@ -310,6 +326,8 @@ class PostgresStore(Store[Any]):
 
         Idempotent, like the SDK's reference store: a missing (or another user's) thread is a
         no-op. The HTTP layer checks existence first, so clients still get a 404."""
+        if (reads := _reads(context)) is not None:
+            reads.forget_thread(thread_id)
         await self._execute(SQL_DELETE_THREAD, user_id_of(context), thread_id)
 
     # --- items --------------------------------------------------------------------------
@@ -329,8 +347,17 @@ class PostgresStore(Store[Any]):
         context: Any,
     ) -> Page[ThreadItem]:
         user_id = user_id_of(context)
+        reads = _reads(context) if after is None else None
+        key = (thread_id, _order(order))
+        if reads is not None and key in reads.items:
+            known, more = reads.items[key]
+            if limit <= len(known) or not more:
+                n = _limit(limit)
+                has_more = more or len(known) > n
+                data = [item.model_copy(deep=True) for item in known[:n]]
+                return Page(data=data, has_more=has_more, after=data[-1].id if has_more else None)
         page: Page[ThreadItem] = await self._page(
-            _ITEM_PAGES[_order(order)],
+            _ITEM_PAGES[key[1]],
             (user_id, thread_id),
             after,
             limit,
@@ -339,7 +366,13 @@ class PostgresStore(Store[Any]):
         )
         if self.attachment_hook is not None:
             page.data = [self._fresh(item, user_id) for item in page.data]
+        if reads is not None:
+            reads.items[key] = ([item.model_copy(deep=True) for item in page.data], page.has_more)
         return page
+
+    def _wrote_items(self, thread_id: str, context: Any) -> None:
+        if (reads := _reads(context)) is not None:
+            reads.forget_items(thread_id)
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         """Add a new item; the same item again (a retry) is harmless. A *different* item under
@@ -348,6 +381,7 @@ class PostgresStore(Store[Any]):
         the user did to the item, e.g. store an answered structured input back as pending.
         ``save_item`` replaces. Only a workflow replaces itself here: the SDK resumes the
         thread's last workflow and adds it again with its new tasks."""
+        self._wrote_items(thread_id, context)
         written = await self._execute(
             SQL_ADD_ITEM,
             user_id_of(context),
@@ -362,6 +396,7 @@ class PostgresStore(Store[Any]):
             raise ItemConflictError()
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
+        self._wrote_items(thread_id, context)
         await self._execute(
             SQL_UPSERT_ITEM,
             user_id_of(context),
@@ -381,6 +416,7 @@ class PostgresStore(Store[Any]):
 
     async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
         """Deleting an item that is not there is a no-op: the SDK removes unsaved items too."""
+        self._wrote_items(thread_id, context)
         await self._execute(SQL_DELETE_ITEM, user_id_of(context), thread_id, item_id)
 
     # --- attachments --------------------------------------------------------------------

@@ -5,7 +5,8 @@ Here, as the tables' owner on the coordinator:
 * ``python -m app distribute`` itself: refuses before the migrations and without the extension,
   distributes, and a second run changes nothing and says so;
 * the layout: every content table hash-distributed by ``user_id`` in one co-location group with
-  shards on both workers; the limiter's tables kept on the coordinator;
+  shards on both workers (the run log's too, UNLOGGED on every shard); the limiter's tables
+  kept on the coordinator;
 * every statement of the store, the attachment store and the limiter is single-shard (one task
   in Citus' EXPLAIN, no subplan run first) or, for the limiter, a coordinator-local statement,
   with custom and with generic plans;
@@ -41,7 +42,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.background import TaskRegistry
-from app.cli.distribute import COORDINATOR_LOCAL, DISTRIBUTED
+from app.cli.distribute import COORDINATOR_LOCAL, DISTRIBUTED, DISTRIBUTED_FUNCTIONS
 from app.cli.prune import prune
 from app.context import RequestContext
 from app.errors import ConfigurationError, TooManyRequestsError
@@ -137,7 +138,8 @@ async def test_distribute_command_refuses_distributes_and_is_idempotent(
     assert first.returncode == 0, first
     assert first.stdout.splitlines() == [
         *(f"distributed by user_id: {t}" for t in DISTRIBUTED),
-        f"kept on the coordinator (limits, run logs): {', '.join(COORDINATOR_LOCAL)}",
+        f"functions delegated by p_user: {len(DISTRIBUTED_FUNCTIONS)}",
+        f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}",
     ]
     conn = await _owner(url)
     try:
@@ -151,7 +153,8 @@ async def test_distribute_command_refuses_distributes_and_is_idempotent(
     assert second.returncode == 0, second
     assert second.stdout.splitlines() == [
         *(f"already distributed by user_id: {t}" for t in DISTRIBUTED),
-        f"kept on the coordinator (limits, run logs): {', '.join(COORDINATOR_LOCAL)}",
+        f"functions delegated by p_user: {len(DISTRIBUTED_FUNCTIONS)}",
+        f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}",
         "nothing to do: every table was already distributed",
     ]
 

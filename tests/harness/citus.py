@@ -195,7 +195,7 @@ async def worker_fetch(cluster: CitusCluster, index: int, database: str, sql: st
 # lock on every node and costs half a second; these DELETEs cost milliseconds. Deleting a
 # thread cascades to its items, feedback, attachments and their bytes.
 EMPTY_TABLES = (
-    "BEGIN; DELETE FROM chatkit_threads; DELETE FROM chatkit_attachments; "
+    "BEGIN; DELETE FROM chatkit_threads; DELETE FROM chatkit_attachments; DELETE FROM chatkit_runs; "
     "DELETE FROM chatkit_rate_limits; DELETE FROM chatkit_stream_leases; COMMIT"
 )
 

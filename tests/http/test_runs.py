@@ -73,12 +73,12 @@ def start_all(backends: list[Backend], folder: Path, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def backends(
-    database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[Backend]]:
+def backends(store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Backend]]:
+    """Two processes as the backend's app connects (on a Citus cluster, as the app's role: the
+    run log's functions run on the user's worker, under its policies)."""
     folder = tmp_path_factory.mktemp("runs")
     env = backend_env(folder, tmp_path_factory.getbasetemp().parent)
-    pair = [Backend(database_url=database_url, extra_env=dict(env)) for _ in range(2)]
+    pair = [Backend(database_url=store_url, extra_env=dict(env)) for _ in range(2)]
     try:
         start_all(pair, folder, "backend")
         yield pair
@@ -155,6 +155,11 @@ async def stored_types(dsn: str, user: str, thread_id: str) -> list[tuple[str, s
     return [(r["type"], r["data"]) for r in rows]
 
 
+# On one node and on a Citus cluster (the run log distributed by user_id, docs/citus.md).
+SHARED = pytest.mark.backends("owner", "citus-role")
+
+
+@SHARED
 async def test_a_reply_cut_on_a_is_resumed_through_b_and_completes(
     two: Pair, tmp_path: Path
 ) -> None:
@@ -205,6 +210,7 @@ async def test_without_the_opt_in_nothing_changes(two: Pair) -> None:
     assert "\nid:" not in "\n" + raw and "data: " in raw
 
 
+@SHARED
 async def test_a_cancel_through_b_stops_the_reply_on_a(two: Pair, tmp_path: Path) -> None:
     user = new_user()
     lockstep = Lockstep(tmp_path / "ls")

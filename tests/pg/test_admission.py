@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from chatkit.types import Page
@@ -37,8 +35,8 @@ from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.harness import factories as f
 from tests.harness.chatkit_client import ChatKitClient, MakeClient
-from tests.harness.pg import migrate
 from tests.harness.pginstance import PgInstance, private_postgres
+from tests.harness.pglog import logged_database, statements_since
 
 RATE = 6  # a burst of 6, then one request every 10 s: a burst never waits for a refill
 INTERVAL = 60 / RATE
@@ -218,7 +216,6 @@ async def test_a_pending_admission_is_consumed_once_and_only_for_its_user(
 # --- round trips, as PostgreSQL logs them -----------------------------------------------------
 
 DATABASE = "ckpg_admission"
-LOGGED = re.compile(r"LOG:  (?:execute [^:]*|statement): (.*)")
 
 
 @pytest.fixture(scope="module")
@@ -228,26 +225,9 @@ def logging_pg() -> Iterator[PgInstance]:
 
 
 @pytest.fixture
-async def logged_url(logging_pg: PgInstance) -> AsyncIterator[str]:
+async def logged_url(logging_pg: PgInstance) -> str:
     """A migrated database on the private server whose every statement is logged."""
-    conn = await asyncpg.connect(logging_pg.dsn())
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
-        await conn.execute(f'CREATE DATABASE "{DATABASE}"')
-        url = logging_pg.url(DATABASE)
-        await asyncio.to_thread(migrate, url)
-        # Applies to connections made from now on: the app's.
-        await conn.execute(f"ALTER DATABASE \"{DATABASE}\" SET log_statement = 'all'")
-        yield url
-    finally:
-        await conn.close()
-
-
-def statements_since(pg: PgInstance, offset: int) -> list[str]:
-    with pg.log_file.open("rb") as log:
-        log.seek(offset)
-        text = log.read().decode(errors="replace")
-    return [m.group(1) for m in LOGGED.finditer(text)]
+    return await logged_database(logging_pg, DATABASE)
 
 
 async def test_one_statement_per_list_request(

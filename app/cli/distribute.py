@@ -59,6 +59,8 @@ DISTRIBUTED_FUNCTIONS = (
     "chatkit_run_read(text, text, integer, integer, double precision)",
     "chatkit_run_cancel(text, text, double precision)",
     "chatkit_run_abandon(text, text, double precision)",
+    "chatkit_run_of_thread(text, text)",
+    "chatkit_run_set_thread(text, text, text)",
 )
 FUNCTION_ARGUMENT = "p_user"
 # Kept on the coordinator: the limiter's rows.

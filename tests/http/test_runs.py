@@ -11,12 +11,7 @@ No assertion depends on timing; the only clocks are deadlines against hangs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import secrets
 import signal
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -28,9 +23,20 @@ from app.cli.prune import prune
 from app.settings import Settings
 from tests.harness.deploy import Backend, Lockstep, pace_prompt, threads_create_body
 from tests.harness.pg import PgServer
+from tests.harness.runpair import (
+    DEADLINE,
+    DELTAS,
+    Pair,
+    assert_whole_reply,
+    backend_env,
+    new_user,
+    resume_headers,
+    start_all,
+    start_reply,
+    stored_types,
+)
 from tests.harness.runs import (
     RESUMABLE,
-    Event,
     Reader,
     auth,
     delta_indexes,
@@ -40,120 +46,6 @@ from tests.harness.runs import (
     seqs,
     thread_of,
 )
-
-DEADLINE = 60  # seconds; only against hangs
-ORIGIN = "https://app.example"
-DELTAS = 6
-RUN_ENV = {
-    "RUN_HEARTBEAT_SECONDS": "0.3",
-    "RUN_DEAD_AFTER_SECONDS": "2",
-    "RUN_POLL_SECONDS": "0.05",
-    "STREAM_LEASE_SECONDS": "3",
-    "MAX_STREAMS_PER_USER": "2",
-    "CORS_ORIGINS": ORIGIN,
-}
-
-
-def backend_env(folder: Path, base: Path) -> dict[str, str]:
-    return {
-        **RUN_ENV,
-        "DATA_DIR": str(folder / "data"),
-        "ATTACHMENT_SIGNING_SECRET": "runs-tests-signing-secret-" + "r" * 20,
-        "PYTHONDONTWRITEBYTECODE": "",
-        "PYTHONPYCACHEPREFIX": str(base / "chatkit-pg-pycache"),
-    }
-
-
-def start_all(backends: list[Backend], folder: Path, name: str) -> None:
-    """Side by side: each start is mostly imports."""
-    with ThreadPoolExecutor(len(backends)) as pool:
-        futures = [pool.submit(b.start, folder / f"{name}{i}.log") for i, b in enumerate(backends)]
-        for future in futures:
-            future.result()
-
-
-@pytest.fixture(scope="module")
-def backends(store_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Backend]]:
-    """Two processes as the backend's app connects (on a Citus cluster, as the app's role: the
-    run log's functions run on the user's worker, under its policies)."""
-    folder = tmp_path_factory.mktemp("runs")
-    env = backend_env(folder, tmp_path_factory.getbasetemp().parent)
-    pair = [Backend(database_url=store_url, extra_env=dict(env)) for _ in range(2)]
-    try:
-        start_all(pair, folder, "backend")
-        yield pair
-    finally:
-        for backend in pair:
-            backend.stop()
-
-
-@dataclass
-class Pair:
-    a: httpx.AsyncClient
-    b: httpx.AsyncClient
-    dsn: str
-    backends: list[Backend]
-
-    def logs(self) -> str:
-        return "\n".join(f"--- backend {i} ---\n{b.log()}" for i, b in enumerate(self.backends))
-
-
-@pytest.fixture
-async def two(backends: list[Backend], database_url: str) -> AsyncIterator[Pair]:
-    async with contextlib.AsyncExitStack() as stack:
-        a, b = [
-            await stack.enter_async_context(httpx.AsyncClient(base_url=x.url, timeout=30))
-            for x in backends
-        ]
-        yield Pair(a, b, PgServer.dsn(database_url), backends)
-
-
-def new_user() -> str:
-    return f"runs-{secrets.token_hex(4)}"
-
-
-async def start_reply(
-    client: httpx.AsyncClient, user: str, lockstep: Lockstep, stop_at: int
-) -> tuple[str, list[Event]]:
-    """An opted-in ``threads.create`` on ``client``, read until delta ``stop_at`` (held there,
-    unacknowledged); the connection is closed on return. (run_id, events read)."""
-    body = threads_create_body(pace_prompt(DELTAS, 0, lockstep=lockstep))
-    headers = {**auth(user), **RESUMABLE, "Accept": "text/event-stream", "Origin": ORIGIN}
-    async with client.stream("POST", "/chatkit", json=body, headers=headers) as response:
-        assert response.status_code == 200, await response.aread()
-        run_id = response.headers["x-chatkit-run"]
-        # A browser's script may read it.
-        exposed = response.headers["access-control-expose-headers"].lower().split(", ")
-        assert "x-chatkit-run" in exposed
-        events = await read_events(response, lockstep, stop_at_delta=stop_at)
-    return run_id, events
-
-
-def resume_headers(user: str, run_id: str, last: int) -> dict[str, str]:
-    return {**auth(user), "Last-Event-ID": f"{run_id}:{last}", "Accept": "text/event-stream"}
-
-
-def assert_whole_reply(events: list[Event], run_id: str) -> None:
-    """Every event of one run exactly once, in order: ids 1..n without a gap, each delta once."""
-    assert {e.run_id for e in events} == {run_id}
-    assert seqs(events) == list(range(1, len(events) + 1))
-    assert delta_indexes(events) == list(range(DELTAS))
-
-
-async def stored_types(dsn: str, user: str, thread_id: str) -> list[tuple[str, str]]:
-    """The thread's items as stored, hidden ones too: (type, data)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT type, data::text AS data FROM chatkit_items "
-            "WHERE user_id = $1 AND thread_id = $2 ORDER BY created_at, seq",
-            user,
-            thread_id,
-        )
-    finally:
-        await conn.close()
-    return [(r["type"], r["data"]) for r in rows]
-
 
 # On one node and on a Citus cluster (the run log distributed by user_id, docs/citus.md).
 SHARED = pytest.mark.backends("owner", "citus-role")

@@ -28,17 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.deploy import Backend, Lockstep, pace_prompt, threads_create_body
 from tests.harness.pg import PgServer
-from tests.harness.runs import (
-    RESUMABLE,
-    Reader,
-    auth,
-    delta_indexes,
-    read_events,
-    reply_text,
-    seqs,
-    thread_of,
-)
-from tests.http.test_runs import (
+from tests.harness.runpair import (
     DEADLINE,
     DELTAS,
     assert_whole_reply,
@@ -48,6 +38,16 @@ from tests.http.test_runs import (
     start_all,
     start_reply,
     stored_types,
+)
+from tests.harness.runs import (
+    RESUMABLE,
+    Reader,
+    auth,
+    delta_indexes,
+    read_events,
+    reply_text,
+    seqs,
+    thread_of,
 )
 
 

@@ -1,6 +1,7 @@
 """``GET {CHATKIT_PATH}/threads/{thread_id}/run`` (docs/runs.md): which run is going in a thread,
-what a reloaded page asks (frontend/src/runs.ts). Across the two real uvicorn processes of
-tests/http/test_runs.py on one database: a ``threads.create`` reply started on A is found
+what a reloaded page asks (frontend/src/runs/thread.ts). Across two real uvicorn processes on
+one database (tests/harness/runpair.py), on one node and on a Citus cluster (the route's
+functions delegated to the user's worker): a ``threads.create`` reply started on A is found
 through B by its new thread while it runs (the run's row learned the thread from its first
 event), with the last logged seq; once it ends, and for anyone else, the answer is the same 404.
 The reply is held in lockstep (tests/harness/pacedmodel.py), so "while it runs" needs no timing.
@@ -11,13 +12,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.harness.deploy import Lockstep
-from tests.harness.runs import auth, read_events, seqs, thread_of
-from tests.http import test_runs as shared
-from tests.http.test_runs import DEADLINE, Pair, new_user, start_reply
+import pytest
 
-backends = shared.backends  # the module's fixtures: the two processes
-two = shared.two
+from tests.harness.deploy import Lockstep
+from tests.harness.runpair import DEADLINE, Pair, new_user, start_reply
+from tests.harness.runs import auth, read_events, seqs, thread_of
+
+pytestmark = pytest.mark.backends("owner", "citus-role")
 
 
 async def test_a_running_reply_is_found_by_its_thread_until_it_ends(

@@ -231,9 +231,17 @@ async def test_a_turn_refused_or_not_the_users_is_one_statement(
         await idle(app)
         conn = await asyncpg.connect(logging_pg.dsn(DATABASE))
         try:
-            assert await conn.fetchval("SELECT count(*) FROM chatkit_stream_leases") == 0
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM chatkit_stream_leases WHERE user_id = 'alice'"
+                )
+                == 0
+            )
             # Only the warm-up turn's: the 404s started no run.
-            assert await conn.fetchval("SELECT count(*) FROM chatkit_runs") == 0
+            assert (
+                await conn.fetchval("SELECT count(*) FROM chatkit_runs WHERE user_id = 'alice'")
+                == 0
+            )
         finally:
             await conn.close()
 
@@ -280,7 +288,12 @@ async def test_a_turn_refused_after_it_opened_gives_its_lease_back(
     )
     assert refused.status_code == 409, refused.text
     async with store.pool.acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM chatkit_stream_leases") == 0
-        assert await conn.fetchval("SELECT count(*) FROM chatkit_runs") == 0
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM chatkit_stream_leases WHERE user_id = 'alice'"
+            )
+            == 0
+        )
+        assert await conn.fetchval("SELECT count(*) FROM chatkit_runs WHERE user_id = 'alice'") == 0
     events = await client.send(mine.id, "and this")
     assert [e["type"] for e in events if e["type"] == "error"] == []

@@ -80,6 +80,16 @@ class ReadCache:
         self.forget_items(thread_id)
 
 
+@dataclass(slots=True)
+class RunClaim:
+    """A resumable reply's claim on storing itself (docs/runs.md). ``taken_over`` once a
+    follower in another process declared the run lost (its process was silent too long) and
+    stored what the run had logged: the reply, still alive here after all, then stops without
+    storing its partial reply a second time (app.chat.server.handle_stream_cancelled)."""
+
+    taken_over: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """Built by the endpoint from the verified token; the store scopes every row by ``user_id``.
@@ -92,3 +102,4 @@ class RequestContext:
     lease: ThreadClaim | None = field(default=None, compare=False, repr=False)
     stream: StreamState | None = field(default=None, compare=False, repr=False)
     reads: ReadCache | None = field(default=None, compare=False, repr=False)
+    run: RunClaim | None = field(default=None, compare=False, repr=False)

@@ -32,6 +32,7 @@ from chatkit.errors import ErrorCode
 from chatkit.types import ErrorEvent
 
 from app.background import TaskRegistry
+from app.context import RunClaim
 from app.ids import new_id
 from app.observability import Metrics
 from app.pg.runlog import CANCELLED, COMPLETED, FAILED, LOST, RUNNING, RunLog, RunPage
@@ -89,10 +90,12 @@ class Run:
         source: AsyncIterable[bytes],
         error_chunk: Callable[[BaseException], bytes],
         on_end: Callable[[str], None] | None = None,
+        claim: RunClaim | None = None,
     ) -> None:
         self.registry = registry
         self.id = run_id
         self.user_id = user_id
+        self.claim = claim  # on the reply's context: marked when another process took it over
         self._source = source
         self._error_chunk = error_chunk
         self._on_end = on_end
@@ -198,6 +201,8 @@ class Run:
                 if answer is None:
                     log.warning("resumable reply declared lost elsewhere; stopping it")
                     self.lost = True
+                    if self.claim is not None:
+                        self.claim.taken_over = True  # stored there: not again here
                     self.cancel()
                     return
                 if answer and not self.cancel_requested:
@@ -281,8 +286,9 @@ class RunRegistry:
         source: AsyncIterable[bytes],
         error_chunk: Callable[[BaseException], bytes],
         on_end: Callable[[str], None] | None = None,
+        claim: RunClaim | None = None,
     ) -> Run:
-        run = Run(self, run_id, user_id, source, error_chunk, on_end)
+        run = Run(self, run_id, user_id, source, error_chunk, on_end, claim)
         self._runs[run_id] = run
         run.start(self.tasks)
         return run

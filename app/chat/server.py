@@ -416,6 +416,8 @@ class ChatKitPgServer(WidgetActions):
         """
         if not pending_items and reply_complete(context):
             return
+        if context.run is not None and context.run.taken_over:
+            return  # declared lost elsewhere, where what it logged was stored (app.chat.runs)
         items = [clean_model(item) for item in pending_items]
         save = self.tasks.spawn(
             super().handle_stream_cancelled(thread, items, context), name="save-cancelled-reply"

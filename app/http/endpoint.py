@@ -29,7 +29,7 @@ from starlette.responses import Response
 from app.chat.runs import RunRegistry
 from app.chat.server import CHATKIT_REQUEST
 from app.chat.stream_events import error_chunk
-from app.context import ReadCache, RequestContext
+from app.context import ReadCache, RequestContext, RunClaim
 from app.errors import (
     InvalidInputError,
     PayloadTooLargeError,
@@ -277,6 +277,8 @@ async def _serve(
                 run_id = await runs.create(
                     user_id, thread_id if isinstance(thread_id, str) else None
                 )
+            if run_id is not None:
+                context = replace(context, run=RunClaim())
             result = await server.process_parsed(chatkit_request, context, checked)
         except BaseException:
             if lease is not None:
@@ -294,7 +296,7 @@ async def _serve(
     op = chatkit_request.type
     if runs is not None and run_id is not None:  # detached: the run gives the slot back
         source = result if lease is None else lease.hold(result)
-        return start_run(runtime, runs, run_id, user_id, source, op)
+        return start_run(runtime, runs, run_id, user_id, source, op, context.run)
     watch = Stopwatch()
     metrics.active_streams.inc()
 

@@ -32,6 +32,7 @@ from app.chat.run_recovery import store_lost_reply
 from app.chat.runs import RunOptions, RunRegistry, split_events
 from app.chat.server import ChatKitPgServer
 from app.chat.stream_events import error_chunk
+from app.context import RunClaim
 from app.errors import InvalidInputError
 from app.http.runtime import Runtime
 from app.http.sse import EventPump, SSEResponse
@@ -225,6 +226,7 @@ def start_run(
     user_id: str,
     source: AsyncIterable[bytes],
     op: str,
+    claim: RunClaim | None = None,
 ) -> Response:
     """Detach the reply from this connection (it runs to its end, holding its stream slot and
     lease until then) and answer with the run's events from the first, each with its id."""
@@ -240,7 +242,7 @@ def start_run(
 
     if op == "threads.create":  # the run's row learns the new thread's id
         source = recording_thread(source, runs.runlog, user_id, run_id)
-    run = runs.launch(run_id, user_id, source, error_chunk, on_end)
+    run = runs.launch(run_id, user_id, source, error_chunk, on_end, claim)
     return event_stream(runtime, run_id, run.follow(0))
 
 

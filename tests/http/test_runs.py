@@ -312,6 +312,52 @@ async def test_sigkill_of_the_runs_process_ends_its_resumers_with_one_error(
     assert "cancelled" in stored[2][1]
 
 
+async def test_a_frozen_process_declared_lost_does_not_store_its_reply_again(
+    two: Pair, database_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A third process runs the reply and is frozen (SIGSTOP) mid-reply, alive but silent: a
+    resumer through B declares the run lost after RUN_DEAD_AFTER_SECONDS and stores what was
+    logged. Thawed (SIGCONT), the process learns at its next log write that the run was taken
+    over and stops it without storing the partial reply a second time: one assistant message,
+    one cancel marker."""
+    env = backend_env(tmp_path, tmp_path_factory.getbasetemp().parent)
+    victim = Backend(database_url=database_url, extra_env=env)
+    start_all([victim], tmp_path, "victim")
+    user = new_user()
+    lockstep = Lockstep(tmp_path / "ls")
+    try:
+        async with httpx.AsyncClient(base_url=victim.url, timeout=30) as client:
+            async with asyncio.timeout(DEADLINE):
+                run_id, first = await start_reply(client, user, lockstep, stop_at=2)
+                last = first[-1].seq
+                assert last is not None
+                await logged_up_to(two.dsn, user, run_id, last)
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(DEADLINE):
+                async with two.b.stream(
+                    "GET",
+                    f"/chatkit/runs/{run_id}/events",
+                    headers=resume_headers(user, run_id, last),
+                ) as response:
+                    assert response.status_code == 200
+                    rest = await read_events(response, None)
+        finally:
+            victim.proc.send_signal(signal.SIGCONT)
+        assert [e.type for e in rest] == ["error"], [e.data for e in rest]
+        # The thawed process writes its log again (a heartbeat), learns the run is lost and
+        # stops it; a graceful stop then waits for whatever it would store.
+        async with asyncio.timeout(DEADLINE):
+            while "declared lost elsewhere" not in victim.log():
+                await asyncio.sleep(0.05)
+    finally:
+        victim.stop()
+    stored = await stored_types(two.dsn, user, thread_of(first))
+    assert [t for t, _ in stored] == ["user_message", "assistant_message", "sdk_hidden_context"]
+    assert "[d2@" in stored[1][1] and "[d3@" not in stored[1][1]
+
+
 async def test_prune_deletes_run_logs_past_the_retention(
     engine: AsyncEngine, test_settings: Settings, database_url: str
 ) -> None:

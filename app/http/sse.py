@@ -70,7 +70,9 @@ class EventPump:
         self._max_bytes = max_buffered_bytes
         self._buffer: deque[bytes] = deque()
         self.buffered_bytes = 0
-        self._ready = asyncio.Event()  # something is buffered, or the source has ended
+        # Set when something is buffered, or the source has ended, or a heartbeat is due: a
+        # bare future rather than an ``asyncio.Event`` (one wake-up per chunk, the cheaper one).
+        self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self.cut = asyncio.Event()  # the reader fell too far behind
         self._task: asyncio.Task[None] | None = None
@@ -107,7 +109,12 @@ class EventPump:
             return
         self._buffer.append(chunk)
         self.buffered_bytes += len(chunk)
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _pump(self) -> None:
         try:
@@ -128,7 +135,7 @@ class EventPump:
             self._push(self._error_chunk(exc))
         finally:
             self._ended = True
-            self._ready.set()
+            self._wake()
 
     def _check_beat(self) -> None:
         self._beat = None
@@ -140,14 +147,14 @@ class EventPump:
             self._beat = loop.call_at(due, self._check_beat)
             return
         self._ping_due = True
-        self._ready.set()
+        self._wake()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self._buffer and not self._ended:
-                    self._ready.clear()
+                    self._waiter = loop.create_future()
                     self._ping_due = False
                     self._idle_since = loop.time()
                     if self._beat is None:
@@ -155,8 +162,9 @@ class EventPump:
                             self._idle_since + self._heartbeat, self._check_beat
                         )
                     try:
-                        await self._ready.wait()
+                        await self._waiter
                     finally:
+                        self._waiter = None
                         self._idle_since = None
                     if self._ping_due and not self._buffer and not self._ended:
                         yield PING  # nothing for ``heartbeat_seconds``

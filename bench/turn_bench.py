@@ -45,8 +45,15 @@ SIDES = ("seed", "plain", "resumable")
 RESUMABLE = b"X-Chatkit-Resumable: true"
 
 
-def request(op: str, deltas: int, thread: str | None, token: str, resumable: bool) -> bytes:
-    text = f"soak deltas={deltas} interval_ms={INTERVAL_MS} tag=t{time.monotonic_ns()}"
+def request(
+    op: str,
+    deltas: int,
+    thread: str | None,
+    token: str,
+    resumable: bool,
+    interval_ms: int = INTERVAL_MS,
+) -> bytes:
+    text = f"soak deltas={deltas} interval_ms={interval_ms} tag=t{time.monotonic_ns()}"
     params: dict[str, Any] = {"input": load.user_input(text)}
     if thread is not None:
         params["thread_id"] = thread
@@ -64,13 +71,21 @@ def created_thread(body: bytes) -> str:
     raise RuntimeError(f"no thread.created in {body[:300]!r}")
 
 
-async def conversation(port: int, token: str, deltas: int, turns: int, resumable: bool) -> None:
+async def conversation(
+    port: int,
+    token: str,
+    deltas: int,
+    turns: int,
+    resumable: bool,
+    interval_ms: int = INTERVAL_MS,
+) -> None:
     conn = await load.Connection.open(port)
     thread: str | None = None
     try:
         for _ in range(turns):
             op = "threads.create" if thread is None else "threads.add_user_message"
-            status, body = await conn.roundtrip(request(op, deltas, thread, token, resumable))
+            raw = request(op, deltas, thread, token, resumable, interval_ms)
+            status, body = await conn.roundtrip(raw)
             got = body.count(b'"assistant_message.content_part.text_delta"')
             if status != 200 or got != deltas:
                 raise RuntimeError(f"bad turn ({op}): {status}, {got} deltas: {body[:300]!r}")

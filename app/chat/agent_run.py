@@ -47,15 +47,19 @@ class RunFlow:
     """What the model, the reader and the cleanup of one reply's run share."""
 
     def __init__(self) -> None:
-        self.result: RunResultStreaming | None = None
+        self._queue: asyncio.Queue[Any] | None = None  # the run's own (read once per event)
         self._taken = asyncio.Event()
         # The SDK helper's latest read of each source (the run, the context's queue).
         self._reads: dict[str, asyncio.Task[Any]] = {}
 
+    def watch(self, result: RunResultStreaming) -> None:
+        queue = getattr(result, "_event_queue", None)
+        self._queue = queue if isinstance(queue, asyncio.Queue) else None
+
     def backlog(self) -> int:
         """Events the run holds that its reader has not taken yet."""
-        queue = getattr(self.result, "_event_queue", None)
-        return queue.qsize() if isinstance(queue, asyncio.Queue) else 0
+        queue = self._queue
+        return queue.qsize() if queue is not None else 0
 
     async def room(self) -> None:
         """Wait while the run holds ``WINDOW`` events (the model's side)."""
@@ -140,7 +144,7 @@ class PacedModel(Model):
         stream = self.inner.stream_response(*args, **kwargs)
         try:
             async for event in stream:
-                if flow is not None:
+                if flow is not None and flow.backlog() >= WINDOW:
                     await flow.room()
                 yield event
         finally:
@@ -176,7 +180,7 @@ async def reply_events(
         )
     finally:
         _flow.reset(token)
-    flow.result = result
+    flow.watch(result)
     context._events = _ReadQueue(flow)
     finished = False
     try:

@@ -46,6 +46,13 @@ class ItemIds:
         self._open: dict[str, str] = {}
 
     def apply(self, event: ThreadStreamEvent) -> ThreadStreamEvent:
+        if isinstance(event, ThreadItemUpdatedEvent):
+            # Per token (checked first): the event is freshly made by the converter, so it is
+            # updated in place.
+            own = self._open.get(event.item_id)
+            if own is not None:
+                event.item_id = own
+            return event
         if isinstance(event, ThreadItemAddedEvent) and _needs_own_id(event.item):
             own = self._new_id()
             self._open[event.item.id] = own
@@ -55,10 +62,6 @@ class ItemIds:
         ):
             own = self._open.pop(event.item.id, "") or self._new_id()
             return type(event)(item=event.item.model_copy(update={"id": own}))
-        if isinstance(event, ThreadItemUpdatedEvent) and event.item_id in self._open:
-            # Per token: the event is freshly made by the converter, so it is updated in place.
-            event.item_id = self._open[event.item_id]
-            return event
         if isinstance(event, ThreadItemRemovedEvent) and event.item_id in self._open:
             return ThreadItemRemovedEvent(item_id=self._open.pop(event.item_id))
         return event

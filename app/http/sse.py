@@ -41,6 +41,8 @@ from app.errors import ServiceUnavailableError
 log = logging.getLogger(__name__)
 
 PING = b": ping\n\n"
+TIMER_SLACK = 0.002
+"""A timer firing this early counts as on time (the event loop rounds its timers)."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -77,13 +79,20 @@ class EventPump:
         self._max_bytes = max_buffered_bytes
         self._buffer: deque[bytes] = deque()
         self.buffered_bytes = 0
-        self._ready = asyncio.Event()  # something is buffered, or the source has ended
+        # Set when something is buffered, or the source has ended, or a heartbeat is due: a
+        # bare future rather than an ``asyncio.Event`` (one wake-up per chunk, the cheaper one).
+        self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self.cut = asyncio.Event()  # the reader fell too far behind
         self._task: asyncio.Task[None] | None = None
         self.failed = False
         self.chunks_sent = 0
         self._closing: bytes | None = None  # sent after a cancelled producer (``end_with``)
+        # The heartbeat: one timer for the whole stream, moved on only when it fires (a timeout
+        # per wait would cost a timer per chunk); ``_idle_since`` is when the current wait began.
+        self._idle_since: float | None = None
+        self._ping_due = False
+        self._beat: asyncio.TimerHandle | None = None
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -121,7 +130,12 @@ class EventPump:
             return
         self._buffer.append(chunk)
         self.buffered_bytes += len(chunk)
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _pump(self) -> None:
         try:
@@ -151,32 +165,58 @@ class EventPump:
             raise
         finally:
             self._ended = True
-            self._ready.set()
+            self._wake()
+
+    def _check_beat(self) -> None:
+        self._beat = None
+        if self._idle_since is None:
+            return  # not waiting: the next wait sets the timer again
+        loop = asyncio.get_running_loop()
+        due = self._idle_since + self._heartbeat
+        if loop.time() + TIMER_SLACK < due:
+            self._beat = loop.call_at(due, self._check_beat)
+            return
+        self._ping_due = True
+        self._wake()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        while True:
-            if self.cut.is_set():
-                raise StreamCut
-            if not self._buffer and not self._ended:
-                self._ready.clear()
-                try:
-                    async with asyncio.timeout(self._heartbeat):
-                        await self._ready.wait()
-                except TimeoutError:
-                    yield PING
-                    continue
-            if self._buffer:
-                # Everything already buffered goes out in one write (fewer sends when the
-                # model is faster than the network); at most ``max_buffered_bytes``.
-                batch = b"".join(self._buffer)
-                self.chunks_sent += len(self._buffer)
-                self._buffer.clear()
-                self.buffered_bytes = 0
-                yield batch
-            elif self._ended:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
                 if self.cut.is_set():
                     raise StreamCut
-                return
+                if not self._buffer and not self._ended:
+                    self._waiter = loop.create_future()
+                    self._ping_due = False
+                    self._idle_since = loop.time()
+                    if self._beat is None:
+                        self._beat = loop.call_at(
+                            self._idle_since + self._heartbeat, self._check_beat
+                        )
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+                        self._idle_since = None
+                    if self._ping_due and not self._buffer and not self._ended:
+                        yield PING  # nothing for ``heartbeat_seconds``
+                        continue
+                if self._buffer:
+                    # Everything already buffered goes out in one write (fewer sends when the
+                    # model is faster than the network); at most ``max_buffered_bytes``.
+                    batch = b"".join(self._buffer)
+                    self.chunks_sent += len(self._buffer)
+                    self._buffer.clear()
+                    self.buffered_bytes = 0
+                    yield batch
+                elif self._ended:
+                    if self.cut.is_set():
+                        raise StreamCut
+                    return
+        finally:
+            if self._beat is not None:
+                self._beat.cancel()
+                self._beat = None
 
 
 class SSEResponse(StreamingResponse):
@@ -204,6 +244,9 @@ class SSEResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
         cut = False
+        loop = asyncio.get_running_loop()
+        sending_since: float | None = None  # when the write waiting now began
+        stall_timer: asyncio.TimerHandle | None = None
         self._pump.start()
         try:
             async with anyio.create_task_group() as tg:
@@ -221,19 +264,35 @@ class SSEResponse(StreamingResponse):
                     cut = True
                     tg.cancel_scope.cancel()
 
+                # The stall bound: one timer for the whole response, moved on only when it
+                # fires (a timeout per write would cost a timer per chunk). A write waits only
+                # while the socket is full (the server drains before it writes), so one cut
+                # here has written nothing.
+                def check_stall() -> None:
+                    nonlocal stall_timer, cut
+                    stall_timer = None
+                    if sending_since is None:
+                        return  # no write waiting: the next write sets the timer again
+                    due = sending_since + self._stall_seconds
+                    if loop.time() + TIMER_SLACK < due:
+                        stall_timer = loop.call_at(due, check_stall)
+                        return
+                    log.warning(
+                        "stream cut: the client is not reading",
+                        extra={"reason": "stall", "duration_ms": self._stall_seconds * 1000},
+                    )
+                    cut = True
+                    tg.cancel_scope.cancel()
+
                 async def send_or_cut(message: Message) -> None:
-                    nonlocal cut
-                    # A write waits only while the socket is full (the server drains before it
-                    # writes), so one cancelled here has written nothing.
-                    with anyio.move_on_after(self._stall_seconds) as waited:
+                    nonlocal sending_since, stall_timer
+                    sending_since = loop.time()
+                    if stall_timer is None:
+                        stall_timer = loop.call_at(sending_since + self._stall_seconds, check_stall)
+                    try:
                         await send(message)
-                    if waited.cancelled_caught:
-                        log.warning(
-                            "stream cut: the client is not reading",
-                            extra={"reason": "stall", "duration_ms": self._stall_seconds * 1000},
-                        )
-                        cut = True
-                        tg.cancel_scope.cancel()
+                    finally:
+                        sending_since = None
 
                 tg.start_soon(listen_for_disconnect)
                 tg.start_soon(watch_the_buffer)
@@ -245,6 +304,8 @@ class SSEResponse(StreamingResponse):
         except OSError:
             pass  # the client went away while we were writing
         finally:
+            if stall_timer is not None:
+                stall_timer.cancel()
             self._pump.stop()
             if self._pump.failed:
                 outcome = "error"

@@ -86,11 +86,19 @@ class DistributeError(Exception):
 class Report:
     distributed: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
+    delegated: list[str] = field(default_factory=list)
+    # Functions of a later revision than the database's: ``migrate`` then ``distribute`` again.
+    not_yet: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.distributed]
         out += [f"already distributed by {DISTRIBUTION_COLUMN}: {t}" for t in self.already]
-        out.append(f"functions delegated by {FUNCTION_ARGUMENT}: {len(DISTRIBUTED_FUNCTIONS)}")
+        out.append(f"functions delegated by {FUNCTION_ARGUMENT}: {len(self.delegated)}")
+        if self.not_yet:
+            out.append(
+                "not in this database's revision yet (run migrate, then distribute again): "
+                + ", ".join(f.split("(", 1)[0] for f in self.not_yet)
+            )
         out.append(f"kept on the coordinator (limits): {', '.join(COORDINATOR_LOCAL)}")
         if not self.distributed:
             out.append("nothing to do: every table was already distributed")
@@ -137,7 +145,11 @@ async def distribute(dsn: str) -> Report:
             )
             report.distributed.append(table)
         for function in DISTRIBUTED_FUNCTIONS:
+            if await conn.fetchval("SELECT to_regprocedure($1)", function) is None:
+                report.not_yet.append(function)  # a database at an older revision
+                continue
             # Idempotent: distributing a distributed function again only restates it.
+            report.delegated.append(function)
             await conn.execute(
                 "SELECT create_distributed_function($1, $2, colocate_with => $3)",
                 function,

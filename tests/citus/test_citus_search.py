@@ -25,17 +25,39 @@ ALICE = {"user_id": "alice"}
 BOB = {"user_id": "bob"}
 
 
-async def seed(store: PostgresStore) -> dict[str, str]:
+SEED = (
+    ("alice-zebra", ALICE, "Animals", "the zebra crossing near the station"),
+    ("alice-budget", ALICE, "Quarterly budget", "numbers for the next quarter"),
+    ("bob-zebra", BOB, "Stripes", "a zebra in the zoo"),
+)
+# An item as the store writes it, for a database at an older revision than the store's code
+# (whose item insert on a cluster is revision 0009's delegated function).
+SQL_OLD_ITEM = (
+    "INSERT INTO chatkit_items (user_id, thread_id, id, created_at, type, data) "
+    "VALUES ($1, $2, $3, $4, $5, $6::jsonb)"
+)
+
+
+async def seed(store: PostgresStore, *, raw_items: bool = False) -> dict[str, str]:
     """Alice and Bob each a thread about zebras; Alice one more about budgets."""
     threads: dict[str, str] = {}
-    for name, ctx, title, text in (
-        ("alice-zebra", ALICE, "Animals", "the zebra crossing near the station"),
-        ("alice-budget", ALICE, "Quarterly budget", "numbers for the next quarter"),
-        ("bob-zebra", BOB, "Stripes", "a zebra in the zoo"),
-    ):
+    for name, ctx, title, text in SEED:
         thread = f.thread(title=title)
         await store.save_thread(thread, ctx)
-        await store.add_thread_item(thread.id, f.user_message(thread.id, text), ctx)
+        item = f.user_message(thread.id, text)
+        if raw_items:
+            async with store.pool.acquire() as conn:
+                await conn.execute(
+                    SQL_OLD_ITEM,
+                    ctx["user_id"],
+                    thread.id,
+                    item.id,
+                    item.created_at,
+                    item.type,
+                    item.model_dump_json(),
+                )
+        else:
+            await store.add_thread_item(thread.id, item, ctx)
         threads[name] = thread.id
     return threads
 
@@ -78,8 +100,9 @@ async def test_revision_0007_reaches_the_shards_of_a_distributed_cluster(
     pool = await open_pool(url, test_settings)
     try:
         store = PostgresStore(pool)
-        threads = await seed(store)
+        threads = await seed(store, raw_items=True)
         await asyncio.to_thread(migrate, url)
+        await distribute(plain_dsn(url))  # the later revisions' functions, as docs/citus.md says
         database = make_url(url).database
         assert database is not None
         for worker in range(WORKERS):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -37,6 +38,7 @@ from tests.harness.runpair import (
 )
 from tests.harness.runs import (
     RESUMABLE,
+    Event,
     Reader,
     auth,
     delta_indexes,
@@ -257,6 +259,35 @@ async def logged_up_to(dsn: str, user: str, run_id: str, seq: int) -> None:
         await conn.close()
 
 
+@dataclass
+class Held:
+    """A reply held at delta 2 on a third process, everything its client saw logged."""
+
+    victim: Backend
+    user: str
+    run_id: str
+    first: list[Event]
+    last: int
+
+
+async def held_on_a_third_process(dsn: str, database_url: str, tmp_path: Path, base: Path) -> Held:
+    victim = Backend(database_url=database_url, extra_env=backend_env(tmp_path, base))
+    start_all([victim], tmp_path, "victim")
+    user = new_user()
+    try:
+        async with httpx.AsyncClient(base_url=victim.url, timeout=30) as client:
+            async with asyncio.timeout(DEADLINE):
+                lockstep = Lockstep(tmp_path / "ls")
+                run_id, first = await start_reply(client, user, lockstep, stop_at=2)
+                last = first[-1].seq
+                assert last is not None
+                await logged_up_to(dsn, user, run_id, last)
+    except BaseException:
+        victim.stop()
+        raise
+    return Held(victim, user, run_id, first, last)
+
+
 async def test_sigkill_of_the_runs_process_ends_its_resumers_with_one_error(
     two: Pair, database_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -264,19 +295,12 @@ async def test_sigkill_of_the_runs_process_ends_its_resumers_with_one_error(
     dead within RUN_DEAD_AFTER_SECONDS of its last write and get one error event, retry
     allowed, after the last event they have; the partial reply is stored with the cancel
     marker. Never a hang."""
-    env = backend_env(tmp_path, tmp_path_factory.getbasetemp().parent)
-    victim = Backend(database_url=database_url, extra_env=env)
-    start_all([victim], tmp_path, "victim")
-    user = new_user()
-    lockstep = Lockstep(tmp_path / "ls")
+    # Killed once everything the client has is logged: what is stored is known.
+    held = await held_on_a_third_process(
+        two.dsn, database_url, tmp_path, tmp_path_factory.getbasetemp().parent
+    )
+    victim, user, run_id, first, last = held.victim, held.user, held.run_id, held.first, held.last
     try:
-        async with httpx.AsyncClient(base_url=victim.url, timeout=30) as client:
-            async with asyncio.timeout(DEADLINE):
-                run_id, first = await start_reply(client, user, lockstep, stop_at=2)
-                last = first[-1].seq
-                assert last is not None
-                # Killed once everything the client has is logged: what is stored is known.
-                await logged_up_to(two.dsn, user, run_id, last)
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(DEADLINE)
@@ -320,18 +344,11 @@ async def test_a_frozen_process_declared_lost_does_not_store_its_reply_again(
     logged. Thawed (SIGCONT), the process learns at its next log write that the run was taken
     over and stops it without storing the partial reply a second time: one assistant message,
     one cancel marker."""
-    env = backend_env(tmp_path, tmp_path_factory.getbasetemp().parent)
-    victim = Backend(database_url=database_url, extra_env=env)
-    start_all([victim], tmp_path, "victim")
-    user = new_user()
-    lockstep = Lockstep(tmp_path / "ls")
+    held = await held_on_a_third_process(
+        two.dsn, database_url, tmp_path, tmp_path_factory.getbasetemp().parent
+    )
+    victim, user, run_id, first, last = held.victim, held.user, held.run_id, held.first, held.last
     try:
-        async with httpx.AsyncClient(base_url=victim.url, timeout=30) as client:
-            async with asyncio.timeout(DEADLINE):
-                run_id, first = await start_reply(client, user, lockstep, stop_at=2)
-                last = first[-1].seq
-                assert last is not None
-                await logged_up_to(two.dsn, user, run_id, last)
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGSTOP)
         try:

@@ -242,14 +242,22 @@ async def run_row(dsn: str, run_id: str) -> tuple[str, int]:
     return str(row["state"]), int(row["last_seq"])
 
 
-async def test_a_cut_mid_reply_resumes_through_b_every_event_once_in_order(
-    browser: Browser, site: Site, tmp_path: Path
-) -> None:
+async def held_reply(browser: Browser, site: Site, tmp_path: Path) -> Chat:
+    """A new user's chat whose reply is held at delta ``HOLD`` (unacknowledged: the paced
+    model waits there until the test acknowledges it)."""
     lockstep = Lockstep(tmp_path / "acks")
     chat = await open_chat(browser, site, new_user(), lockstep)
     chat.held.add(HOLD)
     await chat.send(pace_prompt(DELTAS, 0, lockstep=lockstep))
     await chat.wait_for_delta(HOLD)
+    return chat
+
+
+async def test_a_cut_mid_reply_resumes_through_b_every_event_once_in_order(
+    browser: Browser, site: Site, tmp_path: Path
+) -> None:
+    chat = await held_reply(browser, site, tmp_path)
+    lockstep = chat.lockstep
     # The reply streams from A (through the proxy). The page asked which run is going in its
     # new thread, and does not follow the run it streams itself.
     assert site.proxy.open_connections >= 1
@@ -294,12 +302,8 @@ async def test_the_stop_button_cancels_the_run_server_side(
     browser: Browser, site: Site, tmp_path: Path, how: str
 ) -> None:
     """Whether the component aborts its request or cancels the response's body."""
-    user = new_user()
-    lockstep = Lockstep(tmp_path / "acks")
-    chat = await open_chat(browser, site, user, lockstep)
-    chat.held.add(HOLD)
-    await chat.send(pace_prompt(DELTAS, 0, lockstep=lockstep))
-    await chat.wait_for_delta(HOLD)
+    chat = await held_reply(browser, site, tmp_path)
+    user = chat.user
     await chat.page.evaluate("(how) => document.querySelector('openai-chatkit').stop(how)", how)
     reply = await chat.wait("() => window.__reply.ended && window.__reply")
     if how == "abort":
@@ -333,12 +337,8 @@ def assert_run_prefix(events: list[dict[str, Any]]) -> str:
 async def test_a_reload_mid_reply_shows_the_finished_reply_when_it_ends(
     browser: Browser, site: Site, tmp_path: Path
 ) -> None:
-    user = new_user()
-    lockstep = Lockstep(tmp_path / "acks")
-    chat = await open_chat(browser, site, user, lockstep)
-    chat.held.add(HOLD)
-    await chat.send(pace_prompt(DELTAS, 0, lockstep=lockstep))
-    await chat.wait_for_delta(HOLD)
+    chat = await held_reply(browser, site, tmp_path)
+    lockstep = chat.lockstep
     thread_id = await chat.wait("() => sessionStorage.getItem('chatkit-pg:thread')")
     run_id = assert_run_prefix(await chat.events())
 

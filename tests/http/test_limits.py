@@ -20,7 +20,6 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +44,7 @@ from tests.harness.deploy import Backend, bearer_token, pace_prompt, threads_cre
 from tests.harness.fake_openai import FakeChatCompletions
 from tests.harness.loopback import serve
 from tests.harness.pg import PgServer
+from tests.harness.runpair import start_all
 
 RATE_PER_MINUTE = 30  # a burst of 30, then one request every 2 s
 INTERVAL = 60 / RATE_PER_MINUTE
@@ -89,11 +89,7 @@ def backends(
     }
     pair = [Backend(database_url=database_url, extra_env=dict(env)) for _ in range(2)]
     try:
-        # Side by side: each start is mostly imports.
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(b.start, folder / f"backend{i}.log") for i, b in enumerate(pair)]
-            for future in futures:
-                future.result()
+        start_all(pair, folder, "backend")
         yield pair
     finally:
         for backend in pair:

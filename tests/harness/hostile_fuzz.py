@@ -22,6 +22,7 @@ settings and its Reliability table, shared by both modules.
 from __future__ import annotations
 
 import json
+import os
 import random
 import string
 import sys
@@ -68,7 +69,13 @@ from tests.harness.hostile_world import (
 # --- the suite's settings and table ---------------------------------------------------------
 
 
-def hostile(examples: int, scale: float, explore: bool) -> Any:
+# The budget's scale (``HOSTILE_EXAMPLES``) and whether to explore new examples instead of the
+# derandomized ones (``HOSTILE_RANDOM=1``): read once, for every hostile suite.
+SCALE = float(os.environ.get("HOSTILE_EXAMPLES", "1"))
+EXPLORE = os.environ.get("HOSTILE_RANDOM", "") not in ("", "0")
+
+
+def hostile(examples: int, scale: float = SCALE, explore: bool = EXPLORE) -> Any:
     """Hypothesis settings of the hostile suite: ``examples`` x ``scale`` examples, no deadline
     (a request's time is not the property), no example database; the same examples every run
     (derandomized: CI never flakes and a failure recurs) unless ``explore``."""

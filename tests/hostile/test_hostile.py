@@ -53,7 +53,6 @@ at the end of the session.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -85,7 +84,7 @@ from tests.harness.hostile_cases import (
     well_formed_case,
     wrong_type_case,
 )
-from tests.harness.hostile_fuzz import hostile as hostile_settings
+from tests.harness.hostile_fuzz import hostile
 from tests.harness.hostile_world import (
     ALICE_ID,
     BOB_ID,
@@ -119,13 +118,6 @@ async def world(
 
 
 # --- the properties ------------------------------------------------------------------------
-
-SCALE = float(os.environ.get("HOSTILE_EXAMPLES", "1"))
-EXPLORE = os.environ.get("HOSTILE_RANDOM", "") not in ("", "0")
-
-
-def hostile(examples: int) -> Any:
-    return hostile_settings(examples, SCALE, EXPLORE)
 
 
 @hostile(30)

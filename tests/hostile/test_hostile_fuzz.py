@@ -10,7 +10,6 @@ failure prints the example (and a ``@reproduce_failure`` blob when exploring).""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -31,8 +30,6 @@ from tests.harness.hostile_fuzz import (
 )
 from tests.harness.hostile_world import Case, World, run_example, seeded_world
 
-SCALE = float(os.environ.get("HOSTILE_EXAMPLES", "1"))
-EXPLORE = os.environ.get("HOSTILE_RANDOM", "") not in ("", "0")
 FUZZ_FIELDS = 240
 FUZZ_FILES = 120
 
@@ -52,13 +49,13 @@ def test_every_request_type_of_the_sdk_is_fuzzed() -> None:
     assert set(ROUTES) == {"upload_direct", "upload_signed", "download", "preview", "delete"}
 
 
-@hostile(FUZZ_FIELDS, SCALE, EXPLORE)
+@hostile(FUZZ_FIELDS)
 @given(case=field_case())
 async def test_fuzz_every_field_of_every_request_type(world: World, case: Case) -> None:
     await run_example(world, [case])
 
 
-@hostile(FUZZ_FILES, SCALE, EXPLORE)
+@hostile(FUZZ_FILES)
 @given(case=file_case())
 async def test_fuzz_every_files_route(world: World, case: FileCase) -> None:
     await run_file_example(world, case)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
@@ -45,8 +44,6 @@ from tests.harness.hostile_world import (
 )
 from tests.harness.runs import RESUMABLE
 
-SCALE = float(os.environ.get("HOSTILE_EXAMPLES", "1"))
-EXPLORE = os.environ.get("HOSTILE_RANDOM", "") not in ("", "0")
 EXAMPLES = 150
 ROUTES = ("events", "cancel", "thread_run", "search")
 ALLOWED = {200, 202, 400, 401, 404, 405, 413, 414, 429}
@@ -205,7 +202,7 @@ def without_request_id(response: httpx.Response) -> tuple[int, str]:
     return response.status_code, json.dumps(data, sort_keys=True)
 
 
-@hostile(EXAMPLES, SCALE, EXPLORE)
+@hostile(EXAMPLES)
 @given(case=route_case())
 async def test_fuzz_the_routes_beside_the_protocol(seeded: Seeded, case: RouteCase) -> None:
     world = seeded.world

@@ -35,10 +35,9 @@ from tests.harness.compose import (
     compose_client,
     engine_answers,
     image_exists,
-    require,
     run,
 )
-from tests.harness.deploy import threads_create_body
+from tests.harness.deploy import require, threads_create_body
 from tests.harness.runs import RESUMABLE, Event, parse_block, seqs
 
 READY_SECONDS = 180.0

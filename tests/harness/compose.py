@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -47,6 +46,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.harness.deploy import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BACKEND_IMAGE = os.environ.get("CHATKIT_IMAGE", "chatkit-pg:local")
@@ -56,15 +57,6 @@ SERVER_NAME = "chat.deploy.test"
 LAYOUT = ("docker-compose.yml", "deploy", "nginx", "examples", "frontend/Dockerfile")
 COMMAND_SECONDS = 300
 MCP_TASKS_URL = "http://mcp-tasks:8001/mcp"  # the profile's TASKS_AUDIENCE
-
-
-def require(found: bool, what: str, install: str) -> None:
-    """A missing part fails under CI (which must provide it) and skips elsewhere."""
-    if found:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing; CI must provide it ({install})")
-    pytest.skip(f"{what} is missing ({install}); CI provides it and runs this")
 
 
 def run(*args: str, check: bool = True, timeout: float = COMMAND_SECONDS, **kw: Any) -> str:
@@ -91,12 +83,6 @@ def compose_client() -> list[str] | None:
         return [found]
     plugin = subprocess.run(["docker", "compose", "version"], capture_output=True)
     return ["docker", "compose"] if plugin.returncode == 0 else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_subnet() -> ipaddress.IPv4Network:

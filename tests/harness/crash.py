@@ -278,6 +278,13 @@ class UnexpectedFailure(AssertionError):
     pass
 
 
+class RefusedAtKill(Exception):
+    """A 429 that reached a writer once the round was being killed: the service refused the
+    request (nothing was written) just before it died, so the operation is pending like one cut
+    by the kill. While the service is up a 429 is retried instead (the stream limit counts the
+    killed process's leases until they expire)."""
+
+
 @dataclass
 class Round:
     """One life of the service: writers run until it is killed."""
@@ -328,7 +335,7 @@ class Writer:
             pending = self.next_op()
             try:
                 await self.perform(pending)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, RefusedAtKill) as exc:
                 if not self.round.killed:
                     raise UnexpectedFailure(
                         f"{pending.op} by {self.user}/w{self.index} failed while the service "
@@ -458,7 +465,9 @@ class Writer:
                 json={"type": type_, "params": params},
                 headers={**auth(self.user), "Accept": "text/event-stream"},
             ) as response:
-                if response.status_code == 429 and not self.round.killed:
+                if response.status_code == 429:
+                    if self.round.killed:
+                        raise RefusedAtKill(f"{type_}: 429 as the service was killed")
                     # The stream limit, counting the killed process's leases until they expire.
                     self.round.refused.append(time.monotonic() - self.round.service_ready_at)
                     await asyncio.sleep(0.25)

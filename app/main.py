@@ -173,8 +173,15 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
         verifier = TokenVerifier.from_settings(settings)
         stack.push_async_callback(verifier.aclose)
 
-        pool = await open_pool(await aresolve_database_url(settings), settings)
+        database_url = await aresolve_database_url(settings)
+        pool = await open_pool(database_url, settings)
         stack.push_async_callback(pool.close)
+        # The run log's appends and reads in a pool of their own (app.pg.runlog says why);
+        # closed before the app's pool, after the runs' last writes (``drain.finish``).
+        log_pool = None
+        if settings.run_log_pool_size:
+            log_pool = await open_pool(database_url, settings, size=settings.run_log_pool_size)
+            stack.push_async_callback(log_pool.close)
         await verify_search_config(pool, settings.search_text_config)
         tasks = TaskRegistry()
         # Everything that lives in the database is built on the pool, whatever the chat store:
@@ -237,7 +244,7 @@ async def _resources(app: FastAPI, overrides: Overrides) -> AsyncIterator[None]:
             attachments=attachments,
             identity=identity,
             # Resumable replies (docs/runs.md).
-            runs=run_routes.build_registry(pool, tasks, settings, server, metrics),
+            runs=run_routes.build_registry(pool, tasks, settings, server, metrics, log_pool),
         )
         runtime = app.state.runtime
         # SIGTERM: refuse new work, let replies finish within the grace (app.http.drain).

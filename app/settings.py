@@ -286,6 +286,14 @@ class Settings(BaseSettings):
         description="A resumable reply's events are logged in batches: at most this long "
         "after the first waiting one (or at RUN_FLUSH_EVENTS).",
     )
+    run_log_pool_size: int = Field(
+        default=4,
+        ge=0,
+        le=1000,
+        description="Connections of a pool of the run log's own (its appends and resumers' "
+        "reads), beside DB_POOL_SIZE's: under load a reply's batches wait there, growing, "
+        "instead of queueing before the requests' statements. 0: they share the app's pool.",
+    )
     run_flush_events: int = Field(
         default=64, ge=1, le=10_000, description="Events that make a batch of the run log."
     )

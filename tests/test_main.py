@@ -9,35 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
-from agents.testing import ModelStep, ScriptedModel
+from agents.testing import ScriptedModel
 
-from app.chat.offline_model import text_response_events
 from app.http.runtime import Runtime
 from app.main import create_app
 from app.pg.store import PostgresStore
 from app.settings import Settings
 from tests.harness.chatkit_client import token_for, user_input
 from tests.harness.loopback import serve
+from tests.harness.runs import held_reply
 
 DELTA = '"assistant_message.content_part.text_delta"'
-
-
-def held_reply(chunks: list[str], gate: asyncio.Event) -> ModelStep:
-    """A model that streams its first delta, then waits for ``gate`` before the rest."""
-
-    async def events(call: Any) -> AsyncIterator[Any]:
-        all_events = list(text_response_events(chunks, item_id="msg_model"))
-        for event in all_events[:4]:  # created, item added, part added, the first delta
-            yield event
-        await gate.wait()
-        for event in all_events[4:]:
-            yield event
-
-    return ModelStep.stream(events)
 
 
 def walked() -> set[int]:

@@ -252,9 +252,11 @@ def build_registry(
     settings: Settings,
     server: ChatKitPgServer,
     metrics: Metrics | None = None,
+    log_pool: ConnectionPool | None = None,
 ) -> RunRegistry:
     """This process's registry of resumable replies, from the settings; ``server`` stores the
-    partial reply of a run whose process died (app.chat.run_recovery)."""
+    partial reply of a run whose process died (app.chat.run_recovery); ``log_pool`` carries
+    the log's appends and reads (app.pg.runlog), else ``pool`` does."""
     options = RunOptions(
         flush_seconds=settings.run_flush_seconds,
         flush_events=settings.run_flush_events,
@@ -263,5 +265,7 @@ def build_registry(
         poll_seconds=settings.run_poll_seconds,
         max_seconds=settings.run_max_seconds,
     )
-    runlog = RunLog(pool, retention_seconds=settings.run_events_retention_seconds)
+    runlog = RunLog(
+        pool, retention_seconds=settings.run_events_retention_seconds, log_pool=log_pool
+    )
     return RunRegistry(runlog, tasks, options, partial(store_lost_reply, server), metrics)

@@ -103,10 +103,16 @@ class ConnectionPool:
     """An asyncpg pool plus the counters operators and tests read (in use, peak, opened)."""
 
     def __init__(
-        self, url: str, settings: Settings, *, session: Mapping[str, str] | None = None
+        self,
+        url: str,
+        settings: Settings,
+        *,
+        session: Mapping[str, str] | None = None,
+        size: int | None = None,
     ) -> None:
         self.acquire_timeout = settings.db_pool_timeout
-        self.max_size = settings.db_pool_size + settings.db_max_overflow
+        # The app's pool: DB_POOL_SIZE + DB_MAX_OVERFLOW; another (the run log's) sets its own.
+        self.max_size = size or settings.db_pool_size + settings.db_max_overflow
         self.in_use = 0  # borrowed by the app's code now
         self.waiting = 0  # borrowers waiting for a connection
         # Borrowed and not yet back in asyncpg's hands: in use, plus returns in flight (a return
@@ -278,7 +284,12 @@ class _Borrow:
 
 
 async def open_pool(
-    url: str, settings: Settings, *, session: Mapping[str, str] | None = None
+    url: str,
+    settings: Settings,
+    *,
+    session: Mapping[str, str] | None = None,
+    size: int | None = None,
 ) -> ConnectionPool:
-    """A ready pool; ``session`` adds settings for every connection (tests pin plan modes)."""
-    return await ConnectionPool(url, settings, session=session).open()
+    """A ready pool; ``session`` adds settings for every connection (tests pin plan modes),
+    ``size`` sets its connections (else DB_POOL_SIZE + DB_MAX_OVERFLOW)."""
+    return await ConnectionPool(url, settings, session=session, size=size).open()

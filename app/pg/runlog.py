@@ -49,10 +49,25 @@ class RunPage:
 
 
 class RunLog:
-    """The run log over a pool; driver failures come out as the app's errors (503, 400)."""
+    """The run log over a pool; driver failures come out as the app's errors (503, 400).
 
-    def __init__(self, pool: ConnectionPool, *, retention_seconds: float) -> None:
+    Its steady traffic, each running reply's batches (``append``) and each resumer's polls
+    (``read``), may go through a pool of its own (``log_pool``, RUN_LOG_POOL_SIZE): sharing the
+    app's pool, a reply from a slow model makes one append per delta, and at hundreds of
+    replies the appends queued before the requests' statements (a turn's first event among
+    them). In a small pool of their own they queue among themselves, and a reply's events wait
+    in memory meanwhile, so each append carries more of them: the log's load limits itself. The
+    calls on a request's path (``start``, ``open``, ``cancel``...) stay on the app's pool."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        *,
+        retention_seconds: float,
+        log_pool: ConnectionPool | None = None,
+    ) -> None:
         self.pool = pool
+        self.log_pool = log_pool or pool
         self.retention_seconds = retention_seconds
 
     async def start(self, user_id: str, run_id: str, thread_id: str | None) -> None:
@@ -72,13 +87,13 @@ class RunLog:
     ) -> bool | None:
         """Log ``events`` (numbered from ``first_seq``) and set the run's state: whether a
         cancel was asked for, or None when the run is no longer this process's to write."""
-        async with Call(self.pool) as conn:
+        async with Call(self.log_pool) as conn:
             answer = await conn.fetchval(RUN_APPEND, user_id, run_id, first_seq, events, state)
         return None if answer is None else bool(answer)
 
     async def read(self, user_id: str, run_id: str, after: int, limit: int) -> RunPage | None:
         """The run's events after ``after``; None when it is not this user's, or expired."""
-        async with Call(self.pool) as conn:
+        async with Call(self.log_pool) as conn:
             rows = await conn.fetch(RUN_READ, user_id, run_id, after, limit, self.retention_seconds)
         if not rows:
             return None

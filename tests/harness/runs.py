@@ -9,15 +9,34 @@ without acknowledging it knows exactly what the reply has produced so far.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from agents.testing import ModelStep
 
+from app.chat.offline_model import text_response_events
 from tests.harness.deploy import DELTA_MARK, Lockstep, bearer_token
 
 RESUMABLE = {"X-Chatkit-Resumable": "true"}
+
+
+def held_reply(chunks: list[str], gate: asyncio.Event) -> ModelStep:
+    """A scripted model's reply that streams its first delta, then waits for ``gate`` before
+    the rest: a reply held mid-stream for as long as a test needs."""
+
+    async def events(call: Any) -> AsyncIterator[Any]:
+        all_events = list(text_response_events(chunks, item_id="msg_model"))
+        for event in all_events[:4]:  # created, item added, part added, the first delta
+            yield event
+        await gate.wait()
+        for event in all_events[4:]:
+            yield event
+
+    return ModelStep.stream(events)
 
 
 def auth(user: str) -> dict[str, str]:

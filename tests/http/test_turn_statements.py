@@ -134,8 +134,16 @@ async def served(
     url: str, app_settings: Settings, **overrides: Any
 ) -> AsyncIterator[tuple[Any, httpx.AsyncClient, Settings]]:
     """The app over the logged database ``url``, behind uvicorn, with one connection (a second
-    one's first statements would be counted too) and ``overrides``."""
-    update = {"database_url": url, "db_pool_size": 1, "db_max_overflow": 0, **overrides}
+    one's first statements would be counted too) and ``overrides``. The run log shares it: in
+    a pool of its own (RUN_LOG_POOL_SIZE, tests/http/test_runs_pool.py) its appends would be a
+    second connection's, and the count is of every statement a turn sends."""
+    update = {
+        "database_url": url,
+        "db_pool_size": 1,
+        "db_max_overflow": 0,
+        "run_log_pool_size": 0,
+        **overrides,
+    }
     settings = app_settings.model_copy(update=update)
     app = create_app(settings)
     async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=DEADLINE) as http:
